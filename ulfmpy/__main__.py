@@ -1,0 +1,5 @@
+import sys
+
+from ulfmpy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""The ``ulfmpy`` command: ``run | interval | simulate | inspect | report``.
+
+Each subcommand lives in its own module exposing ``configure(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs, so
+``ulfmpy interval`` never loads MPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "COMMANDS"]
+
+#: name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("ulfmpy.launch", "launch an mpi4py program under mpirun with fault tolerance"),
+    "interval": ("ulfmpy._cmd_interval", "optimal checkpoint interval under several models"),
+    "simulate": ("ulfmpy._cmd_simulate", "Monte Carlo availability of checkpoint intervals"),
+    "inspect": ("ulfmpy._cmd_inspect", "list, verify and print checkpoints"),
+}
+
+
+def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+    parser = argparse.ArgumentParser(prog="ulfmpy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for cmd, (modname, help_) in COMMANDS.items():
+        p = sub.add_parser(cmd, help=help_, description=help_)
+        if cmd == name:
+            module = importlib.import_module(modname)
+            module.configure(p)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ulfmpy`` console script and ``python -m ulfmpy``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, module = _parser(argv)
+    args = parser.parse_args(argv)
+    from ulfmpy.errors import UlfmpyError
+
+    try:
+        return int(module.run(args) or 0)  # type: ignore[attr-defined]
+    except UlfmpyError as exc:
+        print(f"ulfmpy {args.command}: error: {exc}", file=sys.stderr)
+        return 2

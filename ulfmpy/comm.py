@@ -1,0 +1,639 @@
+"""The resilient communicator: mpi4py calls, shimmed for logging and replay.
+
+:class:`ResilientComm` wraps a communicator (a duplicate the runtime owns,
+with ``ERRORS_RETURN``) and offers the calls a timestep loop uses. It has
+three jobs:
+
+1. **Failure translation.** MPI errors of the process-failure and revoked
+   classes become :class:`~ulfmpy.errors.ProcessFailure` /
+   :class:`~ulfmpy.errors.CommRevoked`; the detecting rank revokes the
+   communicator so every rank learns. Inside ``Runtime.loop`` the failure
+   instead *voids* the rest of the iteration (every further call returns at
+   once) because an exception cannot unwind a ``for`` body back into the
+   generator that drives it; the loop handles the failure at the next step.
+2. **Logging** (``live`` segment mode): every payload received is copied and
+   every payload sent is digested, keyed by (peer, tag, sequence number);
+   collectives record this rank's contribution digest and the result.
+3. **Replay** (``replay`` segment mode, for the ranks S re-executing a
+   segment): messages between members of S go live on a private duplicate
+   communicator (so they never match normal traffic); messages from ranks
+   outside S are served from the log; sends to ranks outside S are not sent
+   but compared by digest, and a mismatch marks that rank contaminated.
+
+Calls that cannot be logged raise :class:`~ulfmpy.errors.UnsupportedCall`
+inside a segment, naming the call; outside segments they pass through.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from ulfmpy.errors import (CommRevoked, ProcessFailure, UnsupportedCall, UlfmpyError,
+                           translate_mpi_error)
+
+__all__ = ["ResilientComm", "Request", "MessageLog", "ReplayDivergence"]
+
+# Local queries that never communicate: always safe to pass through.
+_LOCAL = frozenset({
+    "Get_rank", "Get_size", "rank", "size", "Get_group", "group", "Get_name", "name",
+    "Is_inter", "is_inter", "Is_intra", "is_intra", "Get_topology", "topology",
+    "Get_errhandler", "Get_info", "info", "Get_attr", "py2f", "handle", "Is_revoked",
+})
+
+
+class ReplayDivergence(UlfmpyError):
+    """Re-execution made a call the original run did not (not replay-deterministic)."""
+
+
+def _digest(data: Any) -> int:
+    if isinstance(data, np.ndarray):
+        return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) ^ (data.nbytes << 32)
+    return zlib.crc32(data) ^ (len(data) << 32)
+
+
+def _array(buf: Any, call: str) -> np.ndarray:
+    if isinstance(buf, np.ndarray):
+        return buf
+    if isinstance(buf, (list, tuple)) and buf and isinstance(buf[0], np.ndarray):
+        return buf[0]
+    raise UnsupportedCall(
+        f"{call}: inside a segment buffers must be numpy arrays (or [array, datatype]); "
+        f"got {type(buf).__name__}")
+
+
+def _pickle(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@dataclass
+class MessageLog:
+    """What one rank received and sent during one segment. Local."""
+
+    received: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    sent: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    collectives: list[tuple[str, int, Any]] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.received.clear()
+        self.sent.clear()
+        self.collectives.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes if isinstance(v, np.ndarray) else len(v) for v in self.received.values())
+
+
+@dataclass
+class _Counters:
+    send: dict[tuple[int, int], int] = field(default_factory=dict)
+    recv: dict[tuple[int, int], int] = field(default_factory=dict)
+    coll: int = 0
+
+    def next_send(self, dest: int, tag: int) -> int:
+        n = self.send.get((dest, tag), 0)
+        self.send[(dest, tag)] = n + 1
+        return n
+
+    def next_recv(self, source: int, tag: int) -> int:
+        n = self.recv.get((source, tag), 0)
+        self.recv[(source, tag)] = n + 1
+        return n
+
+    def next_coll(self) -> int:
+        n = self.coll
+        self.coll += 1
+        return n
+
+
+@dataclass
+class ReplayOutcome:
+    """What one rank learned while re-executing. Local."""
+
+    contaminated: set[int] = field(default_factory=set)
+    collective_mismatch: bool = False
+    diverged: str | None = None
+
+
+class Request:
+    """A request returned by :class:`ResilientComm` nonblocking calls.
+
+    Use its ``Wait``/``Test`` (or ``Request.Waitall`` /
+    ``ResilientComm.Waitall``) — not ``MPI.Request.Waitall``, which cannot
+    see the logging this request does on completion.
+    """
+
+    __slots__ = ("_comm", "_req", "_done", "_on_complete", "_value", "_call")
+
+    def __init__(self, comm: "ResilientComm", req: Any, call: str,
+                 on_complete: Any = None, value: Any = None) -> None:
+        self._comm = comm
+        self._req = req
+        self._call = call
+        self._done = req is None
+        self._on_complete = on_complete
+        self._value = value
+
+    def _finish(self, value: Any = None) -> Any:
+        self._done = True
+        if self._on_complete is not None:
+            out = self._on_complete(value)
+            self._on_complete = None
+            if out is not None:
+                self._value = out
+        elif value is not None:
+            self._value = value
+        return self._value
+
+    def Wait(self, status: Any = None) -> bool:  # noqa: N802 (mpi4py names)
+        """Complete the request. Local (completes a point-to-point operation)."""
+        self.wait(status)
+        return True
+
+    def wait(self, status: Any = None) -> Any:
+        """Complete the request and return the received object (lowercase irecv)."""
+        if self._done:
+            return self._value
+        if self._comm._voided():
+            self._done = True
+            return self._value
+        value = self._comm._guard(self._call + ".Wait", self._req.wait, status)
+        if self._comm._voided():
+            return self._value
+        return self._finish(value)
+
+    def Test(self, status: Any = None) -> bool:  # noqa: N802
+        """Return True and finish the request if it completed. Local."""
+        flag, _ = self.test(status)
+        return flag
+
+    def test(self, status: Any = None) -> tuple[bool, Any]:
+        if self._done or self._comm._voided():
+            return True, self._value
+        flag, value = self._comm._guard(self._call + ".Test", self._req.test, status)
+        if flag:
+            return True, self._finish(value)
+        return False, None
+
+    @staticmethod
+    def Waitall(requests: Sequence["Request"], statuses: Any = None) -> bool:  # noqa: N802
+        """Complete all requests. Local."""
+        Request.waitall(requests)
+        return True
+
+    @staticmethod
+    def waitall(requests: Sequence["Request"]) -> list[Any]:
+        for r in requests:
+            if not isinstance(r, Request):
+                raise UnsupportedCall(
+                    f"Request.Waitall: got {type(r).__name__}; pass the requests the "
+                    "resilient communicator returned")
+        return [r.wait() for r in requests]
+
+
+class ResilientComm:
+    """The communicator apps receive from the runtime (``rt.comm``).
+
+    Args:
+        comm: the communicator to use; the caller owns it and should have
+            set ``MPI.ERRORS_RETURN`` on it so failures surface as errors.
+        ft: the job runs with ULFM (failures are survivable); ERR_OTHER is then
+            read as a failure too (Open MPI 5 was seen to raise it on the
+            first rank to notice a dead peer).
+    """
+
+    def __init__(self, comm: MPI.Comm, *, ft: bool = True) -> None:
+        self._comm = comm
+        self._replay_comm: MPI.Comm | None = None
+        self.ft = ft
+        self.void_on_failure = False
+        self.failure: ProcessFailure | None = None
+        self.mode = "off"  # off | live | replay
+        self.log = MessageLog()
+        self._ctr = _Counters()
+        self._S: frozenset[int] = frozenset()
+        self._all_in_S = False
+        self.outcome = ReplayOutcome()
+        self._rank = comm.Get_rank()
+        self._size = comm.Get_size()
+
+    # -- plumbing ---------------------------------------------------------
+    @property
+    def mpi_comm(self) -> MPI.Comm:
+        """The underlying communicator (for the runtime; apps should not use it)."""
+        return self._comm
+
+    def Get_rank(self) -> int:  # noqa: N802
+        return self._rank
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self._size
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._comm, name)
+        if name in _LOCAL or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.mode != "off":
+                raise UnsupportedCall(
+                    f"Comm.{name} cannot be logged for local rollback and is not allowed "
+                    "inside a segment; use Send/Recv/Sendrecv/Isend/Irecv, their lowercase "
+                    "forms, Allreduce/Bcast/Barrier/Allgather, or call it outside rt.loop")
+            return self._guard(name, attr, *args, **kwargs)
+
+        return call
+
+    def _voided(self) -> bool:
+        return self.failure is not None and self.void_on_failure
+
+    def _guard(self, call: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MPI.Exception as exc:
+            err = translate_mpi_error(exc, call, failure_suspected=self.ft)
+            if isinstance(err, ProcessFailure):
+                self._on_failure(err)
+                if self.void_on_failure:
+                    return None
+            raise err from exc
+
+    def _on_failure(self, err: ProcessFailure) -> None:
+        if self.failure is None:
+            self.failure = err
+        # The detecting rank revokes so ranks blocked elsewhere learn too.
+        if not isinstance(err, CommRevoked):
+            try:
+                self._comm.Revoke()
+            except MPI.Exception:
+                pass
+            if self._replay_comm is not None:
+                try:
+                    self._replay_comm.Revoke()
+                except MPI.Exception:
+                    pass
+
+    def clear_failure(self) -> None:
+        """Forget a handled failure. Local."""
+        self.failure = None
+
+    # -- segment modes (driven by the runtime) ----------------------------
+    def begin_segment(self) -> None:
+        """Start logging a new segment. Local."""
+        self.mode = "live"
+        self.log.clear()
+        self._ctr = _Counters()
+
+    def end_segment(self) -> None:
+        """Stop logging (segment committed). Local."""
+        self.mode = "off"
+        self.log.clear()
+
+    def begin_replay(self, S: Iterable[int], replay_comm: MPI.Comm) -> None:
+        """Re-execute with the ranks in ``S`` live, everyone else from the log. Local."""
+        self.mode = "replay"
+        self._S = frozenset(S)
+        self._all_in_S = len(self._S) == self._size
+        self._replay_comm = replay_comm
+        self._saved_ctr = self._ctr
+        self._ctr = _Counters()
+        self.outcome = ReplayOutcome()
+
+    def end_replay(self, resume_live: bool = False) -> ReplayOutcome:
+        """Leave replay; ``resume_live`` continues logging where the original run was."""
+        out = self.outcome
+        self._ctr = self._saved_ctr if resume_live else _Counters()
+        self.mode = "live" if resume_live else "off"
+        return out
+
+    def _live(self, peer: int) -> bool:
+        return peer in self._S
+
+    # -- point to point ---------------------------------------------------
+    def _check_peer(self, call: str, peer: int) -> None:
+        if peer == MPI.ANY_SOURCE:
+            raise UnsupportedCall(f"{call}: ANY_SOURCE cannot be replayed; name the source rank")
+
+    def _check_tag(self, call: str, tag: int) -> None:
+        if tag == MPI.ANY_TAG:
+            raise UnsupportedCall(f"{call}: ANY_TAG cannot be replayed; name the tag")
+
+    def _send_digest(self, call: str, dest: int, tag: int, digest: int) -> None:
+        key = (dest, tag, self._ctr.next_send(dest, tag))
+        if self.mode == "live":
+            self.log.sent[key] = digest
+        else:
+            orig = self.log.sent.get(key)
+            if orig is None:
+                self._diverged(f"{call} to rank {dest} tag {tag} #{key[2]} was not sent originally")
+            elif orig != digest:
+                self.outcome.contaminated.add(dest)
+
+    def _logged(self, call: str, source: int, tag: int, seq: int) -> Any:
+        try:
+            return self.log.received[(source, tag, seq)]
+        except KeyError:
+            self._diverged(f"{call} from rank {source} tag {tag} #{seq} was not received originally")
+            return None
+
+    def _diverged(self, what: str) -> None:
+        if self.outcome.diverged is None:
+            self.outcome.diverged = what
+
+    def Send(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802
+        if self._voided():
+            return
+        if self.mode == "off" or dest == MPI.PROC_NULL:
+            return self._guard("Send", self._comm.Send, buf, dest, tag)
+        arr = _array(buf, "Send")
+        if self.mode == "live":
+            self._guard("Send", self._comm.Send, buf, dest, tag)
+            self._send_digest("Send", dest, tag, _digest(arr))
+        elif self._live(dest):
+            self._ctr.next_send(dest, tag)
+            self._guard("Send", self._replay_comm.Send, buf, dest, tag)
+        else:
+            self._send_digest("Send", dest, tag, _digest(arr))
+
+    def Recv(self, buf: Any, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG,
+             status: Any = None) -> None:  # noqa: N802
+        if self._voided():
+            return
+        if self.mode == "off" or source == MPI.PROC_NULL:
+            return self._guard("Recv", self._comm.Recv, buf, source, tag, status)
+        self._check_peer("Recv", source)
+        self._check_tag("Recv", tag)
+        arr = _array(buf, "Recv")
+        seq = self._ctr.next_recv(source, tag)
+        if self.mode == "live":
+            self._guard("Recv", self._comm.Recv, buf, source, tag, status)
+            self.log.received[(source, tag, seq)] = arr.copy()
+        elif self._live(source):
+            self._guard("Recv", self._replay_comm.Recv, buf, source, tag, status)
+        else:
+            data = self._logged("Recv", source, tag, seq)
+            if data is not None:
+                np.copyto(arr, data)
+
+    def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:  # noqa: N802
+        if self._voided():
+            return Request(self, None, "Isend")
+        if self.mode == "off" or dest == MPI.PROC_NULL:
+            return Request(self, self._guard("Isend", self._comm.Isend, buf, dest, tag), "Isend")
+        arr = _array(buf, "Isend")
+        if self.mode == "live":
+            req = self._guard("Isend", self._comm.Isend, buf, dest, tag)
+            self._send_digest("Isend", dest, tag, _digest(arr))
+            return Request(self, req, "Isend")
+        if self._live(dest):
+            self._ctr.next_send(dest, tag)
+            return Request(self, self._guard("Isend", self._replay_comm.Isend, buf, dest, tag), "Isend")
+        self._send_digest("Isend", dest, tag, _digest(arr))
+        return Request(self, None, "Isend")
+
+    def Irecv(self, buf: Any, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Request:  # noqa: N802
+        if self._voided():
+            return Request(self, None, "Irecv")
+        if self.mode == "off" or source == MPI.PROC_NULL:
+            return Request(self, self._guard("Irecv", self._comm.Irecv, buf, source, tag), "Irecv")
+        self._check_peer("Irecv", source)
+        self._check_tag("Irecv", tag)
+        arr = _array(buf, "Irecv")
+        seq = self._ctr.next_recv(source, tag)
+        if self.mode == "live":
+            req = self._guard("Irecv", self._comm.Irecv, buf, source, tag)
+            key = (source, tag, seq)
+
+            def keep(_: Any) -> None:
+                self.log.received[key] = arr.copy()
+
+            return Request(self, req, "Irecv", keep)
+        if self._live(source):
+            return Request(self, self._guard("Irecv", self._replay_comm.Irecv, buf, source, tag), "Irecv")
+        data = self._logged("Irecv", source, tag, seq)
+        if data is not None:
+            np.copyto(arr, data)
+        return Request(self, None, "Irecv")
+
+    def Sendrecv(self, sendbuf: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
+                 source: int = MPI.ANY_SOURCE, recvtag: int = MPI.ANY_TAG,
+                 status: Any = None) -> None:  # noqa: N802
+        if self._voided():
+            return
+        if self.mode == "off":
+            return self._guard("Sendrecv", self._comm.Sendrecv, sendbuf, dest, sendtag,
+                               recvbuf, source, recvtag, status)
+        if self.mode == "live":
+            if source != MPI.PROC_NULL:
+                self._check_peer("Sendrecv", source)
+                self._check_tag("Sendrecv", recvtag)
+            self._guard("Sendrecv", self._comm.Sendrecv, sendbuf, dest, sendtag,
+                        recvbuf, source, recvtag, status)
+            if dest != MPI.PROC_NULL:
+                self._send_digest("Sendrecv", dest, sendtag, _digest(_array(sendbuf, "Sendrecv")))
+            if source != MPI.PROC_NULL:
+                seq = self._ctr.next_recv(source, recvtag)
+                self.log.received[(source, recvtag, seq)] = _array(recvbuf, "Sendrecv").copy()
+            return
+        # Replay: half live, half logged is possible; post the live halves
+        # nonblocking so two members of S never wait on each other.
+        reqs = []
+        if source != MPI.PROC_NULL:
+            reqs.append(self.Irecv(recvbuf, source, recvtag))
+        if dest != MPI.PROC_NULL:
+            reqs.append(self.Isend(sendbuf, dest, sendtag))
+        Request.waitall(reqs)
+
+    # -- lowercase (pickled objects) ---------------------------------------
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        if self._voided():
+            return
+        if self.mode == "off" or dest == MPI.PROC_NULL:
+            return self._guard("send", self._comm.send, obj, dest, tag)
+        if self.mode == "live":
+            self._guard("send", self._comm.send, obj, dest, tag)
+            self._send_digest("send", dest, tag, _digest(_pickle(obj)))
+        elif self._live(dest):
+            self._ctr.next_send(dest, tag)
+            self._guard("send", self._replay_comm.send, obj, dest, tag)
+        else:
+            self._send_digest("send", dest, tag, _digest(_pickle(obj)))
+
+    def recv(self, buf: Any = None, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG,
+             status: Any = None) -> Any:
+        if self._voided():
+            return None
+        if self.mode == "off" or source == MPI.PROC_NULL:
+            return self._guard("recv", self._comm.recv, buf, source, tag, status)
+        self._check_peer("recv", source)
+        self._check_tag("recv", tag)
+        seq = self._ctr.next_recv(source, tag)
+        if self.mode == "live":
+            obj = self._guard("recv", self._comm.recv, buf, source, tag, status)
+            self.log.received[(source, tag, seq)] = _pickle(obj)
+            return obj
+        if self._live(source):
+            return self._guard("recv", self._replay_comm.recv, buf, source, tag, status)
+        data = self._logged("recv", source, tag, seq)
+        return None if data is None else pickle.loads(data)
+
+    def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        if self._voided():
+            return Request(self, None, "isend")
+        if self.mode == "off" or dest == MPI.PROC_NULL:
+            return Request(self, self._guard("isend", self._comm.isend, obj, dest, tag), "isend")
+        if self.mode == "live":
+            req = self._guard("isend", self._comm.isend, obj, dest, tag)
+            self._send_digest("isend", dest, tag, _digest(_pickle(obj)))
+            return Request(self, req, "isend")
+        if self._live(dest):
+            self._ctr.next_send(dest, tag)
+            return Request(self, self._guard("isend", self._replay_comm.isend, obj, dest, tag), "isend")
+        self._send_digest("isend", dest, tag, _digest(_pickle(obj)))
+        return Request(self, None, "isend")
+
+    def irecv(self, buf: Any = None, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Request:
+        if self._voided():
+            return Request(self, None, "irecv")
+        if self.mode == "off" or source == MPI.PROC_NULL:
+            return Request(self, self._guard("irecv", self._comm.irecv, buf, source, tag), "irecv")
+        self._check_peer("irecv", source)
+        self._check_tag("irecv", tag)
+        seq = self._ctr.next_recv(source, tag)
+        if self.mode == "live":
+            key = (source, tag, seq)
+
+            def keep(obj: Any) -> Any:
+                self.log.received[key] = _pickle(obj)
+                return obj
+
+            return Request(self, self._guard("irecv", self._comm.irecv, buf, source, tag), "irecv", keep)
+        if self._live(source):
+            return Request(self, self._guard("irecv", self._replay_comm.irecv, buf, source, tag), "irecv")
+        data = self._logged("irecv", source, tag, seq)
+        return Request(self, None, "irecv", value=None if data is None else pickle.loads(data))
+
+    def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
+                 source: int = MPI.ANY_SOURCE, recvtag: int = MPI.ANY_TAG, status: Any = None) -> Any:
+        if self._voided():
+            return None
+        if self.mode == "off":
+            return self._guard("sendrecv", self._comm.sendrecv, sendobj, dest, sendtag,
+                               recvbuf, source, recvtag, status)
+        rreq = self.irecv(recvbuf, source, recvtag) if source != MPI.PROC_NULL else None
+        sreq = self.isend(sendobj, dest, sendtag) if dest != MPI.PROC_NULL else None
+        out = rreq.wait() if rreq is not None else None
+        if sreq is not None:
+            sreq.wait()
+        return out
+
+    @staticmethod
+    def Waitall(requests: Sequence[Request], statuses: Any = None) -> bool:  # noqa: N802
+        """Complete all requests. Local."""
+        return Request.Waitall(requests)
+
+    # -- collectives ---------------------------------------------------------
+    def _collective(self, call: str, contribution: Any, live: Any, result_of: Any,
+                    apply_logged: Any) -> Any:
+        """Run, log or replay one collective.
+
+        ``live(comm)`` performs it on a communicator and returns its value;
+        ``result_of(value)`` gives what to log; ``apply_logged(logged)`` hands
+        the logged result back to the caller during replay.
+        """
+        if self._voided():
+            return apply_logged(None)
+        if self.mode == "off":
+            return self._guard(call, live, self._comm)
+        seq = self._ctr.next_coll()
+        digest = _digest(contribution)
+        if self.mode == "live":
+            value = self._guard(call, live, self._comm)
+            if self._voided():
+                return value
+            self.log.collectives.append((call, digest, result_of(value)))
+            return value
+        if self._all_in_S:
+            return self._guard(call, live, self._replay_comm)
+        if seq >= len(self.log.collectives) or self.log.collectives[seq][0] != call:
+            self._diverged(f"{call} #{seq} was not called at this point originally")
+            return apply_logged(None)
+        _, orig_digest, logged = self.log.collectives[seq]
+        if orig_digest != digest:
+            # Our contribution changed: every rank's result was wrong.
+            self.outcome.collective_mismatch = True
+        return apply_logged(logged)
+
+    def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Any = MPI.SUM) -> None:  # noqa: N802
+        rb = _array(recvbuf, "Allreduce") if self.mode != "off" else None
+        if self.mode != "off":
+            contrib = np.array(rb, copy=True) if sendbuf is MPI.IN_PLACE else _array(sendbuf, "Allreduce")
+        else:
+            contrib = b""
+
+        def apply(logged: Any) -> None:
+            if logged is not None:
+                np.copyto(rb, logged)
+
+        self._collective("Allreduce", contrib, lambda c: c.Allreduce(sendbuf, recvbuf, op),
+                         lambda _: rb.copy(), apply)
+
+    def allreduce(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
+        contrib = _pickle(sendobj) if self.mode != "off" else b""
+        return self._collective("allreduce", contrib, lambda c: c.allreduce(sendobj, op),
+                                _pickle, lambda d: sendobj if d is None else pickle.loads(d))
+
+    def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
+        arr = _array(buf, "Bcast") if self.mode != "off" else None
+        contrib: Any = b""
+        if arr is not None and self._rank == root:
+            contrib = arr
+
+        def apply(logged: Any) -> None:
+            if logged is not None:
+                np.copyto(arr, logged)
+
+        self._collective("Bcast", contrib, lambda c: c.Bcast(buf, root), lambda _: arr.copy(), apply)
+
+    def bcast(self, obj: Any = None, root: int = 0) -> Any:
+        contrib = _pickle(obj) if (self.mode != "off" and self._rank == root) else b""
+        return self._collective("bcast", contrib, lambda c: c.bcast(obj, root), _pickle,
+                                lambda d: obj if d is None else pickle.loads(d))
+
+    def Barrier(self) -> None:  # noqa: N802
+        self._collective("Barrier", b"", lambda c: c.Barrier(), lambda _: None, lambda _: None)
+
+    def barrier(self) -> None:
+        self.Barrier()
+
+    def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        rb = _array(recvbuf, "Allgather") if self.mode != "off" else None
+        contrib: Any = b""
+        if self.mode != "off":
+            contrib = (np.array(rb, copy=True) if sendbuf is MPI.IN_PLACE
+                       else _array(sendbuf, "Allgather"))
+
+        def apply(logged: Any) -> None:
+            if logged is not None:
+                np.copyto(rb, logged)
+
+        self._collective("Allgather", contrib, lambda c: c.Allgather(sendbuf, recvbuf),
+                         lambda _: rb.copy(), apply)
+
+    def allgather(self, sendobj: Any) -> list[Any]:
+        contrib = _pickle(sendobj) if self.mode != "off" else b""
+        return self._collective("allgather", contrib, lambda c: c.allgather(sendobj), _pickle,
+                                lambda d: [sendobj] * self._size if d is None else pickle.loads(d))

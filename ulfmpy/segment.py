@@ -1,0 +1,85 @@
+"""Restartable segments: snapshot, the agreement, and the contamination closure.
+
+The protocol (DESIGN §2) is driven by ``Runtime.loop``; this module holds its
+pieces that do not need the generator: the preallocated snapshot, the
+per-rank report exchanged at each agreement, and the rule that grows the set
+S of ranks that must re-execute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ulfmpy.state import StateValue, local_array
+
+__all__ = ["Snapshot", "Report", "closure", "agree_reports"]
+
+
+class Snapshot:
+    """Copies of the state arrays in buffers allocated once. Local.
+
+    ``take`` and ``restore`` copy with ``np.copyto`` into existing memory: no
+    allocation per segment, and restore writes into the app's own arrays.
+    """
+
+    def __init__(self, state: Mapping[str, StateValue]) -> None:
+        self._arrays = [local_array(v) for v in state.values()]
+        self._names = list(state)
+        self._buffers = [np.empty_like(a) for a in self._arrays]
+        self.step: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers)
+
+    def take(self, step: int) -> None:
+        for buf, arr in zip(self._buffers, self._arrays):
+            np.copyto(buf, arr)
+        self.step = step
+
+    def restore(self) -> None:
+        for buf, arr in zip(self._buffers, self._arrays):
+            np.copyto(arr, buf)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one rank tells the others at an agreement."""
+
+    detected: bool = False
+    detector: str | None = None
+    finding: str | None = None
+    contaminated: frozenset[int] = field(default_factory=frozenset)
+    collective_mismatch: bool = False
+    diverged: str | None = None
+    repaired_steps: int = 0  # steps re-executed alone after a per-step detection
+    failed: bool = False
+
+
+def closure(S: Iterable[int], reports: Sequence[Report], size: int) -> frozenset[int]:
+    """Grow S by what the reports found (DESIGN §2 step 5). Pure.
+
+    A changed send pulls its receiver into S; a changed collective
+    contribution, or a re-execution that diverged from the log, makes S all
+    ranks (every rank consumed the wrong result).
+    """
+    out = set(S)
+    for rank, rep in enumerate(reports):
+        if rep.detected or rep.contaminated:
+            # A rank that reached others also consumed their (now stale) replies.
+            out.add(rank)
+        out |= rep.contaminated
+        if rep.collective_mismatch or rep.diverged:
+            return frozenset(range(size))
+    return frozenset(out)
+
+
+def agree_reports(comm: Any, report: Report) -> list[Report]:
+    """Exchange reports; every rank gets all of them in rank order.
+
+    Collective over ``comm`` (the runtime's unlogged communicator).
+    """
+    return list(comm.allgather(report))

@@ -1,0 +1,148 @@
+"""Application state: the arrays a timestep loop carries, and their fingerprint.
+
+An app's ``state`` is a mapping from names to either
+
+* a :class:`Block` — this rank's block of a distributed global array (the
+  block's local array, the global shape and the block's start index), which
+  checkpoints can restore onto any rank count (N→M); or
+* a plain ``numpy.ndarray`` — per-rank state (scalars as 0-d arrays), which
+  restores only onto the same rank count.
+
+The runtime restores state *in place*, so the arrays handed out here must be
+the very arrays (or views) the app computes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ulfmpy.errors import ConfigError
+
+__all__ = ["Block", "normalize_state", "fingerprint", "state_nbytes"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """This rank's block of a distributed global array.
+
+    Args:
+        local: the block's data; a view into the app's arrays is fine (the
+            runtime writes into it in place), e.g. the interior of a padded
+            array with halo cells.
+        global_shape: the shape of the whole array.
+        start: the global index of ``local[0, 0, ...]``.
+    """
+
+    local: np.ndarray
+    global_shape: tuple[int, ...]
+    start: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.local, np.ndarray):
+            raise ConfigError("Block.local must be a numpy array")
+        gs = tuple(int(n) for n in self.global_shape)
+        st = tuple(int(n) for n in self.start)
+        object.__setattr__(self, "global_shape", gs)
+        object.__setattr__(self, "start", st)
+        if len(gs) != self.local.ndim or len(st) != self.local.ndim:
+            raise ConfigError(
+                f"Block: local array has {self.local.ndim} dimensions but global_shape "
+                f"{gs} and start {st} do not match it")
+        for s, n, g in zip(st, self.local.shape, gs):
+            if s < 0 or s + n > g:
+                raise ConfigError(
+                    f"Block: local block {self.local.shape} at {st} lies outside "
+                    f"global shape {gs}")
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        """The block's place in the global array."""
+        return tuple(slice(s, s + n) for s, n in zip(self.start, self.local.shape))
+
+
+StateValue = Block | np.ndarray
+
+
+def normalize_state(state: Any) -> dict[str, StateValue]:
+    """Check an app's ``state`` and return it as an ordered dict by name.
+
+    Local. Raises :class:`ConfigError` naming the offending entry.
+    """
+    if not isinstance(state, Mapping):
+        raise ConfigError(
+            f"app.state must be a dict of numpy arrays or ulfmpy.Block, got {type(state).__name__}")
+    out: dict[str, StateValue] = {}
+    for name in sorted(state):
+        value = state[name]
+        if not isinstance(name, str):
+            raise ConfigError(f"app.state keys must be strings, got {name!r}")
+        if isinstance(value, Block):
+            out[name] = value
+        elif isinstance(value, np.ndarray):
+            out[name] = value
+        else:
+            raise ConfigError(
+                f"app.state[{name!r}] is a {type(value).__name__}; use a numpy array "
+                "(0-d for scalars) or ulfmpy.Block")
+    return out
+
+
+def local_array(value: StateValue) -> np.ndarray:
+    """The array holding this rank's data for a state entry."""
+    return value.local if isinstance(value, Block) else value
+
+
+def state_nbytes(state: Mapping[str, StateValue]) -> int:
+    """Bytes of this rank's state. Local."""
+    return sum(local_array(v).nbytes for v in state.values())
+
+
+def _hash_header(h: "hashlib._Hash", name: str, kind: str, dtype: np.dtype,
+                 shape: tuple[int, ...]) -> None:
+    h.update(f"{name}|{kind}|{dtype.str}|{shape}\n".encode())
+
+
+def fingerprint(comm: Any, state: Mapping[str, StateValue]) -> str:
+    """Hash of the global state in canonical order; the same on every rank.
+
+    Collective over ``comm``; every rank must pass state with the same names
+    and kinds. Distributed arrays are assembled in global index order, so the
+    fingerprint does not depend on the rank count or decomposition; per-rank
+    arrays are hashed in rank order.
+
+    Returns:
+        a hex string (blake2b, 128 bits).
+    """
+    state = normalize_state(state)
+    rank = comm.Get_rank()
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in state.items():
+        if isinstance(value, Block):
+            # Gathering whole blocks to rank 0 keeps this simple; it runs once
+            # per run, not per step.
+            parts = comm.gather((value.start, np.ascontiguousarray(value.local)), root=0)
+            if rank == 0:
+                full = np.empty(value.global_shape, dtype=value.local.dtype)
+                filled = np.zeros(value.global_shape, dtype=bool)
+                for start, arr in parts:
+                    sl = tuple(slice(s, s + n) for s, n in zip(start, arr.shape))
+                    full[sl] = arr
+                    filled[sl] = True
+                if not filled.all():
+                    raise ConfigError(
+                        f"state[{name!r}]: the ranks' blocks do not cover the global array")
+                _hash_header(h, name, "block", full.dtype, full.shape)
+                h.update(np.ascontiguousarray(full).tobytes())
+        else:
+            parts = comm.gather(np.ascontiguousarray(value), root=0)
+            if rank == 0:
+                _hash_header(h, name, "ranks", value.dtype, (len(parts),))
+                for arr in parts:
+                    h.update(f"{arr.shape}".encode())
+                    h.update(arr.tobytes())
+    digest = h.hexdigest() if rank == 0 else None
+    return comm.bcast(digest, root=0)
