@@ -52,7 +52,7 @@ def process_grid(size: int, nx: int, ny: int) -> tuple[int, int]:
         if px > nx or py > ny:
             continue
         cost = px * ny + py * nx  # halo cells exchanged, up to a constant
-        if best is None or cost < best[0]:
+        if best is None or cost <= best[0]:  # ties: more row blocks (contiguous halos)
             best = (cost, px, py)
     if best is None:
         raise ulfmpy.ConfigError(

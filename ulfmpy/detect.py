@@ -58,7 +58,9 @@ def _finite(app: Any, state: Mapping[str, Any]) -> str | None:
             continue
         # One reduction instead of a boolean temporary: NaN and Inf survive a
         # sum; only an overflowing sum of finite values needs the full check.
-        if np.isfinite(np.add.reduce(arr, axis=None)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.add.reduce(arr, axis=None)
+        if np.isfinite(total):
             continue
         bad = ~np.isfinite(arr)
         if bad.any():

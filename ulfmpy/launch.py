@@ -208,8 +208,8 @@ def _program(args: argparse.Namespace) -> list[str]:
         prog = prog[1:]
     if not prog:
         raise LaunchError("no program given: ulfmpy run -n 4 SCRIPT.py [ARGS] or -m MODULE [ARGS]")
-    if not prog[0].endswith(".py") and not os.path.exists(prog[0]):
-        raise LaunchError(f"program {prog[0]!r} not found (give a .py script or -m MODULE)")
+    if not os.path.exists(prog[0]):
+        raise LaunchError(f"program {prog[0]!r} not found (give a script path or -m MODULE)")
     return prog
 
 

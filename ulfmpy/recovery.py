@@ -1,0 +1,92 @@
+"""ULFM recovery steps as small functions: detect, revoke, agree, shrink.
+
+Vocabulary from Fenix: recovery is *detection* (an MPI call fails with a
+process-failure class; the detecting rank revokes), *communicator recovery*
+(agree on the failure, shrink, then replace by policy), and *application
+recovery* (restore and resume). Each rank learns its role.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from mpi4py import MPI
+
+from ulfmpy.errors import UlfmUnavailable
+
+__all__ = ["Role", "ulfm_available", "revoke", "failed_ranks", "agree", "shrink"]
+
+
+class Role(enum.Enum):
+    """What a rank is after a repair."""
+
+    INITIAL = "initial"      # started with the job, no failure seen yet
+    SURVIVOR = "survivor"    # lived through a failure
+    RECOVERED = "recovered"  # a spare or respawned process that took a dead rank's place
+
+
+def ulfm_available(comm: MPI.Comm) -> bool:
+    """True when the MPI implements the ULFM calls (Revoke, Shrink, Agree). Local."""
+    try:
+        comm.Is_revoked()
+    except (NotImplementedError, MPI.Exception):
+        return False
+    return True
+
+
+def _require(comm: MPI.Comm, what: str) -> None:
+    if not ulfm_available(comm):
+        raise UlfmUnavailable(
+            f"{what} needs ULFM: use Open MPI >= 5 and launch with `mpirun --with-ft ulfm` "
+            "(ulfmpy run does this); without it a dead rank ends the job and "
+            "`ulfmpy run --max-restarts` relaunches it from the last checkpoint")
+
+
+def revoke(comm: MPI.Comm) -> None:
+    """Revoke ``comm`` so every rank's pending and future calls on it fail. Local.
+
+    Revoking an already revoked communicator is harmless.
+    """
+    _require(comm, "revoke")
+    try:
+        comm.Revoke()
+    except MPI.Exception:
+        pass
+
+
+def failed_ranks(comm: MPI.Comm) -> list[int]:
+    """Ranks of ``comm`` this rank knows to have failed (acknowledging them). Local."""
+    _require(comm, "failure detection")
+    comm.Ack_failed()
+    group = comm.Get_failed()
+    try:
+        n = group.Get_size()
+        if n == 0:
+            return []
+        return list(MPI.Group.Translate_ranks(group, list(range(n)), comm.Get_group()))
+    finally:
+        group.Free()
+
+
+def agree(comm: MPI.Comm, flag: int) -> int:
+    """Fault-tolerant agreement: the bitwise AND of ``flag`` over live ranks.
+
+    Collective over the live ranks of ``comm`` (works on a revoked
+    communicator). Guards against ranks acting on different views of who
+    failed.
+    """
+    _require(comm, "agree")
+    return int(comm.Agree(int(flag)))
+
+
+def shrink(comm: MPI.Comm) -> tuple[MPI.Comm, float]:
+    """A new communicator of the live ranks of ``comm``, and the seconds it took.
+
+    Collective over the live ranks of ``comm``; works on a revoked one. The
+    new communicator returns errors (``ERRORS_RETURN``) like the old.
+    """
+    _require(comm, "shrink")
+    t0 = time.perf_counter()
+    new = comm.Shrink()
+    new.Set_errhandler(MPI.ERRORS_RETURN)
+    return new, time.perf_counter() - t0
