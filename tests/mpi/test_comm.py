@@ -1,0 +1,177 @@
+"""The resilient communicator under 4 ranks: logging, replay, digests, errors.
+
+Run: mpirun -n 4 python -m mpi4py -m pytest --with-mpi tests/mpi
+"""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from ulfmpy.comm import ResilientComm
+from ulfmpy.errors import UnsupportedCall
+
+pytestmark = pytest.mark.mpi(min_size=4)
+
+
+@pytest.fixture
+def rc():
+    base = MPI.COMM_WORLD.Dup()
+    base.Set_errhandler(MPI.ERRORS_RETURN)
+    replay = base.Dup()
+    c = ResilientComm(base)
+    yield c, replay
+    base.Barrier()
+    replay.Free()
+    base.Free()
+
+
+def all_true(comm, ok):
+    """Every rank fails together when any rank's check failed."""
+    flags = comm.allgather(bool(ok))
+    assert all(flags), f"check failed on ranks {[r for r, f in enumerate(flags) if not f]}"
+
+
+def ring_step(c, data, out):
+    rank, size = c.Get_rank(), c.Get_size()
+    c.Sendrecv(data, (rank + 1) % size, 7, out, (rank - 1) % size, 7)
+
+
+def test_live_logs_receives_and_send_digests(rc):
+    c, _ = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    c.begin_segment()
+    out = np.empty(3)
+    ring_step(c, np.full(3, float(rank)), out)
+    left = (rank - 1) % size
+    ok = (np.array_equal(c.log.received[(left, 7, 0)], np.full(3, float(left)))
+          and ((rank + 1) % size, 7, 0) in c.log.sent)
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_replay_alone_serves_log_and_compares_digests(rc, change):
+    c, replay = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    c.begin_segment()
+    out = np.empty(3)
+    ring_step(c, np.full(3, float(rank)), out)
+    ok = True
+    if rank == 1:
+        c.begin_replay({1}, replay)
+        out2 = np.zeros(3)
+        ring_step(c, np.full(3, 99.0 if change else 1.0), out2)
+        outcome = c.end_replay()
+        ok = np.array_equal(out2, np.full(3, 0.0))  # from rank 0, via the log
+        ok &= outcome.contaminated == ({2} if change else set())
+        ok &= outcome.diverged is None
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_replay_pair_is_live_between_members(rc):
+    c, replay = rc
+    rank = c.Get_rank()
+    c.begin_segment()
+    out = np.empty(2)
+    ring_step(c, np.full(2, float(rank)), out)
+    ok = True
+    if rank in (1, 2):
+        c.begin_replay({1, 2}, replay)
+        got = np.zeros(2)
+        ring_step(c, np.full(2, 10.0 + rank), got)
+        outcome = c.end_replay()
+        if rank == 2:  # from rank 1, live: the new value
+            ok = np.array_equal(got, np.full(2, 11.0)) and outcome.contaminated == {3}
+        else:  # from rank 0, logged
+            ok = np.array_equal(got, np.full(2, 0.0)) and outcome.contaminated == set()
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_nonblocking_and_objects(rc):
+    c, replay = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    right, left = (rank + 1) % size, (rank - 1) % size
+    c.begin_segment()
+    buf = np.empty(4)
+    reqs = [c.Irecv(buf, left, 3), c.Isend(np.arange(4.0) + rank, right, 3)]
+    c.Waitall(reqs)
+    r = c.irecv(source=left, tag=5)
+    c.isend({"from": rank}, right, 5).wait()
+    obj = r.wait()
+    ok = np.array_equal(buf, np.arange(4.0) + left) and obj == {"from": left}
+    if rank == 3:
+        c.begin_replay({3}, replay)
+        buf2 = np.empty(4)
+        reqs = [c.Irecv(buf2, left, 3), c.Isend(np.arange(4.0) + rank, right, 3)]
+        c.Waitall(reqs)
+        r = c.irecv(source=left, tag=5)
+        c.isend({"from": rank}, right, 5).wait()
+        ok &= np.array_equal(buf2, buf) and r.wait() == {"from": left}
+        ok &= c.end_replay().contaminated == set()
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_collectives_replay_logged_result(rc, change):
+    c, replay = rc
+    rank = c.Get_rank()
+    c.begin_segment()
+    total = c.allreduce(rank + 1)
+    arr = np.full(2, float(rank))
+    res = np.empty(2)
+    c.Allreduce(arr, res, op=MPI.MAX)
+    b = c.bcast("hello" if rank == 0 else None, root=0)
+    c.Barrier()
+    ok = total == 10 and res[0] == 3.0 and b == "hello"
+    if rank == 2:
+        c.begin_replay({2}, replay)
+        t2 = c.allreduce(rank + 1 + (5 if change else 0))
+        res2 = np.empty(2)
+        c.Allreduce(arr, res2, op=MPI.MAX)
+        b2 = c.bcast(None, root=0)
+        c.Barrier()
+        out = c.end_replay()
+        ok &= t2 == 10 and res2[0] == 3.0 and b2 == "hello"
+        ok &= out.collective_mismatch is change
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_replay_divergence_is_reported(rc):
+    c, replay = rc
+    rank = c.Get_rank()
+    c.begin_segment()
+    c.Barrier()
+    ok = True
+    if rank == 0:
+        c.begin_replay({0}, replay)
+        c.allreduce(1)  # the original made a Barrier here
+        out = c.end_replay()
+        ok = out.diverged is not None and "allreduce" in out.diverged
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_unsupported_calls_name_themselves(rc):
+    c, _ = rc
+    c.begin_segment()
+    errors = []
+    for call in (lambda: c.Alltoall(np.zeros(4), np.zeros(4)),
+                 lambda: c.Recv(np.zeros(1), MPI.ANY_SOURCE, 0),
+                 lambda: c.Recv(np.zeros(1), 0, MPI.ANY_TAG),
+                 lambda: c.Send([1, 2], 0, 0)):
+        try:
+            call()
+        except UnsupportedCall as exc:
+            errors.append(str(exc))
+    c.end_segment()
+    ok = (len(errors) == 4 and "Alltoall" in errors[0] and "ANY_SOURCE" in errors[1]
+          and "ANY_TAG" in errors[2] and "numpy arrays" in errors[3])
+    # outside a segment the same call passes through
+    out = np.zeros(c.Get_size())
+    c.Alltoall(np.full(c.Get_size(), float(c.Get_rank())), out)
+    ok &= np.array_equal(out, np.arange(c.Get_size(), dtype=float))
+    all_true(MPI.COMM_WORLD, ok)
