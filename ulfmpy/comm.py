@@ -290,6 +290,22 @@ class ResilientComm:
         """Forget a handled failure. Local."""
         self.failure = None
 
+    def reset(self, comm: MPI.Comm) -> None:
+        """Continue on a repaired communicator (after a failure). Local."""
+        self._comm = comm
+        self._rank = comm.Get_rank()
+        self._size = comm.Get_size()
+        self._replay_comm = None
+        self.failure = None
+        self.mode = "off"
+        self.log.clear()
+        self._ctr = _Counters()
+
+    def check_failure(self) -> None:
+        """Raise the failure a voided call recorded, if any. Local."""
+        if self.failure is not None:
+            raise self.failure
+
     # -- segment modes (driven by the runtime) ----------------------------
     def begin_segment(self) -> None:
         """Start logging a new segment. Local."""

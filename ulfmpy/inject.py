@@ -7,12 +7,20 @@ Specs (``--inject``, repeatable, or ``ULFMPY_INJECT`` separated by ``;``):
   flat index into the rank's local block, ``bit`` counts from the least
   significant bit of the element (little endian). Unset fields are drawn
   from a generator seeded by (seed, rank, step), so a plan is reproducible.
-  ``persistent=1`` flips again in every re-execution of that step (a stuck
-  fault), which local rollback cannot cure.
+  A transient flip strikes the first execution of the step only;
+  ``repeat=N`` strikes the first N executions (re-executions included: with
+  N > --max-retries local rollback gives up and a global rollback cures it),
+  ``persistent=1`` every execution (a stuck fault: the run stops with a
+  clear error).
 * ``bitflip:rate=P[,seed=N][,bit=B][,array=NAME]`` — each rank-step flips
   with probability P.
 * ``kill:rank=R,step=S[,phase=compute|agreement|rollback|checkpoint|recovery]``
-  — SIGKILL rank R (its logical rank at start) when it reaches that point.
+  — SIGKILL rank R (its logical rank at start) when it reaches that point:
+  after step S's body (compute), at the agreement ending the segment that
+  holds S (agreement), re-executing S (rollback), at the first checkpoint
+  save at or after S (checkpoint), in the first recovery at or after S
+  (recovery). Each kill fires once per run, relaunches included (a marker
+  file under ``RUN_DIR/injected`` records it).
 * ``kill:mtbf=DURATION[,seed=N]`` — exponential failures per job: one random
   rank is killed after an exponentially distributed run time.
 
@@ -82,11 +90,13 @@ class BitFlip(Fault):
     index: int | None = None
     bit: int | None = None
     persistent: bool = False
+    repeat: int = 1
 
 
 @register_injector("bitflip")
 def _parse_bitflip(fields: dict[str, str], spec: str) -> BitFlip:
-    _check_keys(fields, {"rank", "step", "rate", "seed", "array", "index", "bit", "persistent"}, spec)
+    _check_keys(fields, {"rank", "step", "rate", "seed", "array", "index", "bit", "persistent",
+                         "repeat"}, spec)
     rate = float(fields.get("rate", 0.0))
     rank, step = _int(fields, "rank", spec), _int(fields, "step", spec)
     if rate:
@@ -97,7 +107,8 @@ def _parse_bitflip(fields: dict[str, str], spec: str) -> BitFlip:
     return BitFlip(spec=spec, rank=rank, step=step, rate=rate, seed=_int(fields, "seed", spec, 0) or 0,
                    array=fields.get("array"), index=_int(fields, "index", spec),
                    bit=_int(fields, "bit", spec),
-                   persistent=fields.get("persistent", "0") not in ("0", "false", "no"))
+                   persistent=fields.get("persistent", "0") not in ("0", "false", "no"),
+                   repeat=_int(fields, "repeat", spec, 1) or 1)
 
 
 KILL_PHASES = ("compute", "agreement", "rollback", "checkpoint", "recovery")
@@ -178,7 +189,9 @@ class FaultPlan:
     specs: tuple[str, ...]
     rank: int
     seed: int = 0
+    marker_dir: str | None = None
     faults: list[Fault] = field(default_factory=list)
+    _hits: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.faults = [parse_fault(s) for s in self.specs]
@@ -195,20 +208,27 @@ class FaultPlan:
                          replay: bool) -> list[dict[str, Any]]:
         """Apply the bit flips due on this rank after ``step``; return their records.
 
-        In a re-execution (``replay``) only persistent faults fire again.
+        A transient flip strikes the first execution of its step only, a
+        ``repeat=N`` one the first N, a persistent one every execution.
         """
         out = []
-        for f in self.bitflips:
-            if replay and not f.persistent:
+        for i, f in enumerate(self.faults):
+            if not isinstance(f, BitFlip):
                 continue
+            if not f.rate and (f.rank != self.rank or f.step != step):
+                continue
+            hits = self._hits.get((i, step), 0)
+            if not f.persistent and hits >= f.repeat:
+                continue
+            self._hits[(i, step)] = hits + 1
             seed = f.seed if f.seed else self.seed
             rng = np.random.default_rng([seed, self.rank, step, 0x5eed])
-            if f.rate:
-                if rng.random() >= f.rate:
-                    continue
-            elif f.rank != self.rank or f.step != step:
+            if f.rate and rng.random() >= f.rate:
                 continue
-            out.append(self._flip(f, step, state, rng))
+            rec = self._flip(f, step, state, rng)
+            rec["replay"] = replay
+            rec["execution"] = hits + 1
+            out.append(rec)
         return out
 
     def _flip(self, f: BitFlip, step: int, state: Mapping[str, Any],
@@ -232,21 +252,53 @@ class FaultPlan:
                 "index": index, "bit": bit, "before": before, "after": after,
                 "persistent": f.persistent}
 
-    def kill_due(self, step: int, phase: str, *, elapsed: float | None = None) -> Kill | None:
-        """The kill fault due on this rank at (step, phase), if any."""
+    def _marker(self, f: Fault) -> str | None:
+        if self.marker_dir is None:
+            return None
+        i = self.faults.index(f)
+        return os.path.join(self.marker_dir, f"fault-{i}.json")
+
+    def fired(self, f: Fault) -> bool:
+        """True when this kill already happened (in this run or before a relaunch)."""
+        m = self._marker(f)
+        return m is not None and os.path.exists(m)
+
+    def mark_fired(self, f: Fault, **record: Any) -> None:
+        """Record the ground truth of a kill before it happens."""
+        m = self._marker(f)
+        if m is None:
+            return
+        os.makedirs(os.path.dirname(m), exist_ok=True)
+        import json
+
+        with open(m, "w", encoding="utf-8") as fh:
+            json.dump({"spec": f.spec, "rank": self.rank, **record}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def kill_due(self, step: int, phase: str, *, host: str | None = None) -> Kill | None:
+        """The kill fault due on this rank at (step, phase), if any.
+
+        ``checkpoint`` and ``recovery`` kills fire at the first such phase at
+        or after their step; the others at their step exactly.
+        """
         for f in self.kills:
-            if f.mtbf:
+            if f.mtbf or f.phase != phase:
                 continue
-            if f.rank == self.rank and f.step == step and f.phase == phase:
+            target = (f.node is not None and f.node == host) or (f.node is None and f.rank == self.rank)
+            if not target:
+                continue
+            hit = f.step <= step if phase in ("checkpoint", "recovery") else f.step == step
+            if hit and not self.fired(f):
                 return f
         return None
 
-    def mtbf_kill_time(self, size: int) -> tuple[int, float] | None:
-        """(victim rank, seconds after start) of the job's exponential failure, if any."""
+    def mtbf_kill(self, size: int) -> tuple[Kill, int, float] | None:
+        """(fault, victim rank, seconds after start) of the job's exponential failure."""
         for f in self.kills:
-            if f.mtbf:
+            if f.mtbf and not self.fired(f):
                 rng = np.random.default_rng([f.seed or self.seed, 0xdead])
-                return int(rng.integers(size)), float(rng.exponential(f.mtbf))
+                return f, int(rng.integers(size)), float(rng.exponential(f.mtbf))
         return None
 
 

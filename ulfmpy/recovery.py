@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 from mpi4py import MPI
 
 from ulfmpy.errors import UlfmUnavailable
 
-__all__ = ["Role", "ulfm_available", "revoke", "failed_ranks", "agree", "shrink"]
+__all__ = ["Role", "Member", "RepairPlan", "plan_repair", "ulfm_available", "revoke",
+           "failed_ranks", "agree", "shrink"]
 
 
 class Role(enum.Enum):
@@ -90,3 +92,60 @@ def shrink(comm: MPI.Comm) -> tuple[MPI.Comm, float]:
     new = comm.Shrink()
     new.Set_errhandler(MPI.ERRORS_RETURN)
     return new, time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class Member:
+    """What one live process tells the others at a repair."""
+
+    uid: int                   # stable id: the world rank it started with
+    logical: int | None        # its logical rank, None for a spare
+    ckpt_step: int | None      # newest committed checkpoint it knows
+
+
+@dataclass(frozen=True)
+class RepairPlan:
+    """The outcome of :func:`plan_repair`, the same on every rank."""
+
+    policy: str
+    failed: tuple[int, ...]          # logical ranks that died
+    assign: dict[int, int | None]    # uid -> new logical rank (None: spare)
+    size: int                        # compute ranks after the repair
+    replaced: dict[int, int]         # logical rank -> uid of the process that took it
+
+
+def plan_repair(members: list[Member], *, size: int, policies: tuple[str, ...],
+                spawn_ok: bool = False) -> RepairPlan | None:
+    """Decide how to go on after failures, from what every live process said. Pure.
+
+    Every rank computes the same plan from the same (allgathered) members.
+
+    Args:
+        members: the live processes.
+        size: compute ranks before the failure.
+        policies: tried in order: ``spares`` (enough live spares take the dead
+            ranks' places), ``respawn`` (new processes do; only when
+            ``spawn_ok``), ``shrink`` (go on with the survivors).
+
+    Returns:
+        the plan, or None when no policy applies (relaunch from the checkpoint).
+    """
+    alive = sorted(m.logical for m in members if m.logical is not None)
+    failed = tuple(r for r in range(size) if r not in set(alive))
+    spares = sorted(m.uid for m in members if m.logical is None)
+    keep = {m.uid: m.logical for m in members}
+    for policy in policies:
+        if policy == "spares" and failed and len(spares) >= len(failed):
+            assign = dict(keep)
+            replaced = {}
+            for r, uid in zip(failed, spares):
+                assign[uid] = r
+                replaced[r] = uid
+            return RepairPlan("spares", failed, assign, size, replaced)
+        if policy == "respawn" and failed and spawn_ok:
+            return RepairPlan("respawn", failed, dict(keep), size, {})
+        if policy == "shrink" and alive:
+            order = {old: new for new, old in enumerate(alive)}
+            assign = {uid: (None if lg is None else order[lg]) for uid, lg in keep.items()}
+            return RepairPlan("shrink", failed, assign, len(alive), {})
+    return None

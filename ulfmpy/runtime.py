@@ -8,9 +8,11 @@
 
 The loop is a generator. It yields ``(step, app)``; the body runs the step;
 control comes back to the generator, which injects faults, runs detectors,
-and at segment boundaries agrees, commits or re-executes. Re-execution is
-the generator yielding earlier steps again after restoring the snapshot, so
-the loop body never sees a fault.
+and at segment boundaries agrees, commits, checkpoints or re-executes.
+Re-execution is the generator yielding earlier steps again after restoring
+the snapshot, so the loop body never sees a fault. A dead rank voids the
+rest of the iteration on every rank (communication calls return at once);
+the generator then repairs the communicator and yields the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -18,22 +20,29 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any, Callable, Iterator
 
 from mpi4py import MPI
 
+from ulfmpy import recovery as _rec
 from ulfmpy.comm import ResilientComm
 from ulfmpy.config import Config
 from ulfmpy.detect import get_detector, run_detectors
-from ulfmpy.errors import EXIT_RELAUNCH, EXIT_UNRECOVERABLE, FaultSignal, RetriesExhausted
+from ulfmpy.errors import (EXIT_RELAUNCH, EXIT_UNRECOVERABLE, ConfigError, FaultSignal,
+                           ProcessFailure, RecoveryFailed, RetriesExhausted,
+                           translate_mpi_error)
 from ulfmpy.events import EventLog, write_json_atomic
-from ulfmpy.inject import FaultPlan
+from ulfmpy.inject import FaultPlan, kill_self
 from ulfmpy.segment import Report, Snapshot, agree_reports, closure
 from ulfmpy.state import fingerprint, normalize_state, state_nbytes
 
 __all__ = ["Runtime"]
+
+_SPARE_TAG = 7301
+_MAX_REPAIRS = 8
 
 
 class _AppView:
@@ -49,15 +58,25 @@ class _AppView:
         return getattr(self._app, name)
 
 
+class _GlobalRollback(Exception):
+    """Local rollback gave up; every rank restores the last checkpoint."""
+
+    def __init__(self, first: int, reason: str) -> None:
+        super().__init__(reason)
+        self.first = first
+
+
 class Runtime:
     """Fault-tolerance runtime of one job. Use as a context manager.
 
     Collective over ``comm``: every rank enters and leaves it together, with
-    equal settings (checked on entry).
+    equal settings (checked on entry). With ``spares=S`` (``ulfmpy run
+    --spares S``) the last S ranks of ``comm`` wait inside the runtime and
+    never run the loop body unless they replace a failed rank.
 
     Args:
         comm: the communicator of the job (``MPI.COMM_WORLD`` in ``main()``);
-            the runtime works on its own duplicate.
+            the runtime works on its own duplicates.
         invariant: optional ``fn(app) -> bool`` for the ``invariant`` detector.
         **settings: any :class:`~ulfmpy.config.Config` field; ``ULFMPY_*``
             environment variables fill the rest.
@@ -66,44 +85,64 @@ class Runtime:
     def __init__(self, comm: MPI.Comm, *, invariant: Callable[[Any], bool] | None = None,
                  **settings: Any) -> None:
         self.config = Config.load(**settings)
-        self._world = comm
+        self._user_comm = comm
         self._invariant = invariant
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
-        self.ft = os.environ.get("ULFMPY_FT", "ulfm" if _has_ulfm() else "none") == "ulfm"
+        self.uid = comm.Get_rank()
+        nspares = self.config.spares
+        if nspares >= comm.Get_size():
+            raise ConfigError(f"{nspares} spares leave no compute rank out of {comm.Get_size()}")
+        self.size = comm.Get_size() - nspares
+        self.logical: int | None = self.uid if self.uid < self.size else None
+        self.rank = self.logical if self.logical is not None else -1
+        self.role = _rec.Role.INITIAL
+        self.ft = os.environ.get("ULFMPY_FT", "ulfm") == "ulfm" and _rec.ulfm_available(comm)
         self.summary: dict[str, Any] = {}
         self.comm: ResilientComm | MPI.Comm
+        self.store: Any = None
         self._counters = {"segments": 0, "reexecuted_rank_steps": 0,
                           "injected_faults": 0, "escaped_faults": 0}
         self._rollbacks: list[dict[str, Any]] = []
+        self._recoveries: list[dict[str, Any]] = []
+        self._global_rollbacks: list[dict[str, Any]] = []
+        self._restored_from: dict[str, Any] | None = None
+        self._replay_comm: MPI.Comm | None = None
+        self._seg_flips: list[int] = []
+
+    @property
+    def is_spare(self) -> bool:
+        return self.logical is None
 
     # -- context ------------------------------------------------------------
     def __enter__(self) -> "Runtime":
         cfg = self.config
         for name in cfg.detect:
             get_detector(name)  # unknown names fail before any work
+        self._world = self._user_comm.Dup()
+        self._world.Set_errhandler(MPI.ERRORS_RETURN)
         run_dir = cfg.run_dir
         if run_dir is None:
             from ulfmpy.launch import default_run_dir
 
-            run_dir = self._world.bcast(default_run_dir() if self.rank == 0 else None, root=0)
+            run_dir = self._world.bcast(default_run_dir() if self.uid == 0 else None, root=0)
         self.run_dir = os.path.abspath(run_dir)
-        self._dup = self._world.Dup()
-        self._dup.Set_errhandler(MPI.ERRORS_RETURN)
-        cfg.check_uniform(self._dup)
-        if self.rank == 0:
+        cfg.check_uniform(self._world)
+        if self.uid == 0:
             os.makedirs(self.run_dir, exist_ok=True)
-        self._dup.Barrier()
-        self.events = EventLog(self.run_dir, self.rank)
+        self._world.Barrier()
+        self.events = EventLog(self.run_dir, self.uid)
+        compute = self._world.Split(0 if not self.is_spare else 1, self.uid)
+        compute.Set_errhandler(MPI.ERRORS_RETURN)
+        self._compute = compute
+        self.plan = FaultPlan(cfg.inject, self.uid, cfg.seed,
+                              marker_dir=os.path.join(self.run_dir, "injected"))
+        self._mtbf_kill = self.plan.mtbf_kill(self.size)
         if cfg.resilience:
-            self._replay_comm = self._dup.Dup()
-            self._replay_comm.Set_errhandler(MPI.ERRORS_RETURN)
-            self.comm = ResilientComm(self._dup, ft=self.ft)
+            self.comm = ResilientComm(compute, ft=self.ft)
         else:
-            self._replay_comm = None
-            self.comm = self._dup
-        self.plan = FaultPlan(cfg.inject, self.rank, cfg.seed)
-        self.events.log("start", size=self.size, ft=self.ft, config=cfg.as_dict(),
+            self.comm = compute
+        self.events.log("start", size=self.size, spares=cfg.spares, logical=self.logical,
+                        ft=self.ft, host=socket.gethostname(), config=cfg.as_dict(),
+                        relaunch=int(os.environ.get("ULFMPY_RELAUNCH", "0")),
                         mpi=MPI.Get_library_version().splitlines()[0])
         self._t0 = time.perf_counter()
         return self
@@ -111,11 +150,18 @@ class Runtime:
     def __exit__(self, etype: Any, exc: Any, tb: Any) -> None:
         self.events.log("exit", error=None if exc is None else repr(exc))
         if exc is None:
+            if self.store is not None:
+                self.store.close()
             self.events.close()
-            if self._replay_comm is not None:
-                self._replay_comm.Free()
-            self._dup.Free()
+            for c in (self._replay_comm, self._compute, self._world):
+                if c is not None:
+                    try:
+                        c.Free()
+                    except MPI.Exception:
+                        pass
             return
+        if self.store is not None:
+            self.store.close()
         if self.ft:
             self._end_job(exc)
 
@@ -131,25 +177,31 @@ class Runtime:
         with EXIT_RELAUNCH: the newest committed checkpoint resumes the job.
         """
         marker = self._abort_marker()
-        if isinstance(exc, FaultSignal):
-            code = EXIT_UNRECOVERABLE if marker else EXIT_RELAUNCH
+        if isinstance(exc, (FaultSignal, RecoveryFailed)) and not marker:
+            code = EXIT_RELAUNCH
+        elif marker and isinstance(exc, FaultSignal):
+            code = EXIT_UNRECOVERABLE
+        else:
+            code = None
+        if code is not None:
             self.events.log("job_end", code=code, reason=repr(exc), abort_marker=marker)
             self.events.close()
-            print(f"ulfmpy: rank {self.rank}: {exc}; "
-                  + (f"rank stopped on an error ({marker})" if marker else
-                     "no in-job recovery: exiting for relaunch"), file=sys.stderr, flush=True)
+            print(f"ulfmpy: rank {self.uid}: {exc}; "
+                  + (f"another rank stopped on an error ({marker})" if marker else
+                     "no in-job recovery: exiting for relaunch from the last checkpoint"),
+                  file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(code)
         import traceback
 
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        path = os.path.join(self.run_dir, f"abort-rank-{self.rank:04d}.json")
-        write_json_atomic(path, {"rank": self.rank, "error": repr(exc)})
+        path = os.path.join(self.run_dir, f"abort-rank-{self.uid:04d}.json")
+        write_json_atomic(path, {"rank": self.uid, "error": repr(exc)})
         self.events.log("job_end", code=EXIT_UNRECOVERABLE, reason=repr(exc))
         self.events.close()
         sys.stdout.flush()
         sys.stderr.flush()
-        for c in (self._replay_comm, self._dup):
+        for c in (self._replay_comm, self._compute, self._world):
             if c is not None:
                 try:
                     c.Revoke()
@@ -161,6 +213,55 @@ class Runtime:
         found = sorted(glob.glob(os.path.join(self.run_dir, "abort-rank-*.json")))
         return os.path.basename(found[0]) if found else None
 
+    # -- building the app -----------------------------------------------------
+    def _build(self, comm: Any) -> None:
+        app = self._factory(comm)
+        self.app = app
+        self.state = normalize_state(app.state)
+        self._view = _AppView(app, self._invariant)
+        self._snap = Snapshot(self.state) if self.config.resilience else None
+
+    def _ckpt_enabled(self) -> bool:
+        c = self.config
+        return c.resilience and (c.ckpt_every > 0 or c.ckpt_seconds > 0 or c.mtbf > 0
+                                 or c.node_mtbf > 0)
+
+    def _open_store(self) -> None:
+        from ulfmpy.checkpoint import CheckpointStore
+
+        self.store = CheckpointStore(self.comm.mpi_comm, self.run_dir, keep=self.config.ckpt_keep,
+                                     mode=self.config.ckpt_mode, events=self.events,
+                                     meta={"config": self.config.as_dict()})
+        self.store.prepare(self.state)
+        self._last_ckpt_step = self._step0
+        self._last_ckpt_time = time.perf_counter()
+        self._policy = None
+        if self.config.mtbf > 0 or self.config.node_mtbf > 0:
+            from ulfmpy.policy import IntervalPolicy
+
+            nodes = max(1, len(set(self.comm.mpi_comm.allgather(socket.gethostname()))))
+            self._policy = IntervalPolicy(
+                mtbf=self.config.mtbf or None, node_mtbf=self.config.node_mtbf or None,
+                nodes=nodes, model=self.config.interval_model,
+                save_estimate=None, recovery_estimate=self.config.recovery_estimate)
+            self._next_ckpt_step = None
+
+    def _resume(self, start: int) -> int:
+        src = self.config.resume
+        if src == "none":
+            return start
+        from ulfmpy.checkpoint import restore
+
+        source = self.run_dir if src == "auto" else src
+        rec = restore(self.comm.mpi_comm if isinstance(self.comm, ResilientComm) else self.comm,
+                      source, self.state, events=self.events)
+        if rec is None:
+            self.events.log("resume_none", source=source, reason="no committed checkpoint: fresh start")
+            return start
+        self._restored_from = {"step": rec.step, "path": rec.path, "fallbacks": rec.fallbacks,
+                               "seconds": rec.seconds, "ckpt_ranks": rec.nranks}
+        return rec.step
+
     # -- the loop -------------------------------------------------------------
     def loop(self, factory: Callable[[Any], Any], steps: int, *,
              start: int = 0) -> Iterator[tuple[int, Any]]:
@@ -168,42 +269,93 @@ class Runtime:
 
         Collective over the runtime's communicator: every rank iterates.
         ``factory(comm)`` builds the app on ``rt.comm``; its ``state`` holds
-        everything the loop carries between steps. At the end the summary
-        (with the global fingerprint) is written and kept in ``rt.summary``.
+        everything the loop carries between steps. After a repair that
+        changes the communicator the factory is called again, so the loop may
+        yield a new app object. At the end the summary (with the global
+        fingerprint) is written and kept in ``rt.summary``.
         """
-        app = factory(self.comm)
-        state = normalize_state(app.state)
-        self.app, self.state = app, state
-        self._view = _AppView(app, self._invariant)
+        self._factory, self._steps, self._step0 = factory, steps, start
         if not self.config.resilience:
-            for step in range(start, steps):
-                yield step, app
-            self._finish(steps, state)
+            self._build(self.comm)
+            step = self._resume(start)
+            for s in range(step, steps):
+                yield s, self.app
+            self._finish(steps)
             return
-        k = self.config.segment_steps
-        snap = Snapshot(state)
-        self.events.log("segments", k=k, state_bytes=state_nbytes(state))
-        step = start
+        assert isinstance(self.comm, ResilientComm)
+        if self.is_spare:
+            step = self._wait_as_spare()
+            if step is None:
+                return
+        else:
+            self._build(self.comm)
+            step = self._resume(start)
+            if self._ckpt_enabled():
+                self._open_store()
+        if not self.is_spare:
+            self._new_replay_comm()
+        self.comm.void_on_failure = self.ft
+        self.events.log("segments", k=self.config.segment_steps, state_bytes=state_nbytes(self.state),
+                        start=step)
+        global_rollbacks = 0
         while step < steps:
-            yield from self._segment(step, min(step + k, steps), snap)
-            step = min(step + k, steps)
-        self._finish(steps, state)
+            try:
+                end = min(step + self.config.segment_steps, steps)
+                yield from self._segment(step, end)
+                step = end
+                self._checkpoint(step)
+            except _GlobalRollback as gr:
+                global_rollbacks += 1
+                step = self._global_rollback(gr, global_rollbacks)
+            except (ProcessFailure, MPI.Exception) as exc:
+                step = self._recover(exc, step)
+        self._finish(steps)
 
+    # -- one segment ----------------------------------------------------------
     def _detect(self) -> tuple[str, str] | None:
         return run_detectors(self.config.detect, self._view, self.state)
 
+    def _kill_point(self, phase: str, step: int) -> None:
+        f = self.plan.kill_due(step, phase, host=socket.gethostname())
+        if f is None:
+            return
+        self.plan.mark_fired(f, step=step, phase=phase, uid=self.uid)
+        self.events.log("inject", kind="kill", spec=f.spec, step=step, phase=phase)
+        self.events.close()
+        kill_self()
+
     def _after_step(self, step: int, *, replay: bool) -> None:
+        comm = self.comm
+        assert isinstance(comm, ResilientComm)
+        comm.check_failure()
+        if not replay:
+            self._kill_point("compute", step)
+            if self._mtbf_kill is not None and self._mtbf_kill[1] == self.logical:
+                f, _, at = self._mtbf_kill
+                if time.perf_counter() - self._t0 >= at:
+                    self._mtbf_kill = None
+                    self.plan.mark_fired(f, step=step, phase="mtbf", uid=self.uid, at_s=at)
+                    self.events.log("inject", kind="kill", spec=f.spec, step=step, phase="mtbf")
+                    self.events.close()
+                    kill_self()
+        else:
+            self._kill_point("rollback", step)
         for rec in self.plan.flips_after_step(step, self.state, replay=replay):
-            self.events.log("inject", replay=replay, **rec)
-            if not replay:
+            self.events.log("inject", **rec)
+            if rec["execution"] == 1:
                 self._seg_flips.append(step)
 
-    def _segment(self, first: int, end: int, snap: Snapshot) -> Iterator[tuple[int, Any]]:
-        cfg, comm, app = self.config, self.comm, self.app
-        assert isinstance(comm, ResilientComm)
+    def _agree(self, report: Report, first: int, end: int) -> list[Report]:
+        for s in range(first, end):
+            self._kill_point("agreement", s)
+        return agree_reports(self.comm.mpi_comm, report)
+
+    def _segment(self, first: int, end: int) -> Iterator[tuple[int, Any]]:
+        cfg, comm, app, snap = self.config, self.comm, self.app, self._snap
+        assert isinstance(comm, ResilientComm) and snap is not None
         snap.take(first)
         comm.begin_segment()
-        self._seg_flips: list[int] = []
+        self._seg_flips = []
         report = Report()
         repaired_through = -1  # last step a lone catch-up re-executed
         s = first
@@ -214,7 +366,7 @@ class Runtime:
                     and not report.detected):
                 hit = self._detect()
                 if hit:
-                    report = yield from self._catch_up(first, s, snap, hit, report)
+                    report = yield from self._catch_up(first, s, hit, report)
                     if report.repaired_steps:
                         repaired_through = s
             s += 1
@@ -227,14 +379,16 @@ class Runtime:
                                 contaminated=report.contaminated,
                                 collective_mismatch=report.collective_mismatch,
                                 diverged=report.diverged, repaired_steps=report.repaired_steps)
-        reports = agree_reports(comm.mpi_comm, report)
+        report = Report(**{**report.__dict__, "ckpt_due": self._ckpt_due(end)})
+        reports = self._agree(report, first, end)
+        self._ckpt_decision = reports[0].ckpt_due
         S = closure((), reports, self.size)
         lone = [r for r, rep in enumerate(reports) if rep.repaired_steps]
         if not S:
             if lone:
                 self._record_rollback(first, lone, frozenset(), rounds=0, seconds=0.0,
                                       reexec=sum(rep.repaired_steps for rep in reports))
-            self._commit(first, end, comm, in_S=False, repaired_through=repaired_through)
+            self._commit(first, end, in_S=False, repaired_through=repaired_through)
             return
         if cfg.rollback == "global":
             S = frozenset(range(self.size))
@@ -247,7 +401,7 @@ class Runtime:
             mine = Report()
             if self.rank in S:
                 snap.restore()
-                comm.begin_replay(S, self._replay_comm)
+                comm.begin_replay(S, self._replay())
                 for r in range(first, end):
                     yield r, app
                     self._after_step(r, replay=True)
@@ -272,18 +426,27 @@ class Runtime:
                 if retries > cfg.max_retries:
                     bad = [r for r, rep in enumerate(reports) if rep.detected]
                     self.events.log("retries_exhausted", step=first, ranks=bad)
+                    self._counters["reexecuted_rank_steps"] += reexec
                     comm.end_segment()
-                    raise RetriesExhausted(
+                    raise _GlobalRollback(first, (
                         f"segment at step {first}: ranks {bad} detected the error again in "
-                        f"{retries} re-executions (a persistent fault); raise --max-retries "
-                        "or enable global checkpoints (--ckpt-every) to roll back further")
+                        f"{retries} re-executions (a persistent fault)"))
                 continue
             break
         self._record_rollback(first, lone, S, rounds=rounds, seconds=time.perf_counter() - t0,
                               reexec=reexec, detected_on=detected_on)
-        self._commit(first, end, comm, in_S=self.rank in S, repaired_through=repaired_through)
+        self._commit(first, end, in_S=self.rank in S, repaired_through=repaired_through)
 
-    def _catch_up(self, first: int, s: int, snap: Snapshot, hit: tuple[str, str],
+    def _replay(self) -> MPI.Comm:
+        assert self._replay_comm is not None
+        return self._replay_comm
+
+    def _new_replay_comm(self) -> None:
+        """Collective over the compute communicator: replay traffic gets its own."""
+        self._replay_comm = self.comm.mpi_comm.Dup()
+        self._replay_comm.Set_errhandler(MPI.ERRORS_RETURN)
+
+    def _catch_up(self, first: int, s: int, hit: tuple[str, str],
                   report: Report) -> Iterator[tuple[int, Any]]:
         """Re-execute steps first..s alone after a per-step detection.
 
@@ -292,10 +455,10 @@ class Runtime:
         differs, the receiver was reached and the segment-end agreement grows S.
         """
         self.events.log("detection", step=s, detector=hit[0], finding=hit[1], when="step")
-        comm = self.comm
-        assert isinstance(comm, ResilientComm)
+        comm, snap = self.comm, self._snap
+        assert isinstance(comm, ResilientComm) and snap is not None
         snap.restore()
-        comm.begin_replay({self.rank}, self._replay_comm)
+        comm.begin_replay({self.rank}, self._replay())
         for r in range(first, s + 1):
             yield r, self.app
             self._after_step(r, replay=True)
@@ -322,8 +485,9 @@ class Runtime:
         self._counters["reexecuted_rank_steps"] += reexec
         self.events.log("rollback", **rec)
 
-    def _commit(self, first: int, end: int, comm: ResilientComm, *, in_S: bool,
-                repaired_through: int) -> None:
+    def _commit(self, first: int, end: int, *, in_S: bool, repaired_through: int) -> None:
+        comm = self.comm
+        assert isinstance(comm, ResilientComm)
         comm.end_segment()
         self._counters["segments"] += 1
         for step in self._seg_flips:
@@ -332,13 +496,242 @@ class Runtime:
             if not in_S and step > repaired_through:
                 self._counters["escaped_faults"] += 1
                 self.events.log("escaped", step=step)
+        self._seg_flips = []
         self.events.log("segment", step=first, end=end)
 
+    # -- checkpoints and global rollback ---------------------------------------
+    def _ckpt_due(self, end: int) -> bool:
+        """This rank's view of whether to checkpoint at ``end`` (rank 0's decides)."""
+        c = self.config
+        if self.store is None or end >= self._steps:
+            return False
+        if self._policy is not None:
+            if self._next_ckpt_step is None:
+                self._decide_interval(end)
+            return end >= self._next_ckpt_step
+        if c.ckpt_every and end - self._last_ckpt_step >= c.ckpt_every:
+            return True
+        return bool(c.ckpt_seconds and time.perf_counter() - self._last_ckpt_time >= c.ckpt_seconds)
+
+    def _decide_interval(self, now_step: int) -> None:
+        pol = self._policy
+        steps_run = max(1, now_step - self._last_ckpt_step)
+        pol.observe_step((time.perf_counter() - self._last_ckpt_time) / steps_run)
+        try:
+            d = pol.decide()
+        except ValueError:
+            # No save measured yet: take the first checkpoint now to measure δ.
+            self._next_ckpt_step = now_step
+            return
+        self._next_ckpt_step = self._last_ckpt_step + d.steps
+        self.events.log("interval_decision", at_step=now_step, next_step=self._next_ckpt_step,
+                        **d.as_dict())
+
+    def _checkpoint(self, step: int) -> None:
+        """At a committed boundary: commit finished writes; save when due. Collective."""
+        if self.store is None:
+            return
+        self.store.poll()
+        if not getattr(self, "_ckpt_decision", False):
+            return
+        if self.store.mode == "sync":
+            self._kill_point("checkpoint", step)
+        rec = self.store.save(step, self.state)
+        if self.store.mode == "async":
+            # Staged and handed to the helper, not committed: the worst moment.
+            self._kill_point("checkpoint", step)
+        self._last_ckpt_step, self._last_ckpt_time = step, time.perf_counter()
+        if self._policy is not None:
+            exposed = self.comm.mpi_comm.allreduce(rec.exposed_s, op=MPI.MAX)
+            self._policy.observe_save(exposed)
+            self._next_ckpt_step = None
+            self._decide_interval(step)
+
+    def _global_rollback(self, gr: _GlobalRollback, count: int) -> int:
+        """Restore the newest committed checkpoint on every rank. Collective."""
+        store = self.store
+        copy = store.memory_copy() if store is not None else None
+        if copy is None or count > 1 + self.config.max_retries:
+            raise RetriesExhausted(
+                f"{gr}; " + ("no committed checkpoint to roll back to: enable global checkpoints "
+                             "(--ckpt-every N) or raise --max-retries" if copy is None else
+                             f"{count - 1} global rollbacks did not cure it either"))
+        from ulfmpy.checkpoint import restore_from_memory
+
+        t0 = time.perf_counter()
+        restore_from_memory(self.state, copy)
+        rec = {"step": copy.step, "from_segment": gr.first, "reason": str(gr),
+               "seconds": time.perf_counter() - t0, "lost_steps": gr.first - copy.step}
+        self._global_rollbacks.append(rec)
+        self.events.log("global_rollback", **rec)
+        self._seg_flips = []
+        return copy.step
+
+    # -- hard failures -----------------------------------------------------------
+    def _recover(self, exc: BaseException, step: int) -> int:
+        """Repair after a dead rank and return the step to resume from. Collective
+        over the live processes of the job (spares included)."""
+        if isinstance(exc, MPI.Exception):
+            err = translate_mpi_error(exc, "runtime", failure_suspected=self.ft)
+            if not isinstance(err, ProcessFailure):
+                raise exc
+            exc = err
+        t_detect = time.perf_counter()
+        self.events.log("failure", step=step, error=str(exc))
+        if not self.ft or not self.config.recovery:
+            raise exc
+        if self._abort_marker():
+            raise exc
+        comm = self.comm
+        assert isinstance(comm, ResilientComm)
+        comm.end_segment()
+        return self._repair(t_detect, step)
+
+    def _repair(self, t_detect: float, step: int) -> int:
+        phases: dict[str, float] = {}
+        for attempt in range(_MAX_REPAIRS):
+            try:
+                return self._repair_once(t_detect, step, phases, attempt)
+            except (ProcessFailure, MPI.Exception) as again:
+                self.events.log("failure_during_recovery", attempt=attempt, error=str(again))
+        raise RecoveryFailed(f"{_MAX_REPAIRS} repairs in a row failed")
+
+    def _repair_once(self, t_detect: float, step: int, phases: dict[str, float],
+                     attempt: int) -> int:
+        t = time.perf_counter()
+        for c in (self._compute, self._world, self._replay_comm):
+            if c is not None:
+                _rec.revoke(c)
+        phases["revoke"] = time.perf_counter() - t
+        self._kill_point("recovery", step)
+        new_world, phases["shrink"] = _rec.shrink(self._world)
+        self._world = new_world
+        t = time.perf_counter()
+        known = None
+        if self.store is not None and self.store.last_committed is not None:
+            known = self.store.last_committed.step
+        me = _rec.Member(self.uid, self.logical, known)
+        members = sorted(_translate(new_world.allgather, me), key=lambda m: m.uid)
+        plan = _rec.plan_repair(members, size=self.size, policies=self.config.recovery)
+        phases["agree"] = time.perf_counter() - t
+        if plan is None:
+            raise RecoveryFailed(
+                f"no recovery policy of {','.join(self.config.recovery)} applies "
+                f"({sum(m.logical is None for m in members)} live spares, "
+                f"{len(members)} live processes)")
+        old_logical = self.logical
+        self.logical = plan.assign[self.uid]
+        t = time.perf_counter()
+        compute = new_world.Split(0 if self.logical is not None else 1,
+                                  self.logical if self.logical is not None else self.uid)
+        compute.Set_errhandler(MPI.ERRORS_RETURN)
+        self._compute = compute
+        self._replay_comm = None
+        phases[plan.policy] = time.perf_counter() - t
+        self.size = plan.size
+        ckpt_steps = [m.ckpt_step for m in members if m.logical is not None and m.ckpt_step is not None]
+        target = max(ckpt_steps) if ckpt_steps else None
+        rec = {"policy": plan.policy, "failed_ranks": list(plan.failed), "attempt": attempt,
+               "detected_at_step": step, "replaced": plan.replaced, "size": plan.size}
+        if self.logical is None:  # still a spare
+            self.events.log("recovery_spare_idle", **rec)
+            raise _StillSpare(target)
+        if old_logical is None:
+            self.role = _rec.Role.RECOVERED
+        elif self.role == _rec.Role.INITIAL:
+            self.role = _rec.Role.SURVIVOR
+        self.rank = self.logical
+        comm = self.comm
+        assert isinstance(comm, ResilientComm)
+        comm.reset(compute)
+        self._new_replay_comm()
+        t = time.perf_counter()
+        resumed = self._restore_after_repair(plan, target, old_logical)
+        phases["restore"] = time.perf_counter() - t
+        seconds = time.perf_counter() - t_detect
+        rec.update({"seconds": seconds, "phases": dict(phases), "resumed_step": resumed,
+                    "lost_steps": max(0, step - resumed), "role": self.role.value})
+        self._recoveries.append(rec)
+        self.events.log("recovery", **rec)
+        return resumed
+
+    def _restore_after_repair(self, plan: Any, target: int | None, old_logical: int | None) -> int:
+        """Application recovery: state back to the checkpoint ``target``. Collective."""
+        from ulfmpy.checkpoint import restore, restore_from_memory
+
+        comm = self.comm
+        same_layout = plan.policy in ("spares", "respawn") and old_logical == self.logical
+        copy = None
+        if same_layout and self.store is not None and target is not None:
+            copy = self.store.memory_copy(target)
+        if self.store is not None:
+            self.store.reset(comm.mpi_comm)
+        if copy is not None:
+            restore_from_memory(self.state, copy)  # survivors: no file I/O
+            how = "memory"
+        else:
+            self._build(comm)
+            how = "factory"
+            if target is not None:
+                if same_layout or old_logical is None:
+                    _restore_local(self.run_dir, target, self.state, comm.Get_rank(), comm.Get_size())
+                    how = "file"
+                else:
+                    restore(comm.mpi_comm, os.path.join(self.run_dir, "ckpt", f"step-{target:08d}.h5"),
+                            self.state, events=self.events)
+                    how = "file N->M"
+        if self._snap is None or how != "memory":
+            self._snap = Snapshot(self.state)
+        if self.store is None and self._ckpt_enabled():
+            self._step0 = self._step0 if target is None else target
+            self._open_store()
+        elif self.store is not None:
+            self.store.prepare(self.state)
+        self.events.log("restore_after_repair", how=how, step=target)
+        return target if target is not None else self._step0
+
+    def _wait_as_spare(self) -> int | None:
+        """Wait inside the runtime until the run ends (None) or this spare
+        replaces a failed rank (the step to resume from)."""
+        self.events.log("spare_waiting")
+        while True:
+            try:
+                msg = _translate(self._world.recv, None, MPI.ANY_SOURCE, _SPARE_TAG)
+                if msg == "done":
+                    self.events.log("spare_released")
+                    return None
+            except ProcessFailure as exc:
+                if not self._world.Is_revoked():
+                    # A death the compute ranks have not acted on (yet): they
+                    # revoke the world when they repair; until then keep waiting.
+                    try:
+                        self._world.Ack_failed()
+                    except MPI.Exception:
+                        pass
+                    time.sleep(0.01)
+                    continue
+                try:
+                    self.events.log("failure", step=None, error=str(exc))
+                    return self._repair(time.perf_counter(), 0)
+                except _StillSpare:
+                    continue
+
+    def _release_spares(self) -> None:
+        """Tell waiting spares the run is over. Called by logical rank 0."""
+        world_ranks = _world_ranks_of_spares(self._world, self._compute)
+        for r in world_ranks:
+            try:
+                self._world.send("done", dest=r, tag=_SPARE_TAG)
+            except MPI.Exception:
+                pass  # a dead spare needs no goodbye
+
     # -- end of run -------------------------------------------------------------
-    def _finish(self, steps: int, state: dict[str, Any]) -> None:
+    def _finish(self, steps: int) -> None:
         comm = self.comm.mpi_comm if isinstance(self.comm, ResilientComm) else self.comm
+        if self.store is not None:
+            self.store.drain()
         wall = time.perf_counter() - self._t0
-        fp = fingerprint(comm, state)
+        fp = fingerprint(comm, self.state)
         counts = comm.allgather((self._counters["injected_faults"], self._counters["escaped_faults"]))
         totals = [sum(c[0] for c in counts), sum(c[1] for c in counts)]
         wall = comm.allreduce(wall, op=MPI.MAX)
@@ -350,12 +743,49 @@ class Runtime:
             "rollbacks": self._rollbacks,
             "reexecuted_rank_steps": self._counters["reexecuted_rank_steps"],
             "injected_faults": totals[0], "escaped_faults": totals[1],
+            "global_rollbacks": self._global_rollbacks,
+            "checkpoints": [r.as_dict() for r in self.store.records] if self.store else [],
+            "failures": len(self._recoveries),
+            "recoveries": self._recoveries,
             "run_dir": self.run_dir,
         }
+        if self._restored_from is not None:
+            self.summary["restored_from"] = self._restored_from
         self.events.log("finish", fingerprint=fp, wall_s=wall)
         if self.rank == 0:
             write_json_atomic(os.path.join(self.run_dir, "summary.json"), self.summary)
+            if self.config.spares:
+                self._release_spares()
 
 
-def _has_ulfm() -> bool:
-    return hasattr(MPI.Comm, "Shrink") and hasattr(MPI.Comm, "Revoke")
+class _StillSpare(Exception):
+    def __init__(self, target: int | None) -> None:
+        super().__init__("still a spare")
+        self.target = target
+
+
+def _translate(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except MPI.Exception as exc:
+        err = translate_mpi_error(exc, getattr(fn, "__name__", "call"), failure_suspected=True)
+        raise err from exc
+
+
+def _world_ranks_of_spares(world: MPI.Comm, compute: MPI.Comm) -> list[int]:
+    """World ranks that are not in the compute communicator."""
+    active = MPI.Group.Translate_ranks(compute.Get_group(), list(range(compute.Get_size())),
+                                       world.Get_group())
+    return [r for r in range(world.Get_size()) if r not in set(active)]
+
+
+def _restore_local(run_dir: str, step: int, state: dict[str, Any], rank: int, size: int) -> None:
+    """Read this rank's block of checkpoint ``step`` from the files. Local."""
+    from ulfmpy import _ckpt_files as files
+    from ulfmpy._ckpt_restore import _load
+    from ulfmpy.errors import RestoreError
+
+    manifest = files.read_manifest(os.path.join(run_dir, "ckpt", f"step-{step:08d}.h5"))
+    problem = _load(manifest, state, rank, size)
+    if problem:
+        raise RestoreError(f"rank {rank} cannot read its block of checkpoint {step}: {problem}")

@@ -56,7 +56,7 @@ class Report:
     collective_mismatch: bool = False
     diverged: str | None = None
     repaired_steps: int = 0  # steps re-executed alone after a per-step detection
-    failed: bool = False
+    ckpt_due: bool = False   # rank 0's decides whether to checkpoint at this boundary
 
 
 def closure(S: Iterable[int], reports: Sequence[Report], size: int) -> frozenset[int]:

@@ -52,6 +52,9 @@ def test_plan_fires_once_and_persistent_again():
     rec = plan.flips_after_step(5, state, replay=False)
     assert rec[0]["index"] == 4 and u[1, 1] == -0.0 and np.signbit(u[1, 1])
     assert plan.flips_after_step(5, state, replay=True) == []
+    assert plan.flips_after_step(5, state, replay=False) == []  # transient: once
+    assert len(plan.flips_after_step(6, state, replay=False)) == 1
+    assert len(plan.flips_after_step(6, state, replay=True)) == 1
     assert len(plan.flips_after_step(6, state, replay=True)) == 1
     other = FaultPlan(plan.specs, rank=0)
     assert other.flips_after_step(5, state, replay=False) == []
@@ -73,8 +76,20 @@ def test_bad_array_name():
         plan.flips_after_step(0, {"u": np.zeros(3)}, replay=False)
 
 
-def test_kill_due():
-    plan = FaultPlan(("kill:rank=2,step=4,phase=agreement",), rank=2)
-    assert plan.kill_due(4, "agreement") is not None
-    assert plan.kill_due(4, "compute") is None
-    assert FaultPlan(plan.specs, rank=1).kill_due(4, "agreement") is None
+def test_repeat_strikes_the_first_n_executions():
+    u = np.zeros(4)
+    plan = FaultPlan(("bitflip:rank=0,step=2,index=1,bit=3,repeat=3",), rank=0)
+    hits = [len(plan.flips_after_step(2, {"u": u}, replay=i > 0)) for i in range(5)]
+    assert hits == [1, 1, 1, 0, 0]
+
+
+def test_kill_due_fires_once_across_plans(tmp_path):
+    specs = ("kill:rank=2,step=4,phase=agreement", "kill:rank=2,step=6,phase=checkpoint")
+    plan = FaultPlan(specs, rank=2, marker_dir=str(tmp_path))
+    f = plan.kill_due(4, "agreement")
+    assert f is not None and plan.kill_due(4, "compute") is None
+    assert FaultPlan(specs, rank=1).kill_due(4, "agreement") is None
+    assert plan.kill_due(5, "checkpoint") is None and plan.kill_due(8, "checkpoint") is not None
+    plan.mark_fired(f, step=4)
+    again = FaultPlan(specs, rank=2, marker_dir=str(tmp_path))  # e.g. after a relaunch
+    assert again.kill_due(4, "agreement") is None
