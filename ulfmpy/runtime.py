@@ -284,7 +284,7 @@ class Runtime:
             return
         assert isinstance(self.comm, ResilientComm)
         if self.is_spare:
-            step = self._wait_as_spare()
+            step = self._wait_as_spare()  # the repair made its replay communicator
             if step is None:
                 return
         else:
@@ -292,7 +292,6 @@ class Runtime:
             step = self._resume(start)
             if self._ckpt_enabled():
                 self._open_store()
-        if not self.is_spare:
             self._new_replay_comm()
         self.comm.void_on_failure = self.ft
         self.events.log("segments", k=self.config.segment_steps, state_bytes=state_nbytes(self.state),
