@@ -190,6 +190,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="relaunch a job that could not recover in-job, resuming from its checkpoint")
+    parser.add_argument("--relaunch-n", dest="relaunch_ranks", type=int, default=None,
+                        help="rank count for relaunches (distributed state restores N->M; "
+                             "default: the same -n)")
     parser.add_argument("--no-ft", dest="ft", action="store_false",
                         help="do not enable ULFM even when available")
     parser.add_argument("--mpirun", default=None, help="mpirun to use (default: PATH, then beside python)")
@@ -245,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
         env_add["ULFMPY_RELAUNCH"] = str(restarts)
         if "-x" in argv:
             argv = _with_forwarded(argv, ["ULFMPY_RESUME", "ULFMPY_RELAUNCH"])
+        if args.relaunch_ranks:
+            argv[argv.index("-n") + 1] = str(args.relaunch_ranks + args.spares)
         status = _run_once(argv, env_add)
     return status
 

@@ -88,7 +88,10 @@ class Runtime:
         self._user_comm = comm
         self._invariant = invariant
         self.uid = comm.Get_rank()
-        nspares = self.config.spares
+        parent = MPI.Comm.Get_parent()
+        self._parent = parent if parent != MPI.COMM_NULL else None
+        self._respawns = 0
+        nspares = 0 if self._parent is not None else self.config.spares
         if nspares >= comm.Get_size():
             raise ConfigError(f"{nspares} spares leave no compute rank out of {comm.Get_size()}")
         self.size = comm.Get_size() - nspares
@@ -117,6 +120,8 @@ class Runtime:
         cfg = self.config
         for name in cfg.detect:
             get_detector(name)  # unknown names fail before any work
+        if self._parent is not None:
+            return self._enter_respawned()
         self._world = self._user_comm.Dup()
         self._world.Set_errhandler(MPI.ERRORS_RETURN)
         run_dir = cfg.run_dir
@@ -133,6 +138,11 @@ class Runtime:
         compute = self._world.Split(0 if not self.is_spare else 1, self.uid)
         compute.Set_errhandler(MPI.ERRORS_RETURN)
         self._compute = compute
+        self._setup(compute)
+        return self
+
+    def _setup(self, compute: MPI.Comm) -> None:
+        cfg = self.config
         self.plan = FaultPlan(cfg.inject, self.uid, cfg.seed,
                               marker_dir=os.path.join(self.run_dir, "injected"))
         self._mtbf_kill = self.plan.mtbf_kill(self.size)
@@ -143,8 +153,39 @@ class Runtime:
         self.events.log("start", size=self.size, spares=cfg.spares, logical=self.logical,
                         ft=self.ft, host=socket.gethostname(), config=cfg.as_dict(),
                         relaunch=int(os.environ.get("ULFMPY_RELAUNCH", "0")),
-                        mpi=MPI.Get_library_version().splitlines()[0])
+                        mpi=MPI.Get_library_version().splitlines()[0],
+                        respawned=self._parent is not None)
         self._t0 = time.perf_counter()
+
+    def _enter_respawned(self) -> "Runtime":
+        """A process spawned to replace a dead rank joins the job (respawn policy).
+
+        Collective with the parents' repair: merge, then receive who it is.
+        """
+        merged = self._parent.Merge(high=True)
+        merged.Set_errhandler(MPI.ERRORS_RETURN)
+        info = merged.bcast(None, root=0)
+        # Keeping the intercommunicator open was seen to crash Open MPI's finalize.
+        self._parent.Disconnect()
+        self._parent = None
+        self._spawned = True
+        me = info["new_uids"][self.uid]
+        self.uid = me
+        self.config = Config(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in info["config"].items()})
+        self.run_dir = info["run_dir"]
+        self.size = info["size"]
+        self.logical = info["assign"][me]
+        self.rank = self.logical
+        self.role = _rec.Role.RECOVERED
+        self._respawns = info["respawns"]
+        self._join = info
+        self._world = merged
+        self.events = EventLog(self.run_dir, self.uid)
+        compute = merged.Split(0, self.logical)
+        compute.Set_errhandler(MPI.ERRORS_RETURN)
+        self._compute = compute
+        self._setup(compute)
         return self
 
     def __exit__(self, etype: Any, exc: Any, tb: Any) -> None:
@@ -283,7 +324,13 @@ class Runtime:
             self._finish(steps)
             return
         assert isinstance(self.comm, ResilientComm)
-        if self.is_spare:
+        if getattr(self, "_spawned", False):
+            self._spawned = False
+            self._new_replay_comm()
+            step = self._restore_after_repair(None, self._join["target"], None)
+            self.events.log("recovery", policy="respawn", role="recovered",
+                            resumed_step=step, uid=self.uid, logical=self.logical)
+        elif self.is_spare:
             step = self._wait_as_spare()  # the repair made its replay communicator
             if step is None:
                 return
@@ -610,26 +657,34 @@ class Runtime:
         if self.store is not None and self.store.last_committed is not None:
             known = self.store.last_committed.step
         me = _rec.Member(self.uid, self.logical, known)
-        members = sorted(_translate(new_world.allgather, me), key=lambda m: m.uid)
-        plan = _rec.plan_repair(members, size=self.size, policies=self.config.recovery)
+        members = sorted(_translate(new_world.allgather, (me, self._respawns)),
+                         key=lambda m: m[0].uid)
+        respawns = max(r for _, r in members)
+        members = [m for m, _ in members]
+        plan = _rec.plan_repair(members, size=self.size, policies=self.config.recovery,
+                                spawn_ok=True)
         phases["agree"] = time.perf_counter() - t
         if plan is None:
             raise RecoveryFailed(
                 f"no recovery policy of {','.join(self.config.recovery)} applies "
                 f"({sum(m.logical is None for m in members)} live spares, "
                 f"{len(members)} live processes)")
+        ckpt_steps = [m.ckpt_step for m in members if m.logical is not None and m.ckpt_step is not None]
+        target = max(ckpt_steps) if ckpt_steps else None
         old_logical = self.logical
-        self.logical = plan.assign[self.uid]
         t = time.perf_counter()
+        if plan.policy == "respawn":
+            new_world, plan = self._respawn(new_world, plan, target, respawns)
+            phases["respawn"] = time.perf_counter() - t
+            t = time.perf_counter()
+        self.logical = plan.assign[self.uid]
         compute = new_world.Split(0 if self.logical is not None else 1,
                                   self.logical if self.logical is not None else self.uid)
         compute.Set_errhandler(MPI.ERRORS_RETURN)
         self._compute = compute
         self._replay_comm = None
-        phases[plan.policy] = time.perf_counter() - t
+        phases["split" if plan.policy == "respawn" else plan.policy] = time.perf_counter() - t
         self.size = plan.size
-        ckpt_steps = [m.ckpt_step for m in members if m.logical is not None and m.ckpt_step is not None]
-        target = max(ckpt_steps) if ckpt_steps else None
         rec = {"policy": plan.policy, "failed_ranks": list(plan.failed), "attempt": attempt,
                "detected_at_step": step, "replaced": plan.replaced, "size": plan.size}
         if self.logical is None:  # still a spare
@@ -654,12 +709,44 @@ class Runtime:
         self.events.log("recovery", **rec)
         return resumed
 
+    def _respawn(self, world: MPI.Comm, plan: Any, target: int | None,
+                 respawns: int) -> tuple[MPI.Comm, Any]:
+        """Spawn replacements for the dead ranks and merge them in. Collective
+        over the live processes; returns the merged world and the full plan."""
+        import dataclasses
+
+        n = len(plan.failed)
+        self._respawns = respawns + 1
+        args = ["-m", "mpi4py", *sys.argv]
+        inter = world.Spawn(sys.executable, args=args, maxprocs=n, root=0)
+        inter.Set_errhandler(MPI.ERRORS_RETURN)
+        merged = inter.Merge(high=False)
+        merged.Set_errhandler(MPI.ERRORS_RETURN)
+        new_uids = [100_000 * self._respawns + k for k in range(n)]
+        assign = dict(plan.assign)
+        replaced = {}
+        for r, uid in zip(plan.failed, new_uids):
+            assign[uid] = r
+            replaced[r] = uid
+        info = {"new_uids": new_uids, "assign": assign, "size": plan.size, "target": target,
+                "run_dir": self.run_dir, "config": self.config.as_dict(),
+                "respawns": self._respawns}
+        merged.bcast(info if merged.Get_rank() == 0 else None, root=0)
+        inter.Disconnect()
+        try:
+            world.Free()
+        except MPI.Exception:
+            pass
+        self._world = merged
+        return merged, dataclasses.replace(plan, assign=assign, replaced=replaced)
+
     def _restore_after_repair(self, plan: Any, target: int | None, old_logical: int | None) -> int:
         """Application recovery: state back to the checkpoint ``target``. Collective."""
         from ulfmpy.checkpoint import restore, restore_from_memory
 
         comm = self.comm
-        same_layout = plan.policy in ("spares", "respawn") and old_logical == self.logical
+        same_layout = (plan is not None and plan.policy in ("spares", "respawn")
+                       and old_logical == self.logical)
         copy = None
         if same_layout and self.store is not None and target is not None:
             copy = self.store.memory_copy(target)
