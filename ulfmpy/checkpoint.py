@@ -1,0 +1,595 @@
+"""Global coordinated checkpoints to HDF5 (DESIGN §3).
+
+* :class:`CheckpointStore` saves the state at committed segment boundaries
+  with a **two-phase commit**: every rank writes and fsyncs
+  ``ckpt/step-NNNNNNNN/rank-NNNNN.h5``, all ranks agree that every write
+  succeeded, then rank 0 writes the manifest ``ckpt/step-NNNNNNNN.h5`` under
+  a temporary name, fsyncs it and renames it. The rename is the commit
+  point: a checkpoint without a manifest does not exist. In ``async`` mode
+  the only exposed part of a save is the copy of the state into a shared
+  memory staging buffer; a helper process per rank writes the file while
+  compute continues, and :meth:`CheckpointStore.poll` commits once every
+  rank's file is durable.
+* :func:`restore` picks the newest committed checkpoint whose checksums
+  verify (falling back to older ones and saying why) and restores the state
+  in place, N→M for distributed blocks.
+* :func:`list_checkpoints` and :func:`verify_checkpoint` need no MPI.
+
+Collective calls take the communicator as an argument and must be called by
+every rank of it, in the same order, with the same ``step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ulfmpy import _ckpt_files as _files
+from ulfmpy import _ckpt_helper as _writer
+from ulfmpy._ckpt_async import Buffer as _Buffer
+from ulfmpy._ckpt_async import HelperProcess as _HelperProcess
+from ulfmpy._ckpt_async import layout_key as _layout_key
+from ulfmpy._ckpt_async import specs_of as _specs
+from ulfmpy._ckpt_files import (
+    CheckpointInfo,
+    Verification,
+    list_checkpoints,
+    verify_checkpoint,
+)
+from ulfmpy._ckpt_helper import write_rank_file as _write_rank_file
+from ulfmpy._ckpt_restore import MemoryCopy, RestoreRecord, restore, restore_from_memory
+from ulfmpy.errors import CheckpointError, ConfigError
+from ulfmpy.state import local_array, normalize_state
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointRecord",
+    "CheckpointStore",
+    "MemoryCopy",
+    "RestoreRecord",
+    "Verification",
+    "list_checkpoints",
+    "restore",
+    "restore_from_memory",
+    "verify_checkpoint",
+]
+
+_PENDING, _DONE, _FAILED = 1, 2, 0
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One save. ``exposed_s`` and ``write_s`` are maxima over ranks, ``bytes`` a sum.
+
+    ``exposed_s`` is what the loop waited for: the save call (staging, plus
+    any wait for the previous write) and the commit. Until the commit it
+    holds this rank's save time only.
+    """
+
+    step: int
+    exposed_s: float
+    write_s: float | None
+    bytes: int
+    committed: bool
+    path: str | None = None
+    stage_s: float = 0.0
+    commit_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields ``summary.json`` lists under ``checkpoints``."""
+        return {k: getattr(self, k) for k in ("step", "exposed_s", "write_s", "bytes", "committed")}
+
+
+@dataclass
+class _Pending:
+    """The outstanding checkpoint: its files being written, then its manifest."""
+
+    step: int
+    buf: int
+    specs: list[dict[str, Any]]
+    exposed_s: float
+    stage_s: float
+    nbytes: int
+    phase: str = "write"                        # "write", then "commit"
+    job: int | None = None                      # helper job writing this rank's file
+    result: dict[str, Any] | None = None        # ... and its result
+    commit_job: int | None = None               # rank 0: helper job writing the manifest
+    commit: dict[str, Any] | None = None        # rank 0: the commit's outcome
+    stats: dict[str, Any] | None = None         # rank 0: maxima/sums over ranks
+    poll_s: float = 0.0                         # time spent in poll() on this checkpoint
+
+
+def _cleanup(procs: list[_HelperProcess | None], buffers: list[_Buffer | None]) -> None:
+    for helper in procs:
+        if helper is not None:
+            helper.close(kill=True, timeout=5)
+    for b in buffers:
+        if b is not None:
+            b.close()
+
+
+# ----------------------------------------------------------------------------
+# The store
+
+
+class CheckpointStore:
+    """Writes global checkpoints of one run with a two-phase commit.
+
+    Construct it on every rank of ``comm`` with the same arguments. Calls
+    marked *Collective* must be made by all ranks in the same order with the
+    same ``step``; calls marked *Local* need no other rank.
+
+    Args:
+        comm: the communicator the checkpoint spans (never bound at import).
+        run_dir: the run directory; checkpoints go to ``run_dir/ckpt``.
+        keep: committed checkpoints to keep (>= 1; 2 or more recommended, so a
+            torn newest one leaves an older one). Older ones are deleted only
+            after a newer one committed.
+        mode: ``"async"`` (stage into shared memory, a helper process per rank
+            writes the file) or ``"sync"`` (write and commit inside :meth:`save`).
+        events: the rank's event log, or None.
+        meta: JSON-serializable run description stored in every manifest.
+        helper_nice: niceness of the async helper process.
+
+    A save arriving while the previous asynchronous write is still running
+    **waits** for it and commits it first (logged as ``checkpoint_waited``):
+    a skipped save would silently stretch the checkpoint interval, while the
+    wait shows up in the exposed time the interval policy measures. There is
+    thus at most one write outstanding per rank. Two staging buffers
+    alternate, so the last committed checkpoint stays in memory
+    (:meth:`memory_copy`) while the next one is staged and written.
+    """
+
+    def __init__(self, comm: Any, run_dir: str | os.PathLike[str], *, keep: int = 2,
+                 mode: str = "async", events: Any = None, meta: dict[str, Any] | None = None,
+                 helper_nice: int = 10) -> None:
+        if mode not in ("async", "sync"):
+            raise ConfigError(f"checkpoint mode must be 'async' or 'sync', got {mode!r}")
+        if int(keep) < 1:
+            raise ConfigError(f"keep must be >= 1 committed checkpoints, got {keep}")
+        try:
+            self._meta_json = json.dumps(meta or {}, sort_keys=True, default=_json_default)
+        except TypeError as exc:
+            raise ConfigError(f"checkpoint meta must be JSON-serializable: {exc}") from exc
+        self.comm = comm
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "ckpt"
+        self.keep = int(keep)
+        self.mode = mode
+        self._events = events
+        self._buffers: list[_Buffer | None] = [None, None]
+        self._pending: _Pending | None = None
+        self._records: list[CheckpointRecord] = []
+        self._closed = False
+        self._nice = helper_nice
+        self._procs = [_HelperProcess(nice=helper_nice) if mode == "async" else None]
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._buffers)
+
+    @property
+    def _helper(self) -> _HelperProcess | None:
+        return self._procs[0]
+
+    # -- context manager and lifetime ---------------------------------------
+
+    def __enter__(self) -> CheckpointStore:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the helper and free the buffers. Local.
+
+        An outstanding write that was not committed is abandoned (call
+        :meth:`drain` first to commit it); without a manifest it does not
+        exist. Memory copies become invalid.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._pending is not None:
+            self._log("checkpoint_discarded", step=self._pending.step,
+                      reason="store closed before the write committed")
+            self._pending = None
+            if self._helper is not None:
+                self._helper.close(kill=True)
+        self._finalizer()
+
+    def reset(self, comm: Any) -> None:
+        """Continue on a repaired communicator. Local.
+
+        An outstanding uncommitted write is abandoned (it can no longer commit:
+        the ranks that shared it changed); the memory copies of committed
+        checkpoints are kept.
+        """
+        self._check_open()
+        p = self._pending
+        if p is not None:
+            # Let the helper go idle. A commit job already handed to rank 0's
+            # helper may still rename the manifest: that checkpoint is then
+            # complete on disk (every rank's file was durable), just not in memory.
+            if self._helper is not None and p.result is None:
+                p.result = self._helper.result(p.job or 0, block=True, timeout=120)
+            if self._helper is not None and p.commit_job is not None and p.commit is None:
+                p.commit = self._helper.result(p.commit_job, block=True, timeout=120)
+            self._log("checkpoint_abandoned", step=p.step,
+                      reason="communicator repaired before the checkpoint committed",
+                      on_disk=bool(p.commit and p.commit.get("ok")))
+            self._pending = None
+        self.comm = comm
+
+    @property
+    def helper_pid(self) -> int | None:
+        """The pid of this rank's helper process (async mode), for tests and tools."""
+        return self._helper.pid if self._helper is not None else None
+
+    # -- records ------------------------------------------------------------
+
+    @property
+    def records(self) -> list[CheckpointRecord]:
+        """Every save of this store, oldest first (``summary.json`` ``checkpoints``)."""
+        return list(self._records)
+
+    @property
+    def last_committed(self) -> CheckpointRecord | None:
+        """The newest committed checkpoint of this store, or None."""
+        return next((r for r in reversed(self._records) if r.committed), None)
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of the outstanding uncommitted write, or None."""
+        return self._pending.step if self._pending is not None else None
+
+    def memory_copy(self, step: int | None = None) -> MemoryCopy | None:
+        """The in-memory staged copy of a committed checkpoint, or None. Local.
+
+        Args:
+            step: which one; None means the newest committed. The previous
+                committed copy is also kept until the next save stages over it,
+                so ranks that disagree on whether the last commit landed (a
+                failure during the commit) can agree on the older step.
+
+        Returns:
+            read-only views into the store's buffers: valid until a later save
+            stages into the same buffer or the store closes. Copy to keep.
+        """
+        held = [b for b in self._buffers if b is not None and b.committed]
+        if step is None:
+            held.sort(key=lambda b: b.step or 0)
+            buf = held[-1] if held else None
+        else:
+            buf = next((b for b in held if b.step == step), None)
+        if buf is None:
+            return None
+        arrays = {}
+        for name, view in buf.views.items():
+            v = view.view()
+            v.flags.writeable = False
+            arrays[name] = v
+        return MemoryCopy(int(buf.step), arrays)  # type: ignore[arg-type]
+
+    def prepare(self, state: Mapping[str, Any]) -> None:
+        """Allocate and pre-fault both staging buffers for this state's layout. Local.
+
+        Optional: :meth:`save` does it on first use, then inside the exposed time.
+        """
+        self._check_open()
+        entries = normalize_state(state)
+        for idx in range(2):
+            if self._buffers[idx] is None or not self._buffers[idx].committed:  # type: ignore[union-attr]
+                self._ensure_buffer(idx, _layout_key(entries))
+
+    # -- save / poll / drain ------------------------------------------------
+
+    def save(self, step: int, state: Mapping[str, Any]) -> CheckpointRecord:
+        """Save the state as checkpoint ``step``. Collective over ``comm``.
+
+        Call only at a committed segment boundary (no messages in flight), on
+        every rank with the same ``step`` and state names. In sync mode the
+        checkpoint is committed on return; in async mode it commits in a
+        later :meth:`poll` or :meth:`drain`. Checkpoints on disk with a step
+        >= ``step`` belong to an abandoned future (the run rolled back) and
+        are removed first.
+
+        Raises:
+            CheckpointError: on every rank, if any rank could not stage or
+                write (sync mode), naming the ranks and the problem.
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        step = int(step)
+        entries = normalize_state(state)
+        waited = 0.0
+        if self._pending is not None:
+            previous = self._pending.step
+            self._finish(block=True, charge=False)
+            waited = time.perf_counter() - t0
+            self._log("checkpoint_waited", step=step, previous=previous, waited_s=waited)
+        idx = self._free_index()
+        err = None
+        try:
+            buf = self._ensure_buffer(idx, _layout_key(entries))
+        except CheckpointError as exc:
+            err = str(exc)
+        self._prepare_dir(step, err)
+        t1 = time.perf_counter()
+        buf.step, buf.committed = step, False
+        for name, value in entries.items():
+            np.copyto(buf.views[name], local_array(value))
+        stage_s = time.perf_counter() - t1
+        specs = _specs(entries)
+        path = self.ckpt_dir / _writer.step_dir_name(step) / _writer.rank_file_name(self.comm.Get_rank())
+        attrs = {"step": step, "rank": self.comm.Get_rank(), "nranks": self.comm.Get_size()}
+        nbytes = sum(local_array(v).nbytes for v in entries.values())
+        pending = _Pending(step, idx, specs, 0.0, stage_s, nbytes)
+        if self._helper is not None:
+            job = {"path": str(path), "shm": buf.shm.name, "size": buf.size,  # type: ignore[union-attr]
+                   "attrs": attrs, "entries": buf.job_entries(specs)}
+            try:
+                pending.job = self._live_helper().submit(job)
+            except OSError as exc:  # agreed on at the next poll, so every rank raises together
+                pending.result = {"ok": False, "error": f"cannot reach the checkpoint helper: {exc}"}
+        else:
+            arrays = [(e[0], buf.views[e[0]], e[4]) for e in buf.job_entries(specs)]
+            try:
+                pending.result = dict(_write_rank_file(str(path), arrays, attrs), ok=True)
+            except Exception as exc:  # noqa: BLE001 - agreed on below: every rank raises together
+                pending.result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        pending.exposed_s = time.perf_counter() - t0
+        self._pending = pending
+        record = CheckpointRecord(step, pending.exposed_s, None, nbytes, False, None, stage_s)
+        self._records.append(record)
+        self._log("checkpoint_saved", step=step, mode=self.mode, exposed_s=pending.exposed_s,
+                  stage_s=stage_s, waited_s=waited, bytes=nbytes)
+        if self._helper is None:
+            self._finish(block=True)
+            return self._records[-1]
+        return record
+
+    def poll(self) -> CheckpointRecord | None:
+        """Commit the outstanding write if every rank's file is durable. Collective.
+
+        Call at every segment boundary. Costs one small allgather while a
+        write is outstanding and nothing otherwise (every rank knows it has
+        none, since saves are collective).
+
+        Returns:
+            the record of the checkpoint committed by this call, or None.
+
+        Raises:
+            CheckpointError: on every rank, if a rank's write failed.
+        """
+        self._check_open()
+        if self._pending is None:
+            return None
+        return self._finish(block=False)
+
+    def drain(self) -> CheckpointRecord | None:
+        """Wait for the outstanding write and commit it. Collective (end of run)."""
+        self._check_open()
+        if self._pending is None:
+            return None
+        return self._finish(block=True)
+
+    # -- internals ----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("the checkpoint store is closed")
+
+    def _log(self, event: str, **fields: Any) -> None:
+        if self._events is not None:
+            self._events.log(event, **fields)
+
+    def _free_index(self) -> int:
+        """The buffer to stage into: never the one holding the newest committed copy."""
+        committed = [(b.step, i) for i, b in enumerate(self._buffers) if b is not None and b.committed]
+        if not committed:
+            return 0
+        newest = max(committed)[1]
+        return 1 - newest
+
+    def _live_helper(self) -> _HelperProcess:
+        """The helper, restarted if it died (a failed write was already reported)."""
+        helper = self._procs[0]
+        assert helper is not None
+        if not helper.alive():
+            self._log("checkpoint_helper_restarted", pid=helper.pid, status=helper.proc.returncode)
+            helper.close()
+            helper = self._procs[0] = _HelperProcess(nice=self._nice)
+        return helper
+
+    def _ensure_buffer(self, idx: int, key: tuple[Any, ...]) -> _Buffer:
+        buf = self._buffers[idx]
+        if buf is not None and buf.key == key:
+            return buf
+        if buf is not None:
+            if self._helper is not None and buf.shm is not None:
+                self._helper.forget(buf.shm.name)
+            buf.close()
+            self._buffers[idx] = None
+        self._buffers[idx] = _Buffer(key, shared=self.mode == "async")
+        return self._buffers[idx]  # type: ignore[return-value]
+
+    def _prepare_dir(self, step: int, local_error: str | None) -> None:
+        """Rank 0 retires checkpoints >= step and creates the step directory; all agree."""
+        # A save at step S after a rollback: committed checkpoints >= S hold
+        # an abandoned timeline; uncommit them before rank files are rewritten.
+        for i, b in enumerate(self._buffers):
+            if b is not None and b.committed and (b.step or 0) >= step:
+                b.committed = False
+        if self.comm.Get_rank() == 0 and local_error is None:
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                manifests, dirs = _writer.scan_steps(self.ckpt_dir)
+                stale = sorted(s for s in manifests | dirs if s >= step)
+                for s in stale:
+                    _writer.remove_checkpoint(self.ckpt_dir, s)
+                if stale:
+                    self._log("checkpoint_superseded", step=step, removed=stale)
+                # made durable by the manifest's commit (fsync of ckpt/ before the rename)
+                (self.ckpt_dir / _writer.step_dir_name(step)).mkdir()
+            except OSError as exc:
+                local_error = f"cannot create checkpoint directory under {self.ckpt_dir}: {exc}"
+        errors = self.comm.allgather(local_error)
+        bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+        if bad:
+            self._log("checkpoint_failed", step=step, reasons=bad)
+            raise CheckpointError(f"checkpoint step {step} not started: " + "; ".join(bad))
+
+    def _finish(self, *, block: bool, charge: bool = True) -> CheckpointRecord | None:
+        """Advance the outstanding checkpoint: agree on the writes, then commit.
+
+        Collective. With ``block`` it returns only once committed (or
+        raises); otherwise it returns None while a phase is still running.
+        ``charge`` adds the time spent here to the checkpoint's exposed time.
+        """
+        p = self._pending
+        assert p is not None
+        t0 = time.perf_counter()
+        try:
+            if p.phase == "write":
+                if not self._agree_written(p, block):
+                    return None
+                self._start_commit(p)
+            return self._await_commit(p, block, t0 if charge else None)
+        finally:
+            if charge:
+                p.poll_s += time.perf_counter() - t0
+
+    def _agree_written(self, p: _Pending, block: bool) -> bool:
+        """Phase 1: every rank's file durable? Raises on every rank if one failed."""
+        if p.result is None and self._helper is not None:
+            p.result = self._helper.result(p.job or 0, block=block)
+        if p.result is None:
+            status: tuple[int, str | None] = (_PENDING, None)
+        elif p.result.get("ok"):
+            status = (_DONE, None)
+        else:
+            status = (_FAILED, p.result.get("error", "unknown error"))
+        statuses = self.comm.allgather(status)
+        worst = min(s for s, _ in statuses)
+        if worst == _FAILED:
+            if p.result is None and self._helper is not None:  # let every write end first
+                p.result = self._helper.result(p.job or 0, block=True)
+            self.comm.Barrier()
+            self._fail(p, [f"rank {r}: {m}" for r, (s, m) in enumerate(statuses) if s == _FAILED])
+        return worst == _DONE
+
+    def _start_commit(self, p: _Pending) -> None:
+        """Phase 2 begins: rank 0 gathers the file list and writes the manifest.
+
+        In async mode rank 0's helper writes, fsyncs and renames the manifest
+        while compute continues; a later poll learns the outcome.
+        """
+        rank = self.comm.Get_rank()
+        assert p.result is not None
+        info = {"rank": rank,
+                "file": f"{_writer.step_dir_name(p.step)}/{_writer.rank_file_name(rank)}",
+                "bytes": p.result["bytes"], "write_s": p.result["write_s"],
+                "exposed_s": p.exposed_s,
+                "entries": {s["name"]: dict(s, checksum=p.result["checksums"][s["name"]])
+                            for s in p.specs}}
+        infos = self.comm.gather(info, root=0)
+        p.phase = "commit"
+        if rank != 0:
+            return
+        p.stats = {"exposed_s": max(i["exposed_s"] for i in infos),
+                   "write_s": max(i["write_s"] for i in infos),
+                   "bytes": sum(int(i["bytes"]) for i in infos)}
+        problem = _files.validate_infos(infos)
+        if problem:
+            p.commit = {"ok": False, "error": problem}
+            return
+        job = {"ckpt_dir": str(self.ckpt_dir), "step": p.step, "infos": infos, "keep": self.keep,
+               "meta_json": self._meta_json,
+               "attrs": dict(p.stats, mode=self.mode, created=time.time())}
+        if self._helper is not None:
+            try:
+                p.commit_job = self._live_helper().submit(job, kind="commit")
+            except OSError as exc:
+                p.commit = {"ok": False, "error": f"cannot reach the checkpoint helper: {exc}"}
+            return
+        try:
+            p.commit = dict(_writer.commit_checkpoint(**job), ok=True)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank
+            p.commit = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _await_commit(self, p: _Pending, block: bool, t0: float | None) -> CheckpointRecord | None:
+        """Phase 2 ends: rank 0 tells every rank whether the manifest's rename happened.
+
+        The record's exposed time is the slowest rank's save plus the time
+        this rank spent in polls of this checkpoint (``t0``: start of this one).
+        """
+        outcome: dict[str, Any] | None = None
+        if self.comm.Get_rank() == 0:
+            if p.commit is None and self._helper is not None:
+                p.commit = self._helper.result(p.commit_job or 0, block=block)
+            if p.commit is not None:
+                outcome = dict(p.commit, **(p.stats or {}))
+                if not outcome.get("ok"):
+                    outcome["error"] = f"committing failed: {outcome.get('error')}"
+        outcome = self.comm.bcast(outcome, root=0)
+        if outcome is None:
+            return None
+        if not outcome["ok"]:
+            self._fail(p, [f"rank 0: {outcome['error']}"])
+        self._pending = None
+        buf = self._buffers[p.buf]
+        assert buf is not None and p.result is not None
+        buf.committed = True
+        poll_s = p.poll_s + (time.perf_counter() - t0 if t0 is not None else 0.0)
+        record = CheckpointRecord(p.step, outcome["exposed_s"] + poll_s, outcome["write_s"],
+                                  outcome["bytes"], True, outcome["path"], p.stage_s, poll_s)
+        self._replace_record(record)
+        self._log("checkpoint_committed", step=p.step, path=outcome["path"],
+                  exposed_s=record.exposed_s, write_s=record.write_s, bytes=record.bytes,
+                  poll_s=poll_s, manifest_s=outcome.get("commit_s"),
+                  rank_write_s=p.result["write_s"], rank_fsync_s=p.result.get("fsync_s"),
+                  rank_bytes=p.nbytes)
+        if outcome.get("pruned"):
+            self._log("checkpoint_pruned", steps=outcome["pruned"], keep=self.keep)
+        if outcome.get("prune_error"):
+            self._log("checkpoint_prune_failed", error=outcome["prune_error"])
+        return record
+
+    def _fail(self, p: _Pending, reasons: list[str]) -> None:
+        """Every rank: drop the failed checkpoint, record and raise."""
+        self._pending = None
+        buf = self._buffers[p.buf]
+        if buf is not None:
+            buf.step = None
+        if self.comm.Get_rank() == 0:  # never committed (or its commit is void): tidy up
+            _writer.remove_checkpoint(self.ckpt_dir, p.step)
+        self._replace_record(CheckpointRecord(p.step, p.exposed_s, None, p.nbytes, False, None,
+                                              p.stage_s))
+        self._log("checkpoint_failed", step=p.step, reasons=reasons)
+        raise CheckpointError(f"checkpoint step {p.step} failed and was not committed: "
+                              + "; ".join(reasons)
+                              + f". Check free space and permissions under {self.ckpt_dir}; "
+                              "older committed checkpoints are intact")
+
+    def _replace_record(self, record: CheckpointRecord) -> None:
+        for i in range(len(self._records) - 1, -1, -1):
+            if self._records[i].step == record.step and not self._records[i].committed:
+                self._records[i] = record
+                return
+        self._records.append(record)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
