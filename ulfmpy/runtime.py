@@ -344,9 +344,10 @@ class Runtime:
         self.events.log("segments", k=self.config.segment_steps, state_bytes=state_nbytes(self.state),
                         start=step)
         global_rollbacks = 0
+        self._k = self.config.segment_steps
         while step < steps:
             try:
-                end = min(step + self.config.segment_steps, steps)
+                end = min(step + self._k, steps)
                 yield from self._segment(step, end)
                 step = end
                 self._checkpoint(step)
@@ -400,6 +401,7 @@ class Runtime:
         cfg, comm, app, snap = self.config, self.comm, self.app, self._snap
         assert isinstance(comm, ResilientComm) and snap is not None
         snap.take(first)
+        self._seg_t0 = time.perf_counter()
         comm.begin_segment()
         self._seg_flips = []
         report = Report()
@@ -425,9 +427,13 @@ class Runtime:
                                 contaminated=report.contaminated,
                                 collective_mismatch=report.collective_mismatch,
                                 diverged=report.diverged, repaired_steps=report.repaired_steps)
-        report = Report(**{**report.__dict__, "ckpt_due": self._ckpt_due(end)})
+        report = Report(**{**report.__dict__, "ckpt_due": self._ckpt_due(end),
+                           "next_k": self._propose_k(first, end)})
         reports = self._agree(report, first, end)
         self._ckpt_decision = reports[0].ckpt_due
+        if reports[0].next_k and reports[0].next_k != self._k:
+            self.events.log("segment_length", old=self._k, new=reports[0].next_k, at_step=end)
+            self._k = reports[0].next_k
         S = closure((), reports, self.size)
         lone = [r for r, rep in enumerate(reports) if rep.repaired_steps]
         if not S:
@@ -482,6 +488,26 @@ class Runtime:
         self._record_rollback(first, lone, S, rounds=rounds, seconds=time.perf_counter() - t0,
                               reexec=reexec, detected_on=detected_on)
         self._commit(first, end, in_S=self.rank in S, repaired_through=repaired_through)
+
+    def _propose_k(self, first: int, end: int) -> int:
+        """Segment length from the soft-error MTBF and the measured snapshot time."""
+        if not self.config.soft_mtbf or self.rank != 0 or self._snap is None:
+            return 0
+        from ulfmpy.policy import IntervalPolicy
+
+        probe = getattr(self, "_probe", None)
+        if probe is None or probe._arrays[0] is not next(iter(self._snap._arrays)):
+            probe = self._probe = Snapshot(self.state)  # scratch: the real one must survive
+        t0 = time.perf_counter()
+        probe.take(first)
+        snapshot = time.perf_counter() - t0
+        step_time = (time.perf_counter() - self._seg_t0) / max(1, end - first)
+        pol = IntervalPolicy(mtbf=self.config.soft_mtbf, model=self.config.interval_model,
+                             save_estimate=snapshot)
+        d = pol.segment_length(soft_mtbf=self.config.soft_mtbf, snapshot=snapshot,
+                               step_time=step_time)
+        self.events.log("segment_decision", **d.as_dict())
+        return max(1, d.steps)
 
     def _replay(self) -> MPI.Comm:
         assert self._replay_comm is not None
@@ -707,6 +733,9 @@ class Runtime:
                     "lost_steps": max(0, step - resumed), "role": self.role.value})
         self._recoveries.append(rec)
         self.events.log("recovery", **rec)
+        if getattr(self, "_policy", None) is not None:
+            # A measured recovery replaces the configured estimate of R.
+            self._policy.observe_recovery(seconds)
         return resumed
 
     def _respawn(self, world: MPI.Comm, plan: Any, target: int | None,

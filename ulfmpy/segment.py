@@ -57,6 +57,7 @@ class Report:
     diverged: str | None = None
     repaired_steps: int = 0  # steps re-executed alone after a per-step detection
     ckpt_due: bool = False   # rank 0's decides whether to checkpoint at this boundary
+    next_k: int = 0          # rank 0's proposes the next segment length (--soft-mtbf)
 
 
 def closure(S: Iterable[int], reports: Sequence[Report], size: int) -> frozenset[int]:
