@@ -21,6 +21,8 @@ Specs (``--inject``, repeatable, or ``ULFMPY_INJECT`` separated by ``;``):
   save at or after S (checkpoint), in the first recovery at or after S
   (recovery). Each kill fires once per run, relaunches included (a marker
   file under ``RUN_DIR/injected`` records it).
+* ``kill:rank=R,at=DURATION`` — SIGKILL rank R (a spare too: it checks while
+  it waits) once it has run that long.
 * ``kill:mtbf=DURATION[,seed=N]`` — exponential failures per job: one random
   rank is killed after an exponentially distributed run time.
 
@@ -125,11 +127,12 @@ class Kill(Fault):
     mtbf: float = 0.0
     seed: int = 0
     node: str | None = None
+    at: float = 0.0
 
 
 @register_injector("kill")
 def _parse_kill(fields: dict[str, str], spec: str) -> Kill:
-    _check_keys(fields, {"rank", "step", "phase", "mtbf", "seed", "node"}, spec)
+    _check_keys(fields, {"rank", "step", "phase", "mtbf", "seed", "node", "at"}, spec)
     phase = fields.get("phase", "compute")
     if phase not in KILL_PHASES:
         raise ConfigError(f"fault {spec!r}: phase must be one of {', '.join(KILL_PHASES)}")
@@ -138,11 +141,18 @@ def _parse_kill(fields: dict[str, str], spec: str) -> Kill:
         from ulfmpy.units import parse_duration
 
         mtbf = parse_duration(fields["mtbf"])
+    at = 0.0
+    if "at" in fields:
+        from ulfmpy.units import parse_duration
+
+        at = parse_duration(fields["at"])
     rank, step = _int(fields, "rank", spec), _int(fields, "step", spec)
-    if not mtbf and (rank is None and "node" not in fields or step is None):
-        raise ConfigError(f"fault {spec!r}: give rank= (or node=) and step=, or mtbf=")
+    if at and rank is None:
+        raise ConfigError(f"fault {spec!r}: at= needs rank=")
+    if not mtbf and not at and (rank is None and "node" not in fields or step is None):
+        raise ConfigError(f"fault {spec!r}: give rank= (or node=) and step=, rank= and at=, or mtbf=")
     return Kill(spec=spec, rank=rank, step=step, phase=phase, mtbf=mtbf,
-                seed=_int(fields, "seed", spec, 0) or 0, node=fields.get("node"))
+                seed=_int(fields, "seed", spec, 0) or 0, node=fields.get("node"), at=at)
 
 
 def parse_fault(spec: str) -> Fault:
@@ -283,13 +293,20 @@ class FaultPlan:
         or after their step; the others at their step exactly.
         """
         for f in self.kills:
-            if f.mtbf or f.phase != phase:
+            if f.mtbf or f.at or f.phase != phase:
                 continue
             target = (f.node is not None and f.node == host) or (f.node is None and f.rank == self.rank)
             if not target:
                 continue
             hit = f.step <= step if phase in ("checkpoint", "recovery") else f.step == step
             if hit and not self.fired(f):
+                return f
+        return None
+
+    def timed_kill_due(self, elapsed: float) -> Kill | None:
+        """The ``at=`` kill due on this rank after ``elapsed`` seconds, if any."""
+        for f in self.kills:
+            if f.at and f.rank == self.rank and elapsed >= f.at and not self.fired(f):
                 return f
         return None
 

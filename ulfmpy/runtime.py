@@ -371,12 +371,21 @@ class Runtime:
         self.events.close()
         kill_self()
 
+    def _timed_kill(self, step: int | None) -> None:
+        f = self.plan.timed_kill_due(time.perf_counter() - self._t0)
+        if f is not None:
+            self.plan.mark_fired(f, step=step, phase="at", uid=self.uid)
+            self.events.log("inject", kind="kill", spec=f.spec, step=step, phase="at")
+            self.events.close()
+            kill_self()
+
     def _after_step(self, step: int, *, replay: bool) -> None:
         comm = self.comm
         assert isinstance(comm, ResilientComm)
         comm.check_failure()
         if not replay:
             self._kill_point("compute", step)
+            self._timed_kill(step)
             if self._mtbf_kill is not None and self._mtbf_kill[1] == self.logical:
                 f, _, at = self._mtbf_kill
                 if time.perf_counter() - self._t0 >= at:
@@ -811,7 +820,14 @@ class Runtime:
         self.events.log("spare_waiting")
         while True:
             try:
-                msg = _translate(self._world.recv, None, MPI.ANY_SOURCE, _SPARE_TAG)
+                # Poll rather than block, so a timed kill can strike a waiting spare.
+                req = _translate(self._world.irecv, None, MPI.ANY_SOURCE, _SPARE_TAG)
+                while True:
+                    done, msg = _translate(req.test)
+                    if done:
+                        break
+                    self._timed_kill(None)
+                    time.sleep(0.002)
                 if msg == "done":
                     self.events.log("spare_released")
                     return None
