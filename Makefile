@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ROOT_ENV := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1,)
 # The in-MPI tier: 4 ranks, ULFM on, an uncaught exception aborts the job.
 MPI_TIER := timeout -k 10 900 env $(ROOT_ENV) $(VENV)/bin/mpirun -n 4 --oversubscribe --with-ft ulfm \
-            $(PY) -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q tests/mpi
+            $(PY) -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q --color=no tests/mpi
 
 .PHONY: setup demo test test-unit test-mpi test-scenarios bench clean
 
@@ -24,9 +24,10 @@ demo: $(STAMP)
 	$(VENV)/bin/ulfmpy run -n 4 --run-dir runs/demo --detect finite,bounds \
 	    --inject bitflip:rank=1,step=150,bit=62 apps/stencil.py --nx 1024 --ny 1024 --steps 300
 
+# The in-MPI tier first, so the last line is the summary of the larger plain-pytest run.
 test: $(STAMP)
-	$(PY) -m pytest -p no:cacheprovider -q tests/unit tests/scenarios
 	$(MPI_TIER)
+	$(PY) -m pytest -p no:cacheprovider -q tests/unit tests/scenarios
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -q tests/unit
