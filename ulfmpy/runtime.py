@@ -267,14 +267,15 @@ class Runtime:
         return c.resilience and (c.ckpt_every > 0 or c.ckpt_seconds > 0 or c.mtbf > 0
                                  or c.node_mtbf > 0)
 
-    def _open_store(self) -> None:
+    def _open_store(self, step: int) -> None:
+        """Open the checkpoint store; ``step`` is where the schedule counts from."""
         from ulfmpy.checkpoint import CheckpointStore
 
         self.store = CheckpointStore(self.comm.mpi_comm, self.run_dir, keep=self.config.ckpt_keep,
                                      mode=self.config.ckpt_mode, events=self.events,
                                      meta={"config": self.config.as_dict()})
         self.store.prepare(self.state)
-        self._last_ckpt_step = self._step0
+        self._last_ckpt_step = step
         self._last_ckpt_time = time.perf_counter()
         self._policy = None
         if self.config.mtbf > 0 or self.config.node_mtbf > 0:
@@ -338,7 +339,7 @@ class Runtime:
             self._build(self.comm)
             step = self._resume(start)
             if self._ckpt_enabled():
-                self._open_store()
+                self._open_store(step)
             self._new_replay_comm()
         self.comm.void_on_failure = self.ft
         self.events.log("segments", k=self.config.segment_steps, state_bytes=state_nbytes(self.state),
@@ -645,7 +646,10 @@ class Runtime:
                "seconds": time.perf_counter() - t0, "lost_steps": gr.first - copy.step}
         self._global_rollbacks.append(rec)
         self.events.log("global_rollback", **rec)
+        # Faults of the abandoned segment were injected, and cured by this rollback.
+        self._counters["injected_faults"] += len(self._seg_flips)
         self._seg_flips = []
+        self._last_ckpt_step = copy.step
         return copy.step
 
     # -- hard failures -----------------------------------------------------------
@@ -807,10 +811,11 @@ class Runtime:
         if self._snap is None or how != "memory":
             self._snap = Snapshot(self.state)
         if self.store is None and self._ckpt_enabled():
-            self._step0 = self._step0 if target is None else target
-            self._open_store()
+            self._open_store(self._step0 if target is None else target)
         elif self.store is not None:
             self.store.prepare(self.state)
+            self._last_ckpt_step = self._step0 if target is None else target
+            self._last_ckpt_time = time.perf_counter()
         self.events.log("restore_after_repair", how=how, step=target)
         return target if target is not None else self._step0
 
