@@ -23,12 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
-    parser = argparse.ArgumentParser(prog="ulfmpy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ulfmpy", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     name = next((a for a in argv if not a.startswith("-")), None)
     module = None
     for cmd, (modname, help_) in COMMANDS.items():
-        p = sub.add_parser(cmd, help=help_, description=help_)
+        # No prefix matching: `ulfmpy run -n 2 app.py --n 96` must reach the app.
+        p = sub.add_parser(cmd, help=help_, description=help_, allow_abbrev=False)
         if cmd == name:
             module = importlib.import_module(modname)
             module.configure(p)

@@ -423,7 +423,12 @@ class Runtime:
             if (cfg.detect_every and s + 1 < end and (s + 1 - first) % cfg.detect_every == 0
                     and not report.detected):
                 hit = self._detect()
-                if hit:
+                if hit and cfg.rollback == "global":
+                    # The comparison mode: no lone catch-up, everyone redoes the segment.
+                    self.events.log("detection", step=s, detector=hit[0], finding=hit[1],
+                                    when="step")
+                    report = Report(detected=True, detector=hit[0], finding=hit[1])
+                elif hit:
                     report = yield from self._catch_up(first, s, hit, report)
                     if report.repaired_steps:
                         repaired_through = s
@@ -446,9 +451,10 @@ class Runtime:
             self._k = reports[0].next_k
         S = closure((), reports, self.size)
         lone = [r for r, rep in enumerate(reports) if rep.repaired_steps]
+        lone_s = max((rep.repair_s for rep in reports), default=0.0)
         if not S:
             if lone:
-                self._record_rollback(first, lone, frozenset(), rounds=0, seconds=0.0,
+                self._record_rollback(first, lone, frozenset(), rounds=0, seconds=lone_s,
                                       reexec=sum(rep.repaired_steps for rep in reports))
             self._commit(first, end, in_S=False, repaired_through=repaired_through)
             return
@@ -457,7 +463,7 @@ class Runtime:
         t0 = time.perf_counter()
         rounds = retries = 0
         reexec = sum(rep.repaired_steps for rep in reports)
-        detected_on = sorted(r for r, rep in enumerate(reports) if rep.detected) or sorted(S)
+        detected_on = sorted({r for r, rep in enumerate(reports) if rep.detected} | set(lone)) or sorted(S)
         while True:
             rounds += 1
             mine = Report()
@@ -495,7 +501,8 @@ class Runtime:
                         f"{retries} re-executions (a persistent fault)"))
                 continue
             break
-        self._record_rollback(first, lone, S, rounds=rounds, seconds=time.perf_counter() - t0,
+        self._record_rollback(first, lone, S, rounds=rounds,
+                              seconds=lone_s + time.perf_counter() - t0,
                               reexec=reexec, detected_on=detected_on)
         self._commit(first, end, in_S=self.rank in S, repaired_through=repaired_through)
 
@@ -537,6 +544,7 @@ class Runtime:
         differs, the receiver was reached and the segment-end agreement grows S.
         """
         self.events.log("detection", step=s, detector=hit[0], finding=hit[1], when="step")
+        t0 = time.perf_counter()
         comm, snap = self.comm, self._snap
         assert isinstance(comm, ResilientComm) and snap is not None
         snap.restore()
@@ -553,7 +561,8 @@ class Runtime:
                       contaminated=report.contaminated | frozenset(out.contaminated),
                       collective_mismatch=out.collective_mismatch or report.collective_mismatch,
                       diverged=out.diverged or report.diverged,
-                      repaired_steps=report.repaired_steps + s + 1 - first)
+                      repaired_steps=report.repaired_steps + s + 1 - first,
+                      repair_s=report.repair_s + time.perf_counter() - t0)
 
     def _record_rollback(self, first: int, lone: list[int], S: frozenset[int], *,
                          rounds: int, seconds: float, reexec: int,

@@ -56,6 +56,7 @@ class Report:
     collective_mismatch: bool = False
     diverged: str | None = None
     repaired_steps: int = 0  # steps re-executed alone after a per-step detection
+    repair_s: float = 0.0    # seconds those re-executions took
     ckpt_due: bool = False   # rank 0's decides whether to checkpoint at this boundary
     next_k: int = 0          # rank 0's proposes the next segment length (--soft-mtbf)
 
