@@ -449,6 +449,16 @@ class ResilientComm:
                  status: Any = None) -> None:  # noqa: N802
         if self._voided():
             return
+        # Open MPI 5.0 MPI_Sendrecv with a PROC_NULL side segfaults when the
+        # other side fails with ERR_REVOKED (seen with messages > 256 B), so a
+        # one-sided exchange goes through Send or Recv alone.
+        if source == MPI.PROC_NULL:
+            if dest != MPI.PROC_NULL:
+                self.Send(sendbuf, dest, sendtag)
+            return
+        if dest == MPI.PROC_NULL:
+            self.Recv(recvbuf, source, recvtag, status)
+            return
         if self.mode == "off":
             return self._guard("Sendrecv", self._comm.Sendrecv, sendbuf, dest, sendtag,
                                recvbuf, source, recvtag, status)

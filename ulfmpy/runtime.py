@@ -383,13 +383,17 @@ class Runtime:
     def _after_step(self, step: int, *, replay: bool) -> None:
         comm = self.comm
         assert isinstance(comm, ResilientComm)
+        self._cur_step = step
         comm.check_failure()
         if not replay:
             self._kill_point("compute", step)
             self._timed_kill(step)
             if self._mtbf_kill is not None and self._mtbf_kill[1] == self.logical:
                 f, _, at = self._mtbf_kill
-                if time.perf_counter() - self._t0 >= at:
+                if self.plan.fired(f):
+                    # Another process held this logical rank and was the victim.
+                    self._mtbf_kill = None
+                elif time.perf_counter() - self._t0 >= at:
                     self._mtbf_kill = None
                     self.plan.mark_fired(f, step=step, phase="mtbf", uid=self.uid, at_s=at)
                     self.events.log("inject", kind="kill", spec=f.spec, step=step, phase="mtbf")
@@ -697,7 +701,8 @@ class Runtime:
             if c is not None:
                 _rec.revoke(c)
         phases["revoke"] = time.perf_counter() - t
-        self._kill_point("recovery", step)
+        # A recovery kill fires in the first recovery at or after its step.
+        self._kill_point("recovery", max(step, getattr(self, "_cur_step", step)))
         new_world, phases["shrink"] = _rec.shrink(self._world)
         self._world = new_world
         t = time.perf_counter()
@@ -877,23 +882,46 @@ class Runtime:
             self.store.drain()
         wall = time.perf_counter() - self._t0
         fp = fingerprint(comm, self.state)
-        counts = comm.allgather((self._counters["injected_faults"], self._counters["escaped_faults"]))
+        counts = comm.allgather((self._counters["injected_faults"], self._counters["escaped_faults"],
+                                 len(self._recoveries), self._counters["segments"]))
         totals = [sum(c[0] for c in counts), sum(c[1] for c in counts)]
         wall = comm.allreduce(wall, op=MPI.MAX)
+        # The history of the run is best known to the process that lived
+        # through all of it: a spare or respawned rank 0 joined late.
+        keeper = max(range(len(counts)), key=lambda r: (counts[r][2], counts[r][3], -r))
+        history = None
+        if self.rank == keeper:
+            history = {"segments": self._counters["segments"], "rollbacks": self._rollbacks,
+                       "reexecuted_rank_steps": self._counters["reexecuted_rank_steps"],
+                       "global_rollbacks": self._global_rollbacks,
+                       "checkpoints": [r.as_dict() for r in self.store.records] if self.store else [],
+                       "recoveries": self._recoveries, "restored_from": self._restored_from}
+        if keeper != 0:
+            if self.rank == keeper:
+                comm.send(history, dest=0, tag=7302)
+            elif self.rank == 0:
+                history = comm.recv(source=keeper, tag=7302)
+        if self.rank != 0:
+            history = {"segments": self._counters["segments"], "rollbacks": self._rollbacks,
+                       "reexecuted_rank_steps": self._counters["reexecuted_rank_steps"],
+                       "global_rollbacks": self._global_rollbacks, "checkpoints": [],
+                       "recoveries": self._recoveries, "restored_from": self._restored_from}
+        assert history is not None
         self.summary = {
             "ranks": self.size, "steps": steps, "wall_s": wall, "fingerprint": fp,
             "resilience": self.config.resilience,
             "segment_steps": self.config.segment_steps if self.config.resilience else None,
-            "segments": self._counters["segments"],
-            "rollbacks": self._rollbacks,
-            "reexecuted_rank_steps": self._counters["reexecuted_rank_steps"],
+            "segments": history["segments"],
+            "rollbacks": history["rollbacks"],
+            "reexecuted_rank_steps": history["reexecuted_rank_steps"],
             "injected_faults": totals[0], "escaped_faults": totals[1],
-            "global_rollbacks": self._global_rollbacks,
-            "checkpoints": [r.as_dict() for r in self.store.records] if self.store else [],
-            "failures": len(self._recoveries),
-            "recoveries": self._recoveries,
+            "global_rollbacks": history["global_rollbacks"],
+            "checkpoints": history["checkpoints"],
+            "failures": len(history["recoveries"]),
+            "recoveries": history["recoveries"],
             "run_dir": self.run_dir,
         }
+        self._restored_from = history["restored_from"]
         if self._restored_from is not None:
             self.summary["restored_from"] = self._restored_from
         self.events.log("finish", fingerprint=fp, wall_s=wall)
