@@ -629,6 +629,11 @@ class Runtime:
         self.store.poll()
         if not getattr(self, "_ckpt_decision", False):
             return
+        if any(r.step == step and r.committed for r in self.store.records):
+            # Re-running after a rollback: this step is already safe on disk
+            # (replay is deterministic), and re-saving would first delete it.
+            self._last_ckpt_step, self._last_ckpt_time = step, time.perf_counter()
+            return
         if self.store.mode == "sync":
             self._kill_point("checkpoint", step)
         rec = self.store.save(step, self.state)
@@ -645,25 +650,36 @@ class Runtime:
     def _global_rollback(self, gr: _GlobalRollback, count: int) -> int:
         """Restore the newest committed checkpoint on every rank. Collective."""
         store = self.store
-        copy = store.memory_copy() if store is not None else None
-        if copy is None or count > 1 + self.config.max_retries:
-            raise RetriesExhausted(
-                f"{gr}; " + ("no committed checkpoint to roll back to: enable global checkpoints "
-                             "(--ckpt-every N) or raise --max-retries" if copy is None else
-                             f"{count - 1} global rollbacks did not cure it either"))
-        from ulfmpy.checkpoint import restore_from_memory
+        if store is None:
+            raise RetriesExhausted(f"{gr}; no committed checkpoint to roll back to: enable global "
+                                   "checkpoints (--ckpt-every N) or raise --max-retries")
+        if count > 1 + self.config.max_retries:
+            raise RetriesExhausted(f"{gr}; {count - 1} global rollbacks did not cure it either")
+        from ulfmpy.checkpoint import restore, restore_from_memory
 
         t0 = time.perf_counter()
-        restore_from_memory(self.state, copy)
-        rec = {"step": copy.step, "from_segment": gr.first, "reason": str(gr),
-               "seconds": time.perf_counter() - t0, "lost_steps": gr.first - copy.step}
+        copy = store.memory_copy()
+        held = self.comm.mpi_comm.allgather(copy.step if copy is not None else None)
+        if copy is not None and len(set(held)) == 1:
+            restore_from_memory(self.state, copy)
+            step, how = copy.step, "memory"
+        else:
+            # A save staged over the in-memory copy (the run had rolled back
+            # before): the files still hold every committed checkpoint.
+            got = restore(self.comm.mpi_comm, self.run_dir, self.state, events=self.events)
+            if got is None:
+                raise RetriesExhausted(f"{gr}; no committed checkpoint to roll back to: enable "
+                                       "global checkpoints (--ckpt-every N) or raise --max-retries")
+            step, how = got.step, "file"
+        rec = {"step": step, "from_segment": gr.first, "reason": str(gr), "how": how,
+               "seconds": time.perf_counter() - t0, "lost_steps": gr.first - step}
         self._global_rollbacks.append(rec)
         self.events.log("global_rollback", **rec)
         # Faults of the abandoned segment were injected, and cured by this rollback.
         self._counters["injected_faults"] += len(self._seg_flips)
         self._seg_flips = []
-        self._last_ckpt_step = copy.step
-        return copy.step
+        self._last_ckpt_step = step
+        return step
 
     # -- hard failures -----------------------------------------------------------
     def _recover(self, exc: BaseException, step: int) -> int:
