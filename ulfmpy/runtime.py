@@ -193,6 +193,8 @@ class Runtime:
         if exc is None:
             if self.store is not None:
                 self.store.close()
+            if self._recoveries or self.role != _rec.Role.INITIAL:
+                _guard_finalize(self.events)
             self.events.close()
             for c in (self._replay_comm, self._compute, self._world):
                 if c is not None:
@@ -945,6 +947,44 @@ class Runtime:
             write_json_atomic(os.path.join(self.run_dir, "summary.json"), self.summary)
             if self.config.spares:
                 self._release_spares()
+
+
+_FINALIZE_GUARDED = False
+
+
+def _guard_finalize(events: EventLog, timeout: float = 30.0) -> None:
+    """After surviving a failure, finalize MPI under a watchdog at exit.
+
+    Open MPI 5 with ULFM was seen to hang in ``MPI_Finalize`` now and then
+    after a shrink (all ranks sleeping in ``ompi_mpi_finalize``). At exit we
+    finalize ourselves, before mpi4py would, with a timer that ends the
+    process (status 0: the run itself completed) if finalize does not return.
+    """
+    global _FINALIZE_GUARDED
+    if _FINALIZE_GUARDED:
+        return
+    _FINALIZE_GUARDED = True
+    import atexit
+    import threading
+
+    def finalize() -> None:
+        if MPI.Is_finalized():
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+        def give_up() -> None:
+            print("ulfmpy: MPI_Finalize did not return after a recovered failure; exiting",
+                  file=sys.stderr, flush=True)
+            os._exit(0)
+
+        timer = threading.Timer(timeout, give_up)
+        timer.daemon = True
+        timer.start()
+        MPI.Finalize()
+        timer.cancel()
+
+    atexit.register(finalize)
 
 
 class _StillSpare(Exception):
