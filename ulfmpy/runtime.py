@@ -322,6 +322,7 @@ class Runtime:
         if not self.config.resilience:
             self._build(self.comm)
             step = self._resume(start)
+            self._t_loop = time.perf_counter()
             for s in range(step, steps):
                 yield s, self.app
             self._finish(steps)
@@ -348,6 +349,7 @@ class Runtime:
                         start=step)
         global_rollbacks = 0
         self._k = self.config.segment_steps
+        self._t_loop = time.perf_counter()
         while step < steps:
             try:
                 end = min(step + self._k, steps)
@@ -898,7 +900,8 @@ class Runtime:
         comm = self.comm.mpi_comm if isinstance(self.comm, ResilientComm) else self.comm
         if self.store is not None:
             self.store.drain()
-        wall = time.perf_counter() - self._t0
+        # Loop time only, like the --no-resilience baseline (setup excluded).
+        wall = time.perf_counter() - getattr(self, "_t_loop", self._t0)
         fp = fingerprint(comm, self.state)
         counts = comm.allgather((self._counters["injected_faults"], self._counters["escaped_faults"],
                                  len(self._recoveries), self._counters["segments"]))
