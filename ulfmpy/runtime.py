@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from mpi4py import MPI
 
 from ulfmpy import recovery as _rec
@@ -110,6 +111,7 @@ class Runtime:
         self._restored_from: dict[str, Any] | None = None
         self._replay_comm: MPI.Comm | None = None
         self._seg_flips: list[int] = []
+        self._saw_failure = False
 
     @property
     def is_spare(self) -> bool:
@@ -193,7 +195,8 @@ class Runtime:
         if exc is None:
             if self.store is not None:
                 self.store.close()
-            if self._recoveries or self.role != _rec.Role.INITIAL:
+            saw = self._saw_failure or getattr(self.comm, "failure", None) is not None
+            if self._recoveries or self.role != _rec.Role.INITIAL or saw:
                 _guard_finalize(self.events)
             self.events.close()
             for c in (self._replay_comm, self._compute, self._world):
@@ -349,6 +352,7 @@ class Runtime:
                         start=step)
         global_rollbacks = 0
         self._k = self.config.segment_steps
+        self._agree_buf = np.zeros(3, dtype=np.int64)
         self._t_loop = time.perf_counter()
         while step < steps:
             try:
@@ -413,6 +417,16 @@ class Runtime:
     def _agree(self, report: Report, first: int, end: int) -> list[Report]:
         for s in range(first, end):
             self._kill_point("agreement", s)
+        # Common case first: one small Allreduce, no pickling. Only when some
+        # rank has something to report do all ranks exchange full reports.
+        quiet = Report(ckpt_due=report.ckpt_due, next_k=report.next_k)
+        vec = self._agree_buf
+        vec[0] = 0 if report == quiet else 1
+        vec[1] = int(report.ckpt_due)
+        vec[2] = report.next_k
+        self.comm.mpi_comm.Allreduce(MPI.IN_PLACE, vec, op=MPI.MAX)
+        if vec[0] == 0:
+            return [Report(ckpt_due=bool(vec[1]), next_k=int(vec[2]))] + [quiet] * (self.size - 1)
         return agree_reports(self.comm.mpi_comm, report)
 
     def _segment(self, first: int, end: int) -> Iterator[tuple[int, Any]]:
@@ -695,6 +709,7 @@ class Runtime:
                 raise exc
             exc = err
         t_detect = time.perf_counter()
+        self._saw_failure = True
         self.events.log("failure", step=step, error=str(exc))
         if not self.ft or not self.config.recovery:
             raise exc
@@ -756,7 +771,7 @@ class Runtime:
         compute.Set_errhandler(MPI.ERRORS_RETURN)
         self._compute = compute
         self._replay_comm = None
-        phases["split" if plan.policy == "respawn" else plan.policy] = time.perf_counter() - t
+        phases["split"] = time.perf_counter() - t
         self.size = plan.size
         rec = {"policy": plan.policy, "failed_ranks": list(plan.failed), "attempt": attempt,
                "detected_at_step": step, "replaced": plan.replaced, "size": plan.size}
@@ -871,6 +886,7 @@ class Runtime:
                     self.events.log("spare_released")
                     return None
             except ProcessFailure as exc:
+                self._saw_failure = True
                 if not self._world.Is_revoked():
                     # A death the compute ranks have not acted on (yet): they
                     # revoke the world when they repair; until then keep waiting.
@@ -952,42 +968,33 @@ class Runtime:
                 self._release_spares()
 
 
-_FINALIZE_GUARDED = False
+_FINALIZE_SKIPPED = False
 
 
-def _guard_finalize(events: EventLog, timeout: float = 30.0) -> None:
-    """After surviving a failure, finalize MPI under a watchdog at exit.
+def _guard_finalize(events: EventLog) -> None:
+    """After surviving a failure, leave without ``MPI_Finalize``.
 
     Open MPI 5 with ULFM was seen to hang in ``MPI_Finalize`` now and then
-    after a shrink (all ranks sleeping in ``ompi_mpi_finalize``). At exit we
-    finalize ourselves, before mpi4py would, with a timer that ends the
-    process (status 0: the run itself completed) if finalize does not return.
+    after a failure (every survivor sleeping in ``ompi_mpi_finalize``, most
+    likely a runtime fence that waits on the dead process), and a watchdog
+    thread cannot help: finalize holds the GIL. A job whose processes all
+    leave with ``os._exit`` ends normally under ``--with-ft ulfm`` (mpirun
+    exits 0), so once the run completed, a process that saw a failure exits
+    at interpreter exit with status 0 without finalizing. The run's results
+    are already on disk; only a ``sys.exit(n)`` status after the run is lost.
     """
-    global _FINALIZE_GUARDED
-    if _FINALIZE_GUARDED:
+    global _FINALIZE_SKIPPED
+    if _FINALIZE_SKIPPED:
         return
-    _FINALIZE_GUARDED = True
+    _FINALIZE_SKIPPED = True
     import atexit
-    import threading
 
-    def finalize() -> None:
-        if MPI.Is_finalized():
-            return
+    def leave() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        os._exit(0)
 
-        def give_up() -> None:
-            print("ulfmpy: MPI_Finalize did not return after a recovered failure; exiting",
-                  file=sys.stderr, flush=True)
-            os._exit(0)
-
-        timer = threading.Timer(timeout, give_up)
-        timer.daemon = True
-        timer.start()
-        MPI.Finalize()
-        timer.cancel()
-
-    atexit.register(finalize)
+    atexit.register(leave)
 
 
 class _StillSpare(Exception):

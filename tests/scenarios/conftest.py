@@ -55,10 +55,44 @@ def run_ulfmpy(args: list[str], run_dir: Path, *, timeout: float = 120,
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        stop_job(proc, run_dir)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
         pytest.fail(f"timed out after {timeout} s (a hang): {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
     return Result(proc.returncode, out, err, run_dir)
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """PIDs whose environment names this run directory (mpirun, ranks, helpers)."""
+    tag = f"ULFMPY_RUN_DIR={run_dir}".encode()
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if tag in (d / "environ").read_bytes().split(b"\0"):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_job(proc: subprocess.Popen, run_dir: Path) -> None:
+    """End a hung job: SIGTERM the launcher (it forwards to mpirun's group), then
+    SIGKILL whatever of this run is left. Only processes this test started."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *_processes_of(run_dir)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @pytest.fixture
