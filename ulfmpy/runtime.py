@@ -196,7 +196,10 @@ class Runtime:
             if self.store is not None:
                 self.store.close()
             saw = self._saw_failure or getattr(self.comm, "failure", None) is not None
-            if self._recoveries or self.role != _rec.Role.INITIAL or saw:
+            # A spawned process must finalize: its runtime reports an exit
+            # without finalize as an error (prterun then exits 1).
+            spawned = self.uid >= 100_000
+            if (self._recoveries or self.role != _rec.Role.INITIAL or saw) and not spawned:
                 _guard_finalize(self.events)
             self.events.close()
             for c in (self._replay_comm, self._compute, self._world):
