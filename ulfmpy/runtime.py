@@ -774,7 +774,9 @@ class Runtime:
         compute.Set_errhandler(MPI.ERRORS_RETURN)
         self._compute = compute
         self._replay_comm = None
-        phases["split"] = time.perf_counter() - t
+        # For spares the split is the whole policy step (activation); the
+        # other policies had their own phase (shrink, respawn) above.
+        phases["spares" if plan.policy == "spares" else "split"] = time.perf_counter() - t
         self.size = plan.size
         rec = {"policy": plan.policy, "failed_ranks": list(plan.failed), "attempt": attempt,
                "detected_at_step": step, "replaced": plan.replaced, "size": plan.size}
