@@ -148,6 +148,7 @@ class HelperProcess:
         self._in = Connection(r_res, writable=False)
         self._results: dict[int, dict[str, Any]] = {}
         self._next_id = 0
+        self._hurried = 0
         self._eof = False
 
     @property
@@ -195,6 +196,12 @@ class HelperProcess:
         A dead helper yields a failed result naming its exit status.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if block and job_id > self._hurried and self.alive():
+            try:  # the rank now waits: the helper should stop sparing it
+                self._send(("hurry", job_id))
+                self._hurried = job_id
+            except OSError:
+                pass
         while True:
             while not self._eof and self._in.poll(0):
                 self._pump(0)

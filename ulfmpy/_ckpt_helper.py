@@ -39,6 +39,7 @@ if __name__ == "__main__":
 
 import json
 import mmap
+import queue
 import re
 import shutil
 import signal
@@ -46,6 +47,7 @@ import threading
 import time
 import traceback
 import zlib
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def write_rank_file(path: str, arrays: list[tuple[str, np.ndarray, dict[str, Any]]],
-                    attrs: dict[str, Any]) -> dict[str, Any]:
+                    attrs: dict[str, Any], *,
+                    pace: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Write one rank's arrays to a new HDF5 file and make it durable.
 
     Each array becomes a contiguous dataset carrying ``checksum`` (CRC-32 of
@@ -121,6 +124,8 @@ def write_rank_file(path: str, arrays: list[tuple[str, np.ndarray, dict[str, Any
         path: the rank file to create (truncated if it exists).
         arrays: (name, C-contiguous array, dataset attributes) triples.
         attrs: root attributes (``step``, ``rank``, ``nranks``).
+        pace: called with the seconds each large chunk took; it may sleep to
+            leave memory bandwidth to the computing rank.
 
     Returns:
         ``{"bytes", "write_s", "fsync_s", "checksums": {name: hex}}``.
@@ -153,7 +158,7 @@ def write_rank_file(path: str, arrays: list[tuple[str, np.ndarray, dict[str, Any
         fd = os.open(path, os.O_WRONLY)
         try:
             for name, offset, arr in direct:
-                checksums[name] = _write_at(fd, offset, arr)
+                checksums[name] = _write_at(fd, offset, arr, pace)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -175,15 +180,19 @@ def _early_dcpl() -> Any:
     return dcpl
 
 
-def _write_at(fd: int, offset: int, arr: np.ndarray) -> str:
+def _write_at(fd: int, offset: int, arr: np.ndarray,
+              pace: Callable[[float], None] | None = None) -> str:
     """Write an array's bytes at ``offset`` in chunks; return their CRC-32."""
-    data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
     crc, pos, started = 0, 0, 0
     advise = getattr(os, "posix_fadvise", None)
     while pos < len(data):
+        t0 = time.perf_counter()
         n = os.pwrite(fd, data[pos:pos + _CHUNK], offset + pos)
         crc = zlib.crc32(data[pos:pos + n], crc)  # still in cache
         pos += n
+        if pace is not None:
+            pace(time.perf_counter() - t0)
         if advise is not None and pos - started >= _WRITEBACK:
             # start writing back what is done (and drop it from the page cache
             # once clean): fsync then waits for little, compute keeps its cache
@@ -297,7 +306,8 @@ def commit_checkpoint(ckpt_dir: str, step: int, infos: list[dict[str, Any]], met
 
     Called once every rank's file is durable. Keeps the newest ``keep``
     committed checkpoints, deleting older ones only now that a newer one
-    committed, and removes uncommitted leftovers older than ``step``.
+    committed, and removes uncommitted leftovers older than ``step`` and
+    temporary manifests of commits that were killed.
 
     Returns:
         ``{"path", "pruned", "commit_s", "prune_error"}``.
@@ -314,6 +324,9 @@ def commit_checkpoint(ckpt_dir: str, step: int, infos: list[dict[str, Any]], met
         for s in old + torn:
             remove_checkpoint(ckpt, s)
         pruned = sorted(old + torn)
+        for entry in os.scandir(ckpt):  # manifests a killed commit left half-written
+            if entry.name.startswith(".step-") and ".h5.tmp" in entry.name:
+                os.unlink(entry.path)
     except OSError as exc:  # the new checkpoint is committed; old files merely linger
         prune_error = str(exc)
     return {"path": str(path), "pruned": pruned, "prune_error": prune_error,
@@ -369,7 +382,7 @@ class _Mappings:
             mm.close()
 
 
-def _do_write(job: dict[str, Any], maps: _Mappings) -> dict[str, Any]:
+def _do_write(job: dict[str, Any], maps: _Mappings, inbox: _Inbox) -> dict[str, Any]:
     mm = maps.get(job["shm"], job["size"])
     base = np.frombuffer(mm, dtype=np.uint8, count=job["size"])
     arrays = []
@@ -378,10 +391,24 @@ def _do_write(job: dict[str, Any], maps: _Mappings) -> dict[str, Any]:
         count = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         arr = base[offset:offset + count].view(dt).reshape(shape)
         arrays.append((name, arr, dattrs))
+    duty = float(job.get("duty", 1.0))
+    job_id = job["id"]
+    paced = [0.0]
+
+    def pace(busy: float) -> None:
+        # Write only `duty` of the time while the rank computes, sparing its
+        # memory bandwidth; full speed once the rank waits for this job.
+        if duty < 1.0 and not inbox.hurried(job_id):
+            t0 = time.perf_counter()
+            inbox.wait_hurry(job_id, busy * (1.0 / duty - 1.0))
+            paced[0] += time.perf_counter() - t0
+
     try:
-        return write_rank_file(job["path"], arrays, job["attrs"])
+        result = write_rank_file(job["path"], arrays, job["attrs"], pace=pace)
     finally:
         del arrays, base
+    result.update(paced_s=paced[0], hurried=inbox.hurried(job_id))
+    return result
 
 
 def _place(ppid: int, nice: int) -> None:
@@ -406,11 +433,47 @@ def _place(ppid: int, nice: int) -> None:
         pass
 
 
-def _run_job(kind: str, job: dict[str, Any], maps: _Mappings) -> dict[str, Any]:
+class _Inbox(threading.Thread):
+    """Reads the job pipe in the background, so a ``hurry`` overtakes queued work."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(daemon=True)
+        self.conn = conn
+        self.jobs: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._hurry_upto = 0
+        self._cond = threading.Condition()
+
+    def run(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):  # the rank closed the pipe or died
+                msg = ("stop",)
+            if msg[0] in ("hurry", "stop"):
+                with self._cond:
+                    self._hurry_upto = max(self._hurry_upto, msg[1] if msg[0] == "hurry" else 1 << 62)
+                    self._cond.notify_all()
+            if msg[0] != "hurry":
+                self.jobs.put(msg)
+            if msg[0] == "stop":
+                return
+
+    def hurried(self, job_id: int) -> bool:
+        """Whether the rank is waiting for ``job_id`` (or a later job)."""
+        with self._cond:
+            return self._hurry_upto >= job_id
+
+    def wait_hurry(self, job_id: int, timeout: float) -> None:
+        """Sleep up to ``timeout`` unless the rank is (or becomes) waiting for ``job_id``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._hurry_upto >= job_id, timeout)
+
+
+def _run_job(kind: str, job: dict[str, Any], maps: _Mappings, inbox: _Inbox) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if kind == "write":
-            result = _do_write(job, maps)
+            result = _do_write(job, maps, inbox)
         else:
             result = commit_checkpoint(job["ckpt_dir"], job["step"], job["infos"],
                                        job["meta_json"], job["attrs"], job["keep"])
@@ -427,14 +490,12 @@ def _child_main(argv: list[str]) -> int:
     _watch_parent(ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent rank decides when to stop
     _place(ppid, nice)
-    cin = Connection(rfd, writable=False)
+    inbox = _Inbox(Connection(rfd, writable=False))
+    inbox.start()
     cout = Connection(wfd, readable=False)
     maps = _Mappings()
     while True:
-        try:
-            msg = cin.recv()
-        except (EOFError, OSError):
-            return 0
+        msg = inbox.jobs.get()
         kind = msg[0]
         if kind == "stop":
             return 0
@@ -446,7 +507,7 @@ def _child_main(argv: list[str]) -> int:
                        "affinity": sorted(os.sched_getaffinity(0))
                        if hasattr(os, "sched_getaffinity") else None})
         elif kind in ("write", "commit"):
-            cout.send(_run_job(kind, msg[1], maps))
+            cout.send(_run_job(kind, msg[1], maps, inbox))
 
 
 if __name__ == "__main__":

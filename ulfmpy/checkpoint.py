@@ -26,18 +26,17 @@ import os
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ulfmpy import _ckpt_files as _files
 from ulfmpy import _ckpt_helper as _writer
 from ulfmpy._ckpt_async import Buffer as _Buffer
 from ulfmpy._ckpt_async import HelperProcess as _HelperProcess
 from ulfmpy._ckpt_async import layout_key as _layout_key
 from ulfmpy._ckpt_async import specs_of as _specs
+from ulfmpy._ckpt_commit import CheckpointRecord, _Committer, _Pending
 from ulfmpy._ckpt_files import (
     CheckpointInfo,
     Verification,
@@ -62,51 +61,6 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-_PENDING, _DONE, _FAILED = 1, 2, 0
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    """One save. ``exposed_s`` and ``write_s`` are maxima over ranks, ``bytes`` a sum.
-
-    ``exposed_s`` is what the loop waited for: the save call (staging, plus
-    any wait for the previous write) and the commit. Until the commit it
-    holds this rank's save time only.
-    """
-
-    step: int
-    exposed_s: float
-    write_s: float | None
-    bytes: int
-    committed: bool
-    path: str | None = None
-    stage_s: float = 0.0
-    commit_s: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """The fields ``summary.json`` lists under ``checkpoints``."""
-        return {k: getattr(self, k) for k in ("step", "exposed_s", "write_s", "bytes", "committed")}
-
-
-@dataclass
-class _Pending:
-    """The outstanding checkpoint: its files being written, then its manifest."""
-
-    step: int
-    buf: int
-    specs: list[dict[str, Any]]
-    exposed_s: float
-    stage_s: float
-    nbytes: int
-    phase: str = "write"                        # "write", then "commit"
-    job: int | None = None                      # helper job writing this rank's file
-    result: dict[str, Any] | None = None        # ... and its result
-    commit_job: int | None = None               # rank 0: helper job writing the manifest
-    commit: dict[str, Any] | None = None        # rank 0: the commit's outcome
-    stats: dict[str, Any] | None = None         # rank 0: maxima/sums over ranks
-    poll_s: float = 0.0                         # time spent in poll() on this checkpoint
-
-
 def _cleanup(procs: list[_HelperProcess | None], buffers: list[_Buffer | None]) -> None:
     for helper in procs:
         if helper is not None:
@@ -120,7 +74,7 @@ def _cleanup(procs: list[_HelperProcess | None], buffers: list[_Buffer | None]) 
 # The store
 
 
-class CheckpointStore:
+class CheckpointStore(_Committer):
     """Writes global checkpoints of one run with a two-phase commit.
 
     Construct it on every rank of ``comm`` with the same arguments. Calls
@@ -138,6 +92,10 @@ class CheckpointStore:
         events: the rank's event log, or None.
         meta: JSON-serializable run description stored in every manifest.
         helper_nice: niceness of the async helper process.
+        helper_duty: fraction of the time the helper writes while the rank
+            computes (it pauses between 1 MiB chunks to spare the rank's
+            memory bandwidth); it writes at full speed whenever the rank
+            waits for it (:meth:`drain`, a save behind an unfinished write).
 
     A save arriving while the previous asynchronous write is still running
     **waits** for it and commits it first (logged as ``checkpoint_waited``):
@@ -150,9 +108,11 @@ class CheckpointStore:
 
     def __init__(self, comm: Any, run_dir: str | os.PathLike[str], *, keep: int = 2,
                  mode: str = "async", events: Any = None, meta: dict[str, Any] | None = None,
-                 helper_nice: int = 10) -> None:
+                 helper_nice: int = 10, helper_duty: float = 1.0) -> None:
         if mode not in ("async", "sync"):
             raise ConfigError(f"checkpoint mode must be 'async' or 'sync', got {mode!r}")
+        if not 0.0 < float(helper_duty) <= 1.0:
+            raise ConfigError(f"helper_duty must be in (0, 1], got {helper_duty}")
         if int(keep) < 1:
             raise ConfigError(f"keep must be >= 1 committed checkpoints, got {keep}")
         try:
@@ -170,6 +130,7 @@ class CheckpointStore:
         self._records: list[CheckpointRecord] = []
         self._closed = False
         self._nice = helper_nice
+        self._duty = float(helper_duty)
         self._procs = [_HelperProcess(nice=helper_nice) if mode == "async" else None]
         self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._buffers)
 
@@ -313,6 +274,10 @@ class CheckpointStore:
             self._finish(block=True, charge=False)
             waited = time.perf_counter() - t0
             self._log("checkpoint_waited", step=step, previous=previous, waited_s=waited)
+        # After a rollback, copies of steps >= step hold an abandoned future.
+        for b in self._buffers:
+            if b is not None and b.committed and (b.step or 0) >= step:
+                b.committed = False
         idx = self._free_index()
         err = None
         try:
@@ -332,7 +297,7 @@ class CheckpointStore:
         pending = _Pending(step, idx, specs, 0.0, stage_s, nbytes)
         if self._helper is not None:
             job = {"path": str(path), "shm": buf.shm.name, "size": buf.size,  # type: ignore[union-attr]
-                   "attrs": attrs, "entries": buf.job_entries(specs)}
+                   "attrs": attrs, "entries": buf.job_entries(specs), "duty": self._duty}
             try:
                 pending.job = self._live_helper().submit(job)
             except OSError as exc:  # agreed on at the next poll, so every rank raises together
@@ -423,9 +388,6 @@ class CheckpointStore:
         """Rank 0 retires checkpoints >= step and creates the step directory; all agree."""
         # A save at step S after a rollback: committed checkpoints >= S hold
         # an abandoned timeline; uncommit them before rank files are rewritten.
-        for i, b in enumerate(self._buffers):
-            if b is not None and b.committed and (b.step or 0) >= step:
-                b.committed = False
         if self.comm.Get_rank() == 0 and local_error is None:
             try:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -444,145 +406,6 @@ class CheckpointStore:
         if bad:
             self._log("checkpoint_failed", step=step, reasons=bad)
             raise CheckpointError(f"checkpoint step {step} not started: " + "; ".join(bad))
-
-    def _finish(self, *, block: bool, charge: bool = True) -> CheckpointRecord | None:
-        """Advance the outstanding checkpoint: agree on the writes, then commit.
-
-        Collective. With ``block`` it returns only once committed (or
-        raises); otherwise it returns None while a phase is still running.
-        ``charge`` adds the time spent here to the checkpoint's exposed time.
-        """
-        p = self._pending
-        assert p is not None
-        t0 = time.perf_counter()
-        try:
-            if p.phase == "write":
-                if not self._agree_written(p, block):
-                    return None
-                self._start_commit(p)
-            return self._await_commit(p, block, t0 if charge else None)
-        finally:
-            if charge:
-                p.poll_s += time.perf_counter() - t0
-
-    def _agree_written(self, p: _Pending, block: bool) -> bool:
-        """Phase 1: every rank's file durable? Raises on every rank if one failed."""
-        if p.result is None and self._helper is not None:
-            p.result = self._helper.result(p.job or 0, block=block)
-        if p.result is None:
-            status: tuple[int, str | None] = (_PENDING, None)
-        elif p.result.get("ok"):
-            status = (_DONE, None)
-        else:
-            status = (_FAILED, p.result.get("error", "unknown error"))
-        statuses = self.comm.allgather(status)
-        worst = min(s for s, _ in statuses)
-        if worst == _FAILED:
-            if p.result is None and self._helper is not None:  # let every write end first
-                p.result = self._helper.result(p.job or 0, block=True)
-            self.comm.Barrier()
-            self._fail(p, [f"rank {r}: {m}" for r, (s, m) in enumerate(statuses) if s == _FAILED])
-        return worst == _DONE
-
-    def _start_commit(self, p: _Pending) -> None:
-        """Phase 2 begins: rank 0 gathers the file list and writes the manifest.
-
-        In async mode rank 0's helper writes, fsyncs and renames the manifest
-        while compute continues; a later poll learns the outcome.
-        """
-        rank = self.comm.Get_rank()
-        assert p.result is not None
-        info = {"rank": rank,
-                "file": f"{_writer.step_dir_name(p.step)}/{_writer.rank_file_name(rank)}",
-                "bytes": p.result["bytes"], "write_s": p.result["write_s"],
-                "exposed_s": p.exposed_s,
-                "entries": {s["name"]: dict(s, checksum=p.result["checksums"][s["name"]])
-                            for s in p.specs}}
-        infos = self.comm.gather(info, root=0)
-        p.phase = "commit"
-        if rank != 0:
-            return
-        p.stats = {"exposed_s": max(i["exposed_s"] for i in infos),
-                   "write_s": max(i["write_s"] for i in infos),
-                   "bytes": sum(int(i["bytes"]) for i in infos)}
-        problem = _files.validate_infos(infos)
-        if problem:
-            p.commit = {"ok": False, "error": problem}
-            return
-        job = {"ckpt_dir": str(self.ckpt_dir), "step": p.step, "infos": infos, "keep": self.keep,
-               "meta_json": self._meta_json,
-               "attrs": dict(p.stats, mode=self.mode, created=time.time())}
-        if self._helper is not None:
-            try:
-                p.commit_job = self._live_helper().submit(job, kind="commit")
-            except OSError as exc:
-                p.commit = {"ok": False, "error": f"cannot reach the checkpoint helper: {exc}"}
-            return
-        try:
-            p.commit = dict(_writer.commit_checkpoint(**job), ok=True)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank
-            p.commit = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-
-    def _await_commit(self, p: _Pending, block: bool, t0: float | None) -> CheckpointRecord | None:
-        """Phase 2 ends: rank 0 tells every rank whether the manifest's rename happened.
-
-        The record's exposed time is the slowest rank's save plus the time
-        this rank spent in polls of this checkpoint (``t0``: start of this one).
-        """
-        outcome: dict[str, Any] | None = None
-        if self.comm.Get_rank() == 0:
-            if p.commit is None and self._helper is not None:
-                p.commit = self._helper.result(p.commit_job or 0, block=block)
-            if p.commit is not None:
-                outcome = dict(p.commit, **(p.stats or {}))
-                if not outcome.get("ok"):
-                    outcome["error"] = f"committing failed: {outcome.get('error')}"
-        outcome = self.comm.bcast(outcome, root=0)
-        if outcome is None:
-            return None
-        if not outcome["ok"]:
-            self._fail(p, [f"rank 0: {outcome['error']}"])
-        self._pending = None
-        buf = self._buffers[p.buf]
-        assert buf is not None and p.result is not None
-        buf.committed = True
-        poll_s = p.poll_s + (time.perf_counter() - t0 if t0 is not None else 0.0)
-        record = CheckpointRecord(p.step, outcome["exposed_s"] + poll_s, outcome["write_s"],
-                                  outcome["bytes"], True, outcome["path"], p.stage_s, poll_s)
-        self._replace_record(record)
-        self._log("checkpoint_committed", step=p.step, path=outcome["path"],
-                  exposed_s=record.exposed_s, write_s=record.write_s, bytes=record.bytes,
-                  poll_s=poll_s, manifest_s=outcome.get("commit_s"),
-                  rank_write_s=p.result["write_s"], rank_fsync_s=p.result.get("fsync_s"),
-                  rank_bytes=p.nbytes)
-        if outcome.get("pruned"):
-            self._log("checkpoint_pruned", steps=outcome["pruned"], keep=self.keep)
-        if outcome.get("prune_error"):
-            self._log("checkpoint_prune_failed", error=outcome["prune_error"])
-        return record
-
-    def _fail(self, p: _Pending, reasons: list[str]) -> None:
-        """Every rank: drop the failed checkpoint, record and raise."""
-        self._pending = None
-        buf = self._buffers[p.buf]
-        if buf is not None:
-            buf.step = None
-        if self.comm.Get_rank() == 0:  # never committed (or its commit is void): tidy up
-            _writer.remove_checkpoint(self.ckpt_dir, p.step)
-        self._replace_record(CheckpointRecord(p.step, p.exposed_s, None, p.nbytes, False, None,
-                                              p.stage_s))
-        self._log("checkpoint_failed", step=p.step, reasons=reasons)
-        raise CheckpointError(f"checkpoint step {p.step} failed and was not committed: "
-                              + "; ".join(reasons)
-                              + f". Check free space and permissions under {self.ckpt_dir}; "
-                              "older committed checkpoints are intact")
-
-    def _replace_record(self, record: CheckpointRecord) -> None:
-        for i in range(len(self._records) - 1, -1, -1):
-            if self._records[i].step == record.step and not self._records[i].committed:
-                self._records[i] = record
-                return
-        self._records.append(record)
 
 
 def _json_default(obj: Any) -> Any:

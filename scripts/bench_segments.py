@@ -1,0 +1,383 @@
+# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 7] [--quick]
+"""Segments with local rollback: what they cost and what they save, in one run.
+
+Three measurements (issue 3), each a ratio taken on this machine in this run:
+
+(a) **Fault-free overhead** of the protected stencil against the same kernel
+    with ``--no-resilience``, for segment lengths 1, 5, 10, 50 and the
+    default, at 4 ranks. Runs are interleaved (baseline, then each length)
+    and repeated; the best (min) loop time of each is compared, since other
+    jobs on a shared machine only ever add time (medians are kept too). The protected
+    loop time comes from the events (first ``segments`` event to the last
+    segment commit, slowest rank), so, like the baseline's, it excludes
+    start-up and the final fingerprint; the summary's ``wall_s`` (which
+    includes them) is recorded too.
+(b) **Snapshot throughput**: ``ulfmpy.segment.Snapshot.take`` (and
+    ``restore``) against ``np.copyto`` of the same arrays into preallocated
+    buffers, in this process (no MPI): a stencil-like padded block (the
+    state is a strided interior view) and a contiguous array.
+(c) **One injected flip**: recovery time and rank-steps re-executed with
+    local rollback (flip inside a block, flip on a block edge, and with
+    per-step detection) against ``--rollback global`` (every rank redoes the
+    segment), same grid, same flip.
+
+Writes ``bench_segments.json`` and ``bench_segments.png`` into ``--out``
+and prints a short table. Needs matplotlib (Agg) and an MPI for (a), (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STENCIL = REPO / "apps" / "stencil.py"
+SEGMENT_LENGTHS: list[int | None] = [1, 5, 10, 50, None]  # None: the default
+
+
+# -- launching ------------------------------------------------------------------
+
+def launch(run_dir: Path, ranks: int, settings: list[str], app_args: list[str],
+           timeout: float = 900) -> dict[str, Any]:
+    """Run one job under ``ulfmpy run``; return its summary plus event-derived times."""
+    cmd = [sys.executable, "-m", "ulfmpy", "run", "-n", str(ranks), "--run-dir", str(run_dir),
+           *settings, "--", str(STENCIL), *app_args, "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(run_dir.parent))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["loop_s"] = loop_seconds(run_dir) if summary.get("resilience") else summary["wall_s"]
+    summary["catch_up_s"] = catch_up_seconds(run_dir)
+    return summary
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    from ulfmpy.events import read_events
+
+    return list(read_events(run_dir))
+
+
+def loop_seconds(run_dir: Path) -> float:
+    """Loop time: from the last rank entering the loop to the last rank's last commit.
+
+    The baseline starts its clock after a barrier (when the last rank is
+    ready) and stops it at the slowest rank's end; this is the same span,
+    read from the events (``segments``: loop entered, app built; ``segment``:
+    a commit), so start-up skew between ranks is not charged to ulfmpy.
+    """
+    start: dict[int, float] = {}
+    end: dict[int, float] = {}
+    for e in _events(run_dir):
+        if e["event"] == "segments":
+            start[e["rank"]] = e["t"]
+        elif e["event"] == "segment":
+            end[e["rank"]] = max(end.get(e["rank"], 0.0), e["t"])
+    return max(end.values()) - max(start.values())
+
+
+def catch_up_seconds(run_dir: Path) -> float:
+    """Time ranks spent catching up alone after per-step detections (slowest rank).
+
+    Read from the events (each step-``detection`` to the ``catch_up`` after
+    it): a cross-check of the summary's rollback ``seconds``, which include it.
+    """
+    per_rank: dict[int, float] = {}
+    pending: dict[int, float] = {}
+    for e in _events(run_dir):
+        if e["event"] == "detection" and e.get("when") == "step":
+            pending[e["rank"]] = e["t"]
+        elif e["event"] == "catch_up" and e["rank"] in pending:
+            per_rank[e["rank"]] = per_rank.get(e["rank"], 0.0) + e["t"] - pending.pop(e["rank"])
+    return max(per_rank.values(), default=0.0)
+
+
+# -- (a) fault-free overhead ---------------------------------------------------------
+
+def overhead(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    app = ["--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.steps)]
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": []}
+    labels = {k: (f"k={k}" if k else "default") for k in SEGMENT_LENGTHS}
+    for label in labels.values():
+        runs[label] = []
+    n = 0
+    for rep in range(args.repeats):
+        order: list[int | None | str] = ["baseline", *SEGMENT_LENGTHS]
+        if rep % 2:
+            order.reverse()  # cancel drift between the first and last runs of a round
+        for k in order:
+            n += 1
+            if k == "baseline":
+                runs["baseline"].append(launch(tmp / f"a{n}", args.ranks, ["--no-resilience"], app))
+            else:
+                seg = ["--segment-steps", str(k)] if k else []
+                runs[labels[k]].append(launch(tmp / f"a{n}", args.ranks, seg, app))
+    base = statistics.median(r["loop_s"] for r in runs["baseline"])
+    fp = {r["fingerprint"] for rs in runs.values() for r in rs}
+    rows = []
+    for label in labels.values():
+        rs = runs[label]
+        loop = statistics.median(r["loop_s"] for r in rs)
+        wall = statistics.median(r["wall_s"] for r in rs)
+        rows.append({"segment_steps": rs[0]["segment_steps"], "label": label,
+                     "loop_s_median": loop, "loop_s_min": min(r["loop_s"] for r in rs),
+                     "wall_s_median": wall, "segments": rs[0]["segments"],
+                     "overhead_pct": 100.0 * (loop / base - 1.0),
+                     "overhead_pct_min": 100.0 * (min(r["loop_s"] for r in rs)
+                                                  / min(r["loop_s"] for r in runs["baseline"]) - 1.0),
+                     "loop_s_all": [r["loop_s"] for r in rs]})
+    return {"ranks": args.ranks, "nx": args.nx, "ny": args.ny, "steps": args.steps,
+            "repeats": args.repeats, "baseline_loop_s_median": base,
+            "baseline_loop_s_min": min(r["loop_s"] for r in runs["baseline"]),
+            "baseline_loop_s_all": [r["loop_s"] for r in runs["baseline"]],
+            "step_ms_baseline": 1e3 * min(r["loop_s"] for r in runs["baseline"]) / args.steps,
+            "fingerprints_identical": len(fp) == 1, "rows": rows}
+
+
+# -- (b) snapshot throughput -------------------------------------------------------------
+
+def best_seconds(fn: Any, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    from ulfmpy.segment import Snapshot
+    from ulfmpy.state import Block
+
+    n = args.snap_n
+    rng = np.random.default_rng(0)
+    padded = rng.random((n + 2, n + 2))
+    cases = {"strided block (stencil interior)": padded[1:-1, 1:-1],
+             "contiguous array": rng.random((n, n))}
+    rows = []
+    for name, arr in cases.items():
+        state = {"u": Block(arr, arr.shape, (0, 0))} if arr.base is not None else {"u": arr}
+        snap = Snapshot(state)
+        buf = np.empty_like(arr)
+        snap.take(0)  # first touch of the buffers
+        np.copyto(buf, arr)
+        t_take = t_copy = t_restore = float("inf")
+        for i in range(args.snap_repeat):
+            # Interleaved, in alternating order, so both see the same machine and
+            # neither always runs right after the other has warmed the source.
+            if i % 2:
+                t_copy = min(t_copy, best_seconds(lambda b=buf, a=arr: np.copyto(b, a), 1))
+            t_take = min(t_take, best_seconds(lambda s=snap: s.take(0), 1))
+            if not i % 2:
+                t_copy = min(t_copy, best_seconds(lambda b=buf, a=arr: np.copyto(b, a), 1))
+            t_restore = min(t_restore, best_seconds(snap.restore, 1))
+        gb = arr.nbytes / 1e9
+        rows.append({"case": name, "bytes": arr.nbytes,
+                     "take_gb_s": gb / t_take, "restore_gb_s": gb / t_restore,
+                     "copyto_gb_s": gb / t_copy,
+                     "take_vs_copyto": t_copy / t_take, "restore_vs_copyto": t_copy / t_restore})
+    return {"n": n, "repeat": args.snap_repeat, "rows": rows}
+
+
+# -- (c) one flip: local against global rollback --------------------------------------------
+
+def one_flip(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from apps.stencil import process_grid, split
+
+    px, py = process_grid(args.ranks, args.nx, args.ny)
+    victim = 1 % args.ranks
+    (_, lx), (_, ly) = split(args.nx, px, victim // py), split(args.ny, py, victim % py)
+    middle = (lx // 2) * ly + ly // 2
+    edge = (lx - 1) * ly + ly // 2           # last row: the south neighbour gets it next step
+    k = args.flip_k
+    step = k * 2 + k // 4                    # early in the third segment
+    flip = "bitflip:rank={r},step={s},array=u,index={i},bit=62"
+    modes = {
+        "local, flip inside a block": (["--rollback", "local"], middle),
+        "local, flip on a block edge": (["--rollback", "local"], edge),
+        "local, per-step detection": (["--rollback", "local", "--detect-every", "1"], middle),
+        "global (all ranks redo)": (["--rollback", "global"], middle),
+    }
+    app = ["--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.flip_steps)]
+    common = ["--detect", "finite,bounds", "--segment-steps", str(k)]
+    out: dict[str, Any] = {"ranks": args.ranks, "nx": args.nx, "ny": args.ny,
+                           "steps": args.flip_steps, "segment_steps": k, "flip_step": step,
+                           "victim": victim, "rows": []}
+    ref = launch(tmp / "c-ref", args.ranks, common, app)
+    out["fault_free_loop_s"] = ref["loop_s"]
+    n = 0
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for _ in range(args.flip_repeats):
+        for mode, (extra, index) in modes.items():
+            n += 1
+            spec = flip.format(r=victim, s=step, i=index)
+            results[mode].append(launch(tmp / f"c{n}", args.ranks,
+                                        [*common, *extra, "--inject", spec], app))
+    for mode, rs in results.items():
+        rb = [r["rollbacks"][0] for r in rs]
+        rec = [b["seconds"] for b in rb]
+        out["rows"].append({
+            "mode": mode, "reexecuted_ranks": rb[0]["reexecuted_ranks"],
+            "rounds": rb[0]["rounds"], "reexecuted_rank_steps": rb[0]["reexecuted_rank_steps"],
+            "recovery_s_median": statistics.median(rec), "recovery_s_min": min(rec),
+            "catch_up_s_from_events_median": statistics.median(r["catch_up_s"] for r in rs),
+            "loop_s_median": statistics.median(r["loop_s"] for r in rs),
+            "exact": all(r["fingerprint"] == ref["fingerprint"] for r in rs),
+            "escaped_faults": max(r["escaped_faults"] for r in rs)})
+    glob = next(r for r in out["rows"] if r["mode"].startswith("global"))
+    for r in out["rows"]:
+        r["rank_steps_vs_global"] = r["reexecuted_rank_steps"] / glob["reexecuted_rank_steps"]
+        r["time_vs_global"] = (r["recovery_s_min"] / glob["recovery_s_min"]
+                               if glob["recovery_s_min"] > 0 else None)
+    return out
+
+
+# -- report ----------------------------------------------------------------------------
+
+def figure(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    if "overhead" in result:
+        ov = result["overhead"]
+        labels = [r["label"] for r in ov["rows"]]
+        ax1.bar(labels, [r["overhead_pct_min"] for r in ov["rows"]], color="tab:blue",
+                label="best of runs (min / min)")
+        ax1.plot(labels, [r["overhead_pct"] for r in ov["rows"]], "o", color="k",
+                 label="median / median")
+        ax1.axhline(3.0, color="tab:red", ls="--", lw=1, label="3 % target")
+        ax1.axhline(0.0, color="k", lw=0.5)
+        ax1.set_title(f"(a) fault-free overhead vs --no-resilience\n{ov['ranks']} ranks, "
+                      f"{ov['nx']}x{ov['ny']}, {ov['steps']} steps, "
+                      f"{ov['step_ms_baseline']:.1f} ms/step")
+        ax1.set_ylabel("loop time overhead (%)")
+        ax1.set_xlabel("segment length")
+        ax1.legend(fontsize=8)
+    sn = result["snapshot"]
+    x = np.arange(len(sn["rows"]))
+    ax2.bar(x - 0.27, [r["take_gb_s"] for r in sn["rows"]], 0.27, label="Snapshot.take")
+    ax2.bar(x, [r["restore_gb_s"] for r in sn["rows"]], 0.27, label="Snapshot.restore")
+    ax2.bar(x + 0.27, [r["copyto_gb_s"] for r in sn["rows"]], 0.27, label="np.copyto")
+    ax2.set_xticks(x, [f"{r['case']}\n{r['bytes'] / 1e6:.0f} MB, take/copyto "
+                       f"{r['take_vs_copyto']:.2f}x" for r in sn["rows"]], fontsize=8)
+    ax2.set_ylabel("GB/s (bytes of state per second)")
+    ax2.set_title("(b) snapshot throughput vs np.copyto")
+    ax2.legend(fontsize=8)
+    if "one_flip" in result:
+        fl = result["one_flip"]
+        rows = fl["rows"]
+        x = np.arange(len(rows))
+        ax3.bar(x - 0.2, [r["reexecuted_rank_steps"] for r in rows], 0.4, color="tab:orange",
+                label="rank-steps re-executed")
+        ax3.set_ylabel("rank-steps re-executed")
+        ax3b = ax3.twinx()
+        ax3b.bar(x + 0.2, [1e3 * r["recovery_s_min"] for r in rows], 0.4, color="tab:green",
+                 label="recovery time (ms)")
+        ax3b.set_ylabel("recovery time (ms, best of runs)")
+        short = {"local, flip inside a block": "local\ninside a block",
+                 "local, flip on a block edge": "local\nblock edge",
+                 "local, per-step detection": "local\nper-step check",
+                 "global (all ranks redo)": "global\n(all ranks)"}
+        ax3.set_xticks(x, [short.get(r["mode"], r["mode"]) for r in rows], fontsize=8)
+        ax3.set_title(f"(c) one flip (rank {fl['victim']}, step {fl['flip_step']}, "
+                      f"k={fl['segment_steps']}): local vs global")
+        h1, l1 = ax3.get_legend_handles_labels()
+        h2, l2 = ax3b.get_legend_handles_labels()
+        ax3.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    fig.savefig(path, dpi=110)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    if "overhead" in result:
+        ov = result["overhead"]
+        print(f"(a) fault-free overhead, {ov['ranks']} ranks, {ov['nx']}x{ov['ny']}, "
+              f"{ov['steps']} steps, {ov['repeats']} rounds: baseline loop best "
+              f"{ov['baseline_loop_s_min']:.3f} s ({ov['step_ms_baseline']:.2f} ms/step), "
+              f"median {ov['baseline_loop_s_median']:.3f} s; "
+              f"fingerprints identical: {ov['fingerprints_identical']}")
+        print(f"    {'segment':>9} {'best s':>8} {'overhead':>9} {'median s':>9} {'(med/med)':>10} "
+              f"{'segments':>9}")
+        for r in ov["rows"]:
+            print(f"    {r['label']:>9} {r['loop_s_min']:>8.3f} {r['overhead_pct_min']:>8.1f}% "
+                  f"{r['loop_s_median']:>9.3f} {r['overhead_pct']:>9.1f}% {r['segments']:>9}")
+    sn = result["snapshot"]
+    print(f"(b) snapshot throughput ({sn['n']}x{sn['n']} float64, best of {sn['repeat']})")
+    for r in sn["rows"]:
+        print(f"    {r['case']:<34} take {r['take_gb_s']:6.2f} GB/s  restore "
+              f"{r['restore_gb_s']:6.2f} GB/s  np.copyto {r['copyto_gb_s']:6.2f} GB/s  "
+              f"take/copyto {r['take_vs_copyto']:.2f}x")
+    if "one_flip" in result:
+        fl = result["one_flip"]
+        print(f"(c) one bit-62 flip on rank {fl['victim']} at step {fl['flip_step']}, "
+              f"k={fl['segment_steps']}, {fl['nx']}x{fl['ny']}, {fl['ranks']} ranks")
+        print(f"    {'mode':<30} {'S':<14} {'rank-steps':>10} {'recovery ms':>12} "
+              f"{'(median)':>9} {'vs global':>10} {'exact':>6}")
+        for r in fl["rows"]:
+            tg = f"{r['time_vs_global']:.2f}x" if r["time_vs_global"] is not None else "-"
+            print(f"    {r['mode']:<30} {str(r['reexecuted_ranks']):<14} "
+                  f"{r['reexecuted_rank_steps']:>10} {1e3 * r['recovery_s_min']:>12.1f} "
+                  f"{1e3 * r['recovery_s_median']:>9.1f} {tg:>10} {str(r['exact']):>6}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(REPO / "results" / "segments"))
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--nx", type=int, default=1024)
+    p.add_argument("--ny", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--repeats", type=int, default=7, help="rounds of (a)")
+    p.add_argument("--snap-n", type=int, default=2048, help="snapshot array side for (b)")
+    p.add_argument("--snap-repeat", type=int, default=20)
+    p.add_argument("--flip-steps", type=int, default=100)
+    p.add_argument("--flip-k", type=int, default=20, help="segment length in (c)")
+    p.add_argument("--flip-repeats", type=int, default=3)
+    p.add_argument("--skip-mpi", action="store_true", help="only (b)")
+    p.add_argument("--quick", action="store_true", help="small and short: a smoke run")
+    args = p.parse_args()
+    if args.quick:
+        args.nx = args.ny = 256
+        args.steps, args.repeats, args.snap_n, args.snap_repeat = 40, 1, 512, 5
+        args.flip_steps, args.flip_repeats, args.flip_k = 40, 1, 10
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Other jobs on the machine distort every timing: keep the load with the figures.
+    result: dict[str, Any] = {"cpus": os.cpu_count(), "numpy": np.__version__,
+                              "loadavg_before": os.getloadavg(),
+                              "command": " ".join(["python", "scripts/bench_segments.py",
+                                                   *sys.argv[1:]])}
+    result["snapshot"] = snapshot(args)
+    if not args.skip_mpi:
+        with tempfile.TemporaryDirectory(prefix="bench-segments-") as tmp:
+            result["overhead"] = overhead(Path(tmp), args)
+            result["one_flip"] = one_flip(Path(tmp), args)
+    result["loadavg_after"] = os.getloadavg()
+    print_table(result)
+    print(f"load average before/after: {result['loadavg_before'][0]:.2f} / "
+          f"{result['loadavg_after'][0]:.2f} on {result['cpus']} cores")
+    (out / "bench_segments.json").write_text(json.dumps(result, indent=2) + "\n")
+    figure(result, out / "bench_segments.png")
+    print(f"wrote {out / 'bench_segments.json'} and {out / 'bench_segments.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
