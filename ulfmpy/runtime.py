@@ -425,8 +425,9 @@ class Runtime:
         quiet = Report(ckpt_due=report.ckpt_due, next_k=report.next_k)
         vec = self._agree_buf
         vec[0] = 0 if report == quiet else 1
-        vec[1] = int(report.ckpt_due)
-        vec[2] = report.next_k
+        # Rank 0 decides checkpoints and segment length (others' clocks differ).
+        vec[1] = int(report.ckpt_due) if self.rank == 0 else 0
+        vec[2] = report.next_k if self.rank == 0 else 0
         self.comm.mpi_comm.Allreduce(MPI.IN_PLACE, vec, op=MPI.MAX)
         if vec[0] == 0:
             return [Report(ckpt_due=bool(vec[1]), next_k=int(vec[2]))] + [quiet] * (self.size - 1)
