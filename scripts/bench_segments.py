@@ -4,14 +4,12 @@
 Three measurements (issue 3), each a ratio taken on this machine in this run:
 
 (a) **Fault-free overhead** of the protected stencil against the same kernel
-    with ``--no-resilience``, for segment lengths 1, 5, 10, 50 and the
-    default, at 4 ranks. Runs are interleaved (baseline, then each length)
-    and repeated; the best (min) loop time of each is compared, since other
-    jobs on a shared machine only ever add time (medians are kept too). The protected
-    loop time comes from the events (first ``segments`` event to the last
-    segment commit, slowest rank), so, like the baseline's, it excludes
-    start-up and the final fingerprint; the summary's ``wall_s`` (which
-    includes them) is recorded too.
+    without ulfmpy, for segment lengths 1, 5, 10, 50 and the default (auto),
+    at 4 ranks. All trials run inside one MPI job (``scripts/overhead_job.py``),
+    alternating round by round, because separate launches differ by more
+    than the overhead measured. The figure is the median over rounds of
+    (protected loop time / baseline loop time of the same round), with the
+    quartiles; loop times exclude start-up on both sides.
 (b) **Snapshot throughput**: ``ulfmpy.segment.Snapshot.take`` (and
     ``restore``) against ``np.copyto`` of the same arrays into preallocated
     buffers, in this process (no MPI): a stencil-like padded block (the
@@ -109,43 +107,48 @@ def catch_up_seconds(run_dir: Path) -> float:
 # -- (a) fault-free overhead ---------------------------------------------------------
 
 def overhead(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
-    app = ["--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.steps)]
-    runs: dict[str, list[dict[str, Any]]] = {"baseline": []}
-    labels = {k: (f"k={k}" if k else "default") for k in SEGMENT_LENGTHS}
-    for label in labels.values():
-        runs[label] = []
-    n = 0
-    for rep in range(args.repeats):
-        order: list[int | None | str] = ["baseline", *SEGMENT_LENGTHS]
-        if rep % 2:
-            order.reverse()  # cancel drift between the first and last runs of a round
-        for k in order:
-            n += 1
-            if k == "baseline":
-                runs["baseline"].append(launch(tmp / f"a{n}", args.ranks, ["--no-resilience"], app))
-            else:
-                seg = ["--segment-steps", str(k)] if k else []
-                runs[labels[k]].append(launch(tmp / f"a{n}", args.ranks, seg, app))
-    base = statistics.median(r["loop_s"] for r in runs["baseline"])
-    fp = {r["fingerprint"] for rs in runs.values() for r in rs}
+    """Run scripts/overhead_job.py (one job, trials alternating) and compare in pairs.
+
+    The overhead of segment length k in round r is its loop time over the
+    baseline's of the same round; the figure is the median over rounds
+    (with the quartiles), which cancels drift a min-over-runs cannot.
+    """
+    out = tmp / "overhead.json"
+    ks = ",".join(str(k or 0) for k in SEGMENT_LENGTHS)
+    cmd = [sys.executable, "-m", "ulfmpy", "run", "-n", str(args.ranks), "--run-dir", str(tmp / "a"),
+           "--", str(REPO / "scripts" / "overhead_job.py"), "--out", str(out),
+           "--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.steps),
+           "--rounds", str(args.repeats), "--k", ks]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env,
+                          cwd=str(tmp))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    job = json.loads(out.read_text())
+    trials = job["trials"]
+    base = {t["round"]: t["loop_s"] for t in trials if t["mode"] == "baseline"}
     rows = []
-    for label in labels.values():
-        rs = runs[label]
-        loop = statistics.median(r["loop_s"] for r in rs)
-        wall = statistics.median(r["wall_s"] for r in rs)
-        rows.append({"segment_steps": rs[0]["segment_steps"], "label": label,
-                     "loop_s_median": loop, "loop_s_min": min(r["loop_s"] for r in rs),
-                     "wall_s_median": wall, "segments": rs[0]["segments"],
-                     "overhead_pct": 100.0 * (loop / base - 1.0),
-                     "overhead_pct_min": 100.0 * (min(r["loop_s"] for r in rs)
-                                                  / min(r["loop_s"] for r in runs["baseline"]) - 1.0),
-                     "loop_s_all": [r["loop_s"] for r in rs]})
+    for k in SEGMENT_LENGTHS:
+        mine = [t for t in trials if t["mode"] == f"k={k or 0}"]
+        ratios = [t["loop_s"] / base[t["round"]] for t in mine]
+        q1, med, q3 = (statistics.quantiles(ratios, n=4) if len(ratios) > 1
+                       else [ratios[0]] * 3)
+        rows.append({"segment_steps": k or "auto", "label": f"k={k}" if k else "auto (default)",
+                     "segment_length_end": mine[-1]["segment_length_end"],
+                     "overhead_pct": 100.0 * (statistics.median(ratios) - 1.0),
+                     "overhead_pct_q1": 100.0 * (q1 - 1.0), "overhead_pct_q3": 100.0 * (q3 - 1.0),
+                     "overhead_pct_min": 100.0 * (min(t["loop_s"] for t in mine)
+                                                  / min(base.values()) - 1.0),
+                     "loop_s_median": statistics.median(t["loop_s"] for t in mine),
+                     "loop_s_all": [t["loop_s"] for t in mine]})
     return {"ranks": args.ranks, "nx": args.nx, "ny": args.ny, "steps": args.steps,
-            "repeats": args.repeats, "baseline_loop_s_median": base,
-            "baseline_loop_s_min": min(r["loop_s"] for r in runs["baseline"]),
-            "baseline_loop_s_all": [r["loop_s"] for r in runs["baseline"]],
-            "step_ms_baseline": 1e3 * min(r["loop_s"] for r in runs["baseline"]) / args.steps,
-            "fingerprints_identical": len(fp) == 1, "rows": rows}
+            "repeats": args.repeats, "method": "one job, alternating trials, median of per-round ratios",
+            "baseline_loop_s_median": statistics.median(base.values()),
+            "baseline_loop_s_min": min(base.values()),
+            "baseline_loop_s_all": list(base.values()),
+            "step_ms_baseline": 1e3 * statistics.median(base.values()) / args.steps,
+            "fingerprints_identical": len({t["fingerprint"] for t in trials}) == 1, "rows": rows}
 
 
 # -- (b) snapshot throughput -------------------------------------------------------------
@@ -259,13 +262,14 @@ def figure(result: dict[str, Any], path: Path) -> None:
     if "overhead" in result:
         ov = result["overhead"]
         labels = [r["label"] for r in ov["rows"]]
-        ax1.bar(labels, [r["overhead_pct_min"] for r in ov["rows"]], color="tab:blue",
-                label="best of runs (min / min)")
-        ax1.plot(labels, [r["overhead_pct"] for r in ov["rows"]], "o", color="k",
-                 label="median / median")
+        med = np.array([r["overhead_pct"] for r in ov["rows"]])
+        err = np.array([[m - r["overhead_pct_q1"] for m, r in zip(med, ov["rows"])],
+                        [r["overhead_pct_q3"] - m for m, r in zip(med, ov["rows"])]])
+        ax1.bar(labels, med, yerr=np.clip(err, 0, None), capsize=3, color="tab:blue",
+                label="median of per-round ratios (bars: quartiles)")
         ax1.axhline(3.0, color="tab:red", ls="--", lw=1, label="3 % target")
         ax1.axhline(0.0, color="k", lw=0.5)
-        ax1.set_title(f"(a) fault-free overhead vs --no-resilience\n{ov['ranks']} ranks, "
+        ax1.set_title(f"(a) fault-free overhead vs no ulfmpy (one job)\n{ov['ranks']} ranks, "
                       f"{ov['nx']}x{ov['ny']}, {ov['steps']} steps, "
                       f"{ov['step_ms_baseline']:.1f} ms/step")
         ax1.set_ylabel("loop time overhead (%)")
@@ -309,15 +313,14 @@ def print_table(result: dict[str, Any]) -> None:
     if "overhead" in result:
         ov = result["overhead"]
         print(f"(a) fault-free overhead, {ov['ranks']} ranks, {ov['nx']}x{ov['ny']}, "
-              f"{ov['steps']} steps, {ov['repeats']} rounds: baseline loop best "
-              f"{ov['baseline_loop_s_min']:.3f} s ({ov['step_ms_baseline']:.2f} ms/step), "
-              f"median {ov['baseline_loop_s_median']:.3f} s; "
+              f"{ov['steps']} steps, {ov['repeats']} rounds in one job: baseline median "
+              f"{ov['baseline_loop_s_median']:.3f} s ({ov['step_ms_baseline']:.2f} ms/step); "
               f"fingerprints identical: {ov['fingerprints_identical']}")
-        print(f"    {'segment':>9} {'best s':>8} {'overhead':>9} {'median s':>9} {'(med/med)':>10} "
-              f"{'segments':>9}")
+        print(f"    {'segment':>15} {'k at end':>8} {'overhead':>9} {'quartiles':>16} {'median s':>9}")
         for r in ov["rows"]:
-            print(f"    {r['label']:>9} {r['loop_s_min']:>8.3f} {r['overhead_pct_min']:>8.1f}% "
-                  f"{r['loop_s_median']:>9.3f} {r['overhead_pct']:>9.1f}% {r['segments']:>9}")
+            q = f"{r['overhead_pct_q1']:.1f} .. {r['overhead_pct_q3']:.1f}%"
+            print(f"    {r['label']:>15} {r['segment_length_end']:>8} {r['overhead_pct']:>8.1f}% "
+                  f"{q:>16} {r['loop_s_median']:>9.3f}")
     sn = result["snapshot"]
     print(f"(b) snapshot throughput ({sn['n']}x{sn['n']} float64, best of {sn['repeat']})")
     for r in sn["rows"]:
@@ -343,8 +346,8 @@ def main() -> int:
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--nx", type=int, default=1024)
     p.add_argument("--ny", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--repeats", type=int, default=7, help="rounds of (a)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=8, help="rounds of (a)")
     p.add_argument("--snap-n", type=int, default=2048, help="snapshot array side for (b)")
     p.add_argument("--snap-repeat", type=int, default=20)
     p.add_argument("--flip-steps", type=int, default=100)
@@ -355,7 +358,7 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.nx = args.ny = 256
-        args.steps, args.repeats, args.snap_n, args.snap_repeat = 40, 1, 512, 5
+        args.steps, args.repeats, args.snap_n, args.snap_repeat = 40, 2, 512, 5
         args.flip_steps, args.flip_repeats, args.flip_k = 40, 1, 10
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,10 @@ def _duration(text: str) -> float:
     return parse_duration(text)
 
 
+def _segment_steps(text: str) -> int:
+    return 0 if str(text).strip().lower() == "auto" else int(text)
+
+
 def _opt(kind: Callable[[str], Any], help: str, *, choices: tuple[str, ...] | None = None,
          repeat: bool = False) -> dict[str, Any]:
     return {"kind": kind, "help": help, "choices": choices, "repeat": repeat}
@@ -50,8 +54,13 @@ class Config:
         str, "run directory (events, summary, checkpoints); default runs/run-<time>"))
     resilience: bool = field(default=True, metadata=_opt(
         lambda s: _bool(s), "protect the loop (segments, detection, rollback); off = plain baseline"))
-    segment_steps: int = field(default=20, metadata=_opt(
-        int, "steps per restartable segment"))
+    segment_steps: int = field(default=0, metadata=_opt(
+        lambda s: _segment_steps(s),
+        "steps per restartable segment, or auto (0, the default): the shortest segment whose "
+        "boundaries cost at most --segment-budget of the step time, measured as the run goes"))
+    segment_budget: float = field(default=0.01, metadata=_opt(
+        float, "with --segment-steps auto: fraction of the step time the segment boundaries "
+        "(snapshot, detectors, agreement) may cost"))
     detect: tuple[str, ...] = field(default=("finite",), metadata=_opt(
         _csv, "detectors run at segment end, comma-separated (finite,bounds,invariant,...)"))
     detect_every: int = field(default=0, metadata=_opt(
@@ -89,8 +98,11 @@ class Config:
         _duration, "recovery time assumed until one is measured"))
 
     def __post_init__(self) -> None:
-        if self.segment_steps < 1:
-            raise ConfigError(f"segment_steps must be >= 1, got {self.segment_steps}")
+        if self.segment_steps < 0:
+            raise ConfigError(f"segment_steps must be >= 1 (or auto / 0), got {self.segment_steps}")
+        if not 0 < self.segment_budget < 1:
+            raise ConfigError(f"segment_budget must be a fraction in (0, 1), e.g. 0.01, "
+                              f"got {self.segment_budget}")
         if self.detect_every < 0:
             raise ConfigError(f"detect_every must be >= 0, got {self.detect_every}")
         if self.max_retries < 0:

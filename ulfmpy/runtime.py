@@ -37,6 +37,7 @@ from ulfmpy.errors import (EXIT_RELAUNCH, EXIT_UNRECOVERABLE, ConfigError, Fault
                            translate_mpi_error)
 from ulfmpy.events import EventLog, write_json_atomic
 from ulfmpy.inject import FaultPlan, kill_self
+from ulfmpy.seglength import K_START, SegmentBudget
 from ulfmpy.segment import Report, Snapshot, agree_reports, closure
 from ulfmpy.state import fingerprint, normalize_state, state_nbytes
 
@@ -148,12 +149,15 @@ class Runtime:
         self.plan = FaultPlan(cfg.inject, self.uid, cfg.seed,
                               marker_dir=os.path.join(self.run_dir, "injected"))
         self._mtbf_kill = self.plan.mtbf_kill(self.size)
+        # Looked up once: _after_step runs every step and must cost next to nothing.
+        self._host = socket.gethostname()
+        self._any_faults = bool(self.plan.faults)
         if cfg.resilience:
             self.comm = ResilientComm(compute, ft=self.ft)
         else:
             self.comm = compute
         self.events.log("start", size=self.size, spares=cfg.spares, logical=self.logical,
-                        ft=self.ft, host=socket.gethostname(), config=cfg.as_dict(),
+                        ft=self.ft, host=self._host, pid=os.getpid(), config=cfg.as_dict(),
                         relaunch=int(os.environ.get("ULFMPY_RELAUNCH", "0")),
                         mpi=MPI.Get_library_version().splitlines()[0],
                         respawned=self._parent is not None)
@@ -351,10 +355,14 @@ class Runtime:
                 self._open_store(step)
             self._new_replay_comm()
         self.comm.void_on_failure = self.ft
-        self.events.log("segments", k=self.config.segment_steps, state_bytes=state_nbytes(self.state),
-                        start=step)
+        cfg = self.config
+        self._k = cfg.segment_steps or K_START
+        self._seglen = (SegmentBudget(budget=cfg.segment_budget, k=self._k)
+                        if not cfg.segment_steps and not cfg.soft_mtbf else None)
+        self._t_boundary_from: float | None = None
+        self.events.log("segments", k=self._k, auto=self._seglen is not None,
+                        state_bytes=state_nbytes(self.state), start=step)
         global_rollbacks = 0
-        self._k = self.config.segment_steps
         self._agree_buf = np.zeros(3, dtype=np.int64)
         self._t_loop = time.perf_counter()
         while step < steps:
@@ -364,9 +372,11 @@ class Runtime:
                 step = end
                 self._checkpoint(step)
             except _GlobalRollback as gr:
+                self._t_boundary_from = None
                 global_rollbacks += 1
                 step = self._global_rollback(gr, global_rollbacks)
             except (ProcessFailure, MPI.Exception) as exc:
+                self._t_boundary_from = None
                 step = self._recover(exc, step)
         self._finish(steps)
 
@@ -375,7 +385,9 @@ class Runtime:
         return run_detectors(self.config.detect, self._view, self.state)
 
     def _kill_point(self, phase: str, step: int) -> None:
-        f = self.plan.kill_due(step, phase, host=socket.gethostname())
+        if not self._any_faults:
+            return
+        f = self.plan.kill_due(step, phase, host=self._host)
         if f is None:
             return
         self.plan.mark_fired(f, step=step, phase=phase, uid=self.uid)
@@ -392,10 +404,10 @@ class Runtime:
             kill_self()
 
     def _after_step(self, step: int, *, replay: bool) -> None:
-        comm = self.comm
-        assert isinstance(comm, ResilientComm)
         self._cur_step = step
-        comm.check_failure()
+        self.comm.check_failure()
+        if not self._any_faults:
+            return
         if not replay:
             self._kill_point("compute", step)
             self._timed_kill(step)
@@ -438,6 +450,11 @@ class Runtime:
         assert isinstance(comm, ResilientComm) and snap is not None
         snap.take(first)
         self._seg_t0 = time.perf_counter()
+        if self._t_boundary_from is not None and self._seglen is not None:
+            # From the last step of the previous segment to here: what one
+            # boundary costs (snapshot, detectors, agreement, waiting).
+            self._seglen.observe_boundary(self._seg_t0 - self._t_boundary_from)
+        self._t_boundary_from = None
         comm.begin_segment()
         self._seg_flips = []
         report = Report()
@@ -459,6 +476,7 @@ class Runtime:
                     if report.repaired_steps:
                         repaired_through = s
             s += 1
+        t_steps_end = time.perf_counter()
         if not report.detected:
             hit = self._detect()
             if hit:
@@ -468,8 +486,9 @@ class Runtime:
                                 contaminated=report.contaminated,
                                 collective_mismatch=report.collective_mismatch,
                                 diverged=report.diverged, repaired_steps=report.repaired_steps)
+        clean = not report.detected and not report.repaired_steps
         report = Report(**{**report.__dict__, "ckpt_due": self._ckpt_due(end),
-                           "next_k": self._propose_k(first, end)})
+                           "next_k": self._propose_k(first, end, t_steps_end, clean)})
         reports = self._agree(report, first, end)
         self._ckpt_decision = reports[0].ckpt_due
         if reports[0].next_k and reports[0].next_k != self._k:
@@ -482,6 +501,8 @@ class Runtime:
             if lone:
                 self._record_rollback(first, lone, frozenset(), rounds=0, seconds=lone_s,
                                       reexec=sum(rep.repaired_steps for rep in reports))
+            else:
+                self._t_boundary_from = t_steps_end
             self._commit(first, end, in_S=False, repaired_through=repaired_through)
             return
         if cfg.rollback == "global":
@@ -532,10 +553,28 @@ class Runtime:
                               reexec=reexec, detected_on=detected_on)
         self._commit(first, end, in_S=self.rank in S, repaired_through=repaired_through)
 
-    def _propose_k(self, first: int, end: int) -> int:
-        """Segment length from the soft-error MTBF and the measured snapshot time."""
-        if not self.config.soft_mtbf or self.rank != 0 or self._snap is None:
+    def _propose_k(self, first: int, end: int, t_steps_end: float, clean: bool) -> int:
+        """Rank 0's proposal for the next segment length (0: no change). Local.
+
+        From the soft-error MTBF and the measured snapshot time when
+        ``--soft-mtbf`` is set; else, with ``--segment-steps auto``, from the
+        overhead budget and the measured boundary and step times.
+        """
+        if self.rank != 0 or self._snap is None:
             return 0
+        if not self.config.soft_mtbf:
+            if self._seglen is None:
+                return 0
+            if clean:
+                assert isinstance(self.comm, ResilientComm)
+                self._seglen.observe_segment(t_steps_end - self._seg_t0, end - first,
+                                             log_bytes=self.comm.log.nbytes,
+                                             state_bytes=state_nbytes(self.state))
+            d = self._seglen.propose()
+            if d is None:
+                return 0
+            self.events.log("segment_decision", at_step=end, **d)
+            return int(d["steps"])
         from ulfmpy.policy import IntervalPolicy
 
         probe = getattr(self, "_probe", None)
@@ -656,6 +695,7 @@ class Runtime:
             # (replay is deterministic), and re-saving would first delete it.
             self._last_ckpt_step, self._last_ckpt_time = step, time.perf_counter()
             return
+        self._t_boundary_from = None  # a save is the interval policy's cost, not a boundary's
         if self.store.mode == "sync":
             self._kill_point("checkpoint", step)
         rec = self.store.save(step, self.state)
@@ -954,6 +994,7 @@ class Runtime:
             "ranks": self.size, "steps": steps, "wall_s": wall, "fingerprint": fp,
             "resilience": self.config.resilience,
             "segment_steps": self.config.segment_steps if self.config.resilience else None,
+            "segment_length": getattr(self, "_k", None) if self.config.resilience else None,
             "segments": history["segments"],
             "rollbacks": history["rollbacks"],
             "reexecuted_rank_steps": history["reexecuted_rank_steps"],

@@ -373,3 +373,42 @@ def test_app_flag_that_abbreviates_a_launcher_flag(tmp_path):
                      timeout=60)
     assert res.returncode == 0, str(res)
     assert "--n 96" in res.stdout
+
+
+# -- the default segment length: an overhead budget (--segment-steps auto) ----------------
+
+AUTO_STEPS = 240
+AUTO_ARGS = ("--nx", "48", "--ny", "40", "--steps", str(AUTO_STEPS), "--quiet")
+
+
+def test_auto_segment_length_grows_to_the_budget_and_stays_exact(runs):
+    """No --segment-steps: short segments first, then the length the budget allows.
+
+    On this tiny grid a boundary (snapshot, detectors, agreement) costs far
+    more than 1 % of a step, so the policy must lengthen the segments; a flip
+    after the switch is still repaired exactly.
+    """
+    base = runs("auto-baseline", STENCIL.argv(4, ["--no-resilience"], AUTO_ARGS))
+    assert base.returncode == 0, str(base)
+    spec = f"bitflip:rank=1,step=200,array=u,index={STENCIL.interior},bit=62"
+    res = runs("auto-flip", STENCIL.argv(4, [*DETECT, *flips(spec)], AUTO_ARGS))
+    s = ok(res)
+    assert s["segment_steps"] == 0  # auto
+    assert s["fingerprint"] == base.summary["fingerprint"]
+    assert s["injected_faults"] == 1 and s["escaped_faults"] == 0 and len(s["rollbacks"]) == 1
+    [start] = [e for e in res.events("segments") if e["rank"] == 0]
+    assert start["auto"] is True and start["k"] == 10
+    decisions = [e for e in res.events("segment_decision") if e["rank"] == 0]
+    assert decisions, "the budget policy never proposed a length"
+    first = decisions[0]
+    assert first["policy"] == "budget" and first["old"] == 10 and first["steps"] > 10
+    assert first["overhead"] <= first["budget"] * 1.0001 or first["steps"] >= 1000
+    # Every rank switched at the same boundary, to rank 0's proposal.
+    switches = res.events("segment_length")
+    assert {e["rank"] for e in switches} == set(range(4))
+    assert len({(e["at_step"], e["new"]) for e in switches}) == len(decisions)
+    assert s["segment_length"] == decisions[-1]["steps"]
+    # Segment commits follow the lengths: 10-step segments before the switch, longer after.
+    commits = sorted({(e["step"], e["end"]) for e in res.events("segment") if e["rank"] == 0})
+    assert commits[0] == (0, 10)
+    assert any(end - step > 10 for step, end in commits)

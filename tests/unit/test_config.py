@@ -10,7 +10,14 @@ from ulfmpy.errors import ConfigError
 
 def test_defaults():
     c = Config.load(environ={})
-    assert c.segment_steps == 20 and c.detect == ("finite",) and c.rollback == "local"
+    assert c.segment_steps == 0 and c.detect == ("finite",) and c.rollback == "local"
+    assert c.segment_budget == 0.01  # segment_steps 0 = auto: the overhead budget decides
+
+
+def test_segment_steps_auto_by_name():
+    assert Config.load(environ={"ULFMPY_SEGMENT_STEPS": "auto"}).segment_steps == 0
+    assert Config.load(environ={}, segment_steps="AUTO").segment_steps == 0
+    assert Config.load(environ={}, segment_steps="12").segment_steps == 12
 
 
 def test_env_then_keyword_precedence():
@@ -25,7 +32,9 @@ def test_env_then_keyword_precedence():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    ({"segment_steps": 0}, "segment_steps must be >= 1"),
+    ({"segment_steps": -1}, "segment_steps must be >= 1"),
+    ({"segment_budget": 0.0}, "segment_budget must be a fraction"),
+    ({"segment_budget": 1.5}, "segment_budget must be a fraction"),
     ({"ckpt_keep": 1}, "ckpt_keep must be >= 2"),
     ({"rollback": "sideways"}, "rollback must be one of local, global"),
     ({"bogus": 1}, "unknown ulfmpy setting"),

@@ -98,7 +98,7 @@ def test_dry_run_prints_exact_command(capsys, tmp_path, monkeypatch):
 def test_bad_setting_fails_before_launch(capsys, tmp_path):
     script = tmp_path / "app.py"
     script.write_text("")
-    code = main(["run", "-n", "2", "--dry-run", "--segment-steps", "0", str(script)])
+    code = main(["run", "-n", "2", "--dry-run", "--segment-steps", "-3", str(script)])
     assert code == 2
     assert "segment_steps must be >= 1" in capsys.readouterr().err
 

@@ -1,0 +1,98 @@
+# Run: ulfmpy run -n 4 -- scripts/overhead_job.py --out times.json [--steps 1000] [--rounds 8] [--k 0,1,5,10,50]
+"""One MPI job that alternates the plain stencil and the protected one (bench_segments (a)).
+
+Separate launches differ by more than the overhead being measured (where
+the pages land, which cores the ranks get, what else runs), so the baseline
+and every segment length run inside the same job, round after round, in
+alternating order. Each trial is a fresh kernel on a fresh communicator:
+
+- ``baseline``: ``apps.stencil.Heat2D`` on a duplicate of COMM_WORLD, no
+  ulfmpy at all; loop time from a barrier to the slowest rank's end.
+- ``k=K``: a fresh ``ulfmpy.Runtime`` (``segment_steps=K``, 0 = auto) and
+  ``rt.loop``; loop time is the summary's ``wall_s`` (first snapshot to the
+  last commit, slowest rank), so neither side pays for start-up.
+
+Rank 0 writes every trial's loop time and fingerprint to ``--out`` (JSON).
+Collective over COMM_WORLD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mpi4py import MPI
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import ulfmpy  # noqa: E402
+from apps.stencil import Heat2D  # noqa: E402
+
+
+def baseline(world: MPI.Comm, nx: int, ny: int, steps: int) -> tuple[float, str]:
+    comm = world.Dup()
+    app = Heat2D(comm, nx, ny)
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        app.step()
+    wall = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    fp = ulfmpy.fingerprint(comm, app.state)
+    comm.Free()
+    return wall, fp
+
+
+def protected(world: MPI.Comm, nx: int, ny: int, steps: int, k: int, run_dir: str) -> tuple[float, str, int]:
+    with ulfmpy.Runtime(world, run_dir=run_dir, segment_steps=k) as rt:
+        for _step, grid in rt.loop(lambda comm: Heat2D(comm, nx, ny), steps=steps):
+            grid.step()
+        s = rt.summary
+    return s["wall_s"], s["fingerprint"], int(s["segment_length"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--nx", type=int, default=1024)
+    p.add_argument("--ny", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--k", default="0,1,5,10,50", help="segment lengths, 0 = auto (the default)")
+    args = p.parse_args()
+    world = MPI.COMM_WORLD
+    ks = [int(x) for x in args.k.split(",")]
+    base_dir = world.bcast(tempfile.mkdtemp(prefix="overhead-") if world.Get_rank() == 0 else None)
+    trials: list[dict[str, object]] = []
+    n = 0
+    for rnd in range(args.rounds):
+        order: list[int | None] = [None, *ks]
+        if rnd % 2:
+            order.reverse()  # neither side always runs first in a round
+        for k in order:
+            n += 1
+            if k is None:
+                wall, fp = baseline(world, args.nx, args.ny, args.steps)
+                trials.append({"round": rnd, "mode": "baseline", "loop_s": wall, "fingerprint": fp})
+            else:
+                wall, fp, k_end = protected(world, args.nx, args.ny, args.steps, k,
+                                            os.path.join(base_dir, f"t{n}"))
+                trials.append({"round": rnd, "mode": f"k={k}", "segment_steps": k,
+                               "segment_length_end": k_end, "loop_s": wall, "fingerprint": fp})
+    if world.Get_rank() == 0:
+        Path(args.out).write_text(json.dumps({
+            "ranks": world.Get_size(), "nx": args.nx, "ny": args.ny, "steps": args.steps,
+            "rounds": args.rounds, "trials": trials}, indent=1) + "\n")
+        import shutil
+
+        shutil.rmtree(base_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
