@@ -83,6 +83,9 @@ class Config:
         str, "checkpoint writer", choices=("async", "sync")))
     resume: str = field(default="none", metadata=_opt(
         str, "resume from: none, auto (newest valid checkpoint in the run dir), or a checkpoint path"))
+    partner: bool = field(default=True, metadata=_opt(
+        lambda s: _bool(s), "at each checkpoint also keep one partner rank's copy in memory, so a "
+        "replacement restores from it instead of the files"))
     recovery: tuple[str, ...] = field(default=("spares", "respawn", "shrink"), metadata=_opt(
         _csv, "in-job recovery policies tried in order (spares,respawn,shrink)"))
     spares: int = field(default=0, metadata=_opt(int, "spare ranks started beyond -n (set by ulfmpy run --spares)"))

@@ -150,7 +150,8 @@ def translate_mpi_error(exc: BaseException, call: str,
         return exc
     cls = exc.Get_error_class()
     kind = MPI_ERROR_CLASSES().get(cls)
-    if kind is None and failure_suspected and cls == MPI.ERR_OTHER:
+    if kind is None and failure_suspected and cls in (MPI.ERR_OTHER, MPI.ERR_IN_STATUS):
+        # ERR_IN_STATUS: a multi-request wait where a peer's request failed.
         kind = ProcessFailure
     if kind is None:
         return exc

@@ -37,6 +37,7 @@ from ulfmpy.errors import (EXIT_RELAUNCH, EXIT_UNRECOVERABLE, ConfigError, Fault
                            translate_mpi_error)
 from ulfmpy.events import EventLog, write_json_atomic
 from ulfmpy.inject import FaultPlan, kill_self
+from ulfmpy.partner import PartnerCopies, plan_handover, receive_copy
 from ulfmpy.seglength import K_START, SegmentBudget
 from ulfmpy.segment import Report, Snapshot, agree_reports, closure
 from ulfmpy.state import fingerprint, normalize_state, state_nbytes
@@ -113,6 +114,7 @@ class Runtime:
         self._replay_comm: MPI.Comm | None = None
         self._seg_flips: list[int] = []
         self._saw_failure = False
+        self._partners: PartnerCopies | None = None
 
     @property
     def is_spare(self) -> bool:
@@ -168,9 +170,12 @@ class Runtime:
 
         Collective with the parents' repair: merge, then receive who it is.
         """
+        t_merge = time.time()
         merged = self._parent.Merge(high=True)
         merged.Set_errhandler(MPI.ERRORS_RETURN)
         info = merged.bcast(None, root=0)
+        self._joined = {"imported_at": _IMPORTED_AT, "merge_called_at": t_merge,
+                        "merged_at": time.time()}
         # Keeping the intercommunicator open was seen to crash Open MPI's finalize.
         self._parent.Disconnect()
         self._parent = None
@@ -343,7 +348,8 @@ class Runtime:
             self._new_replay_comm()
             step = self._restore_after_repair(None, self._join["target"], None)
             self.events.log("recovery", policy="respawn", role="recovered",
-                            resumed_step=step, uid=self.uid, logical=self.logical)
+                            resumed_step=step, uid=self.uid, logical=self.logical,
+                            restored_at=time.time(), **self._joined)
         elif self.is_spare:
             step = self._wait_as_spare()  # the repair made its replay communicator
             if step is None:
@@ -702,6 +708,15 @@ class Runtime:
         if self.store.mode == "async":
             # Staged and handed to the helper, not committed: the worst moment.
             self._kill_point("checkpoint", step)
+        if self.config.partner and self.size > 1:
+            t0 = time.perf_counter()
+            comm = self.comm.mpi_comm
+            if self._partners is None:
+                self._partners = PartnerCopies(comm.allgather(self._host), self.rank)
+            got = self._partners.exchange(comm, step, self.state)
+            self.events.log("partner_copy", step=step, holder=self._partners.holder,
+                            wards=self._partners.wards, bytes=got,
+                            seconds=time.perf_counter() - t0)
         self._last_ckpt_step, self._last_ckpt_time = step, time.perf_counter()
         if self._policy is not None:
             exposed = self.comm.mpi_comm.allreduce(rec.exposed_s, op=MPI.MAX)
@@ -808,6 +823,7 @@ class Runtime:
         if plan.policy == "respawn":
             new_world, plan = self._respawn(new_world, plan, target, respawns)
             phases["respawn"] = time.perf_counter() - t
+            self.events.log("respawn_timing", **self._spawn_times)
             t = time.perf_counter()
         self.logical = plan.assign[self.uid]
         compute = new_world.Split(0 if self.logical is not None else 1,
@@ -855,10 +871,13 @@ class Runtime:
         n = len(plan.failed)
         self._respawns = respawns + 1
         args = ["-m", "mpi4py", *sys.argv]
+        t0 = time.perf_counter()
         inter = world.Spawn(sys.executable, args=args, maxprocs=n, root=0)
         inter.Set_errhandler(MPI.ERRORS_RETURN)
+        t1 = time.perf_counter()
         merged = inter.Merge(high=False)
         merged.Set_errhandler(MPI.ERRORS_RETURN)
+        self._spawn_times = {"spawn_s": t1 - t0, "merge_s": time.perf_counter() - t1}
         new_uids = [100_000 * self._respawns + k for k in range(n)]
         assign = dict(plan.assign)
         replaced = {}
@@ -895,8 +914,18 @@ class Runtime:
         else:
             self._build(comm)
             how = "factory"
+        replacement = old_logical is None
+        source = None
+        if (target is not None and self.config.partner and self.size > 1
+                and (plan is None or plan.policy in ("spares", "respawn"))):
+            source = self._partner_handover(target, replacement)
+        self._partners = None  # holder and ward roles follow the new layout
+        if copy is None:
             if target is not None:
-                if same_layout or old_logical is None:
+                if source is not None:
+                    receive_copy(comm.mpi_comm, source, self.state)
+                    how = "partner"
+                elif same_layout or replacement:
                     _restore_local(self.run_dir, target, self.state, comm.Get_rank(), comm.Get_size())
                     how = "file"
                 else:
@@ -913,6 +942,28 @@ class Runtime:
             self._last_ckpt_time = time.perf_counter()
         self.events.log("restore_after_repair", how=how, step=target)
         return target if target is not None else self._step0
+
+    def _partner_handover(self, target: int, replacement: bool) -> int | None:
+        """Hand each replacement its partner copy of checkpoint ``target``.
+
+        Collective over the repaired compute communicator (same size and
+        logical ranks as before: spares or respawn). Holders send; returns,
+        on a replacement, the rank to receive from (None: read the files).
+        Roles change with the new layout, so every rank drops its copies
+        afterwards; the next checkpoint makes new ones.
+        """
+        comm = self.comm.mpi_comm
+        held = {}
+        if self._partners is not None and not replacement:
+            held = {w: self._partners.steps(w) for w in self._partners.wards}
+        senders = plan_handover(comm.allgather((replacement, held)), target)
+        for r, h in senders.items():
+            if h == self.rank:
+                assert self._partners is not None
+                self._partners.send_to_replacement(comm, r, r, target)
+        self._partners = None
+        self.events.log("partner_handover", step=target, senders=senders)
+        return senders.get(self.rank) if replacement else None
 
     def _wait_as_spare(self) -> int | None:
         """Wait inside the runtime until the run ends (None) or this spare
@@ -1016,6 +1067,7 @@ class Runtime:
 
 
 _FINALIZE_SKIPPED = False
+_IMPORTED_AT = time.time()  # a respawned rank reports how long its start-up took
 
 
 def _guard_finalize(events: EventLog) -> None:

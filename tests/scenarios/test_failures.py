@@ -263,8 +263,14 @@ def test_policy_alone_kill_middle_rank(runs, clean, policy):
         assert rec["phases"].get(policy, -1) >= 0
         new = 4 if policy == "spares" else 100_000   # the spare's world rank, the first spawned uid
         assert rec["replaced"] == {"2": new}
-        # Survivors restore from their in-memory copy, the replacement from file.
-        assert how == {0: ["memory"], 1: ["memory"], 3: ["memory"], new: ["file"]}
+        # Survivors restore from their in-memory copy, the replacement from
+        # the partner copy rank 3 kept of rank 2 (one host: the next rank).
+        assert how == {0: ["memory"], 1: ["memory"], 3: ["memory"], new: ["partner"]}
+        handovers = res.events("partner_handover")
+        assert {e["rank"] for e in handovers} == {0, 1, 3, new}
+        assert all(e["senders"] == {"2": 3} and e["step"] == RESUMED for e in handovers)
+        copies = [e for e in res.events("partner_copy") if e["rank"] == 3 and e["step"] == RESUMED]
+        assert copies and copies[0]["wards"] == [2] and copies[0]["bytes"] > 0
         [joined] = [e for e in res.events("recovery") if e["rank"] == new]
         assert joined["role"] == "recovered" and joined["resumed_step"] == RESUMED
     for r in survivors:
@@ -299,7 +305,7 @@ def test_kill_rank_0(runs, clean, policy):
     else:
         assert s["ranks"] == 4
         new = 4 if policy == "spares" else 100_000
-        assert how == {1: ["memory"], 2: ["memory"], 3: ["memory"], new: ["file"]}
+        assert how == {1: ["memory"], 2: ["memory"], 3: ["memory"], new: ["partner"]}
         # The replacement is the new logical rank 0: it wrote the summary.
         assert {e["rank"] for e in res.events("finish")} == {*survivors, new}
 
@@ -341,8 +347,14 @@ def test_kill_two_ranks_at_once(runs, clean, policy):
         assert set(replaced) == {"1", "2"}
         if policy == "spares":
             assert set(replaced.values()) == {4, 5}
+        how = how_restored(res)
+        if s["failures"] == 1:
+            # Rank 2 held rank 1's partner copy and died with it: files. Rank 3
+            # held rank 2's: memory.
+            assert how[replaced["1"]][0] == "file"
+            assert how[replaced["2"]][0] == "partner"
         for uid in replaced.values():
-            assert how_restored(res)[uid][0] == "file"
+            assert how[uid][0] in ("file", "partner")
 
 
 # -- a rank dies while a checkpoint is being written -------------------------------

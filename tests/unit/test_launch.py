@@ -6,7 +6,7 @@ import pytest
 
 from ulfmpy.cli import main
 from ulfmpy.errors import LaunchError
-from ulfmpy.launch import MPIInfo, build_command, detect_mpi, find_mpirun
+from ulfmpy.launch import MPIInfo, build_command, detect_mpi, find_mpirun, single_node
 
 OMPI = MPIInfo("/opt/mpi/bin/mpirun", "openmpi", (5, 0, 11), ulfm=True)
 OMPI4 = MPIInfo("/opt/mpi/bin/mpirun", "openmpi", (4, 1, 6), ulfm=False)
@@ -22,6 +22,47 @@ def test_ulfm_job_runs_ranks_under_mpi4py_with_ft():
     assert "--oversubscribe" not in argv
     assert env["ULFMPY_FT"] == "ulfm"
     assert "OMPI_ALLOW_RUN_AS_ROOT" not in env
+
+
+def _btl(argv):
+    return [argv[i + 2] for i, a in enumerate(argv) if a == "--mca" and argv[i + 1] == "btl"]
+
+
+def test_one_node_skips_libfabric_transport():
+    argv, _ = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=False,
+                            one_node=True)
+    assert _btl(argv) == ["^ofi"]
+    assert argv.index("--mca") < argv.index("-m")  # an mpirun flag, not the app's
+    argv, _ = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=False,
+                            one_node=False)
+    assert _btl(argv) == []
+    argv, _ = build_command(ranks=2, program=["a.py"], info=MPICH, cores=2, root=False,
+                            one_node=True)
+    assert "--mca" not in argv
+
+
+@pytest.mark.parametrize("extra,environ,expected", [
+    ([], {}, True),
+    (["--hostfile", "hosts"], {}, False),
+    (["--host=a,b"], {}, False),
+    (["-H", "a,b"], {}, False),
+    (["--mca", "btl", "self,tcp"], {}, False),
+    (["--mca", "pml", "ob1"], {}, True),
+    ([], {"OMPI_MCA_btl": "self,sm"}, False),
+    ([], {"SLURM_JOB_NUM_NODES": "4"}, False),
+    ([], {"SLURM_JOB_NUM_NODES": "1"}, True),
+    ([], {"SLURM_NNODES": "2"}, False),
+])
+def test_single_node_detection(extra, environ, expected):
+    assert single_node(extra, environ) is expected
+
+
+def test_single_node_reads_pbs_nodefile(tmp_path):
+    f = tmp_path / "nodes"
+    f.write_text("n1\nn1\n")
+    assert single_node([], {"PBS_NODEFILE": str(f)}) is True
+    f.write_text("n1\nn2\n")
+    assert single_node([], {"PBS_NODEFILE": str(f)}) is False
 
 
 def test_oversubscribes_only_when_ranks_exceed_cores():
