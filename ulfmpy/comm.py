@@ -80,6 +80,17 @@ def _pickle(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+_PROC_NULL, _ANY_SOURCE, _ANY_TAG = MPI.PROC_NULL, MPI.ANY_SOURCE, MPI.ANY_TAG
+
+
+def _keep(book: dict, pool: dict, key: tuple[int, int, int], arr: np.ndarray) -> None:
+    buf = pool.get(key)
+    if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
+        buf = pool[key] = np.empty(arr.shape, arr.dtype)
+    np.copyto(buf, arr)
+    book[key] = buf
+
+
 @dataclass
 class MessageLog:
     """What one rank received and sent during one segment. Local."""
@@ -90,7 +101,8 @@ class MessageLog:
     # Copies outlive the segment that made them: the next segment makes the
     # same calls with the same keys, so its copies land in warm memory
     # instead of fresh allocations (no malloc, no page faults per step).
-    _pool: dict[tuple[str, int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _pools: dict[str, dict[tuple[int, int, int], np.ndarray]] = field(
+        default_factory=lambda: {"r": {}, "s": {}}, repr=False)
 
     def clear(self) -> None:
         self.received.clear()
@@ -98,18 +110,14 @@ class MessageLog:
         self.collectives.clear()
 
     def keep(self, book: str, key: tuple[int, int, int], arr: np.ndarray) -> None:
-        """Log a copy of ``arr`` under ``key`` in ``received`` or ``sent``."""
-        pk = (book, *key)
-        buf = self._pool.get(pk)
-        if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
-            buf = self._pool[pk] = np.empty(arr.shape, arr.dtype)
-        np.copyto(buf, arr)
-        (self.received if book == "r" else self.sent)[key] = buf
+        """Log a copy of ``arr`` under ``key`` in ``received`` ("r") or ``sent`` ("s")."""
+        _keep(self.received if book == "r" else self.sent, self._pools[book], key, arr)
 
     def release(self) -> None:
         """Drop the pooled buffers too (after a repair: the calls will differ)."""
         self.clear()
-        self._pool.clear()
+        for pool in self._pools.values():
+            pool.clear()
 
     @property
     def nbytes(self) -> int:
@@ -495,37 +503,47 @@ class ResilientComm:
             return
         mode = self.mode
         if mode != "replay":
-            # The hot path of a halo exchange, once per neighbour per step:
-            # one MPI call, then at most one copy per direction into the log.
+            # The hot path of a halo exchange, once per neighbour per step, so
+            # it is written flat: one MPI call, at most one copy per direction
+            # into the log. Every microsecond here is paid on each neighbour's
+            # critical path, twice over when ranks share a core.
+            live = mode == "live"
             snd = rcv = None
-            if mode == "live":
-                if dest != MPI.PROC_NULL:
-                    snd = _array(sendbuf, "Sendrecv")
-                if source != MPI.PROC_NULL:
-                    self._check_peer("Sendrecv", source)
-                    self._check_tag("Sendrecv", recvtag)
-                    rcv = _array(recvbuf, "Sendrecv")
+            if live:
+                if dest != _PROC_NULL:
+                    snd = sendbuf if type(sendbuf) is np.ndarray else _array(sendbuf, "Sendrecv")
+                if source != _PROC_NULL:
+                    if source == _ANY_SOURCE or recvtag == _ANY_TAG:
+                        self._check_peer("Sendrecv", source)
+                        self._check_tag("Sendrecv", recvtag)
+                    rcv = recvbuf if type(recvbuf) is np.ndarray else _array(recvbuf, "Sendrecv")
             try:
                 # Open MPI 5.0 MPI_Sendrecv with a PROC_NULL side segfaults
                 # when the other side fails with ERR_REVOKED (seen with
                 # messages > 256 B), so a one-sided exchange is a Send or a Recv.
-                if source == MPI.PROC_NULL:
-                    if dest == MPI.PROC_NULL:
+                if source == _PROC_NULL:
+                    if dest == _PROC_NULL:
                         return
                     self._comm.Send(sendbuf, dest, sendtag)
-                elif dest == MPI.PROC_NULL:
+                elif dest == _PROC_NULL:
                     self._comm.Recv(recvbuf, source, recvtag, status)
                 else:
                     self._comm.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
             except MPI.Exception as exc:
                 self._fail("Sendrecv", exc)
                 return
-            if snd is not None:
-                key = (dest, sendtag, self._ctr.next_send(dest, sendtag))
-                self.log.keep("s", key, snd)
-            if rcv is not None:
-                key = (source, recvtag, self._ctr.next_recv(source, recvtag))
-                self.log.keep("r", key, rcv)
+            if live:
+                ctr, log = self._ctr, self.log
+                if snd is not None:
+                    pk = (dest, sendtag)
+                    n = ctr.send.get(pk, 0)
+                    ctr.send[pk] = n + 1
+                    _keep(log.sent, log._pools["s"], (dest, sendtag, n), snd)
+                if rcv is not None:
+                    pk = (source, recvtag)
+                    n = ctr.recv.get(pk, 0)
+                    ctr.recv[pk] = n + 1
+                    _keep(log.received, log._pools["r"], (source, recvtag, n), rcv)
             return
         # Replay: half live, half logged is possible; post the live halves
         # nonblocking so two members of S never wait on each other.

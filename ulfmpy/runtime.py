@@ -898,8 +898,6 @@ class Runtime:
 
     def _restore_after_repair(self, plan: Any, target: int | None, old_logical: int | None) -> int:
         """Application recovery: state back to the checkpoint ``target``. Collective."""
-        from ulfmpy.checkpoint import restore, restore_from_memory
-
         comm = self.comm
         same_layout = (plan is not None and plan.policy in ("spares", "respawn")
                        and old_logical == self.logical)
@@ -909,6 +907,8 @@ class Runtime:
         if self.store is not None:
             self.store.reset(comm.mpi_comm)
         if copy is not None:
+            from ulfmpy.checkpoint import restore_from_memory
+
             restore_from_memory(self.state, copy)  # survivors: no file I/O
             how = "memory"
         else:
@@ -929,6 +929,8 @@ class Runtime:
                     _restore_local(self.run_dir, target, self.state, comm.Get_rank(), comm.Get_size())
                     how = "file"
                 else:
+                    from ulfmpy.checkpoint import restore
+
                     restore(comm.mpi_comm, os.path.join(self.run_dir, "ckpt", f"step-{target:08d}.h5"),
                             self.state, events=self.events)
                     how = "file N->M"
@@ -969,6 +971,9 @@ class Runtime:
         """Wait inside the runtime until the run ends (None) or this spare
         replaces a failed rank (the step to resume from)."""
         self.events.log("spare_waiting")
+        # Idle time: load the checkpoint engine (h5py) now rather than on the
+        # critical path of the recovery this spare may join.
+        import ulfmpy.checkpoint  # noqa: F401
         while True:
             try:
                 # Poll rather than block, so a timed kill can strike a waiting spare.

@@ -5,7 +5,7 @@ the snapshot copy, the detectors, the agreement, and the ranks waiting for
 each other there. A segment of k steps spreads that cost over k steps, so
 the fault-free overhead of the boundaries is ``boundary / (k * step_time)``.
 This policy measures both and picks the smallest k that keeps the overhead
-within a budget (default 1 % of the step time), because a shorter segment
+within a budget (default 0.5 % of the step time), because a shorter segment
 loses less work to a soft error and keeps a smaller message log.
 
 Two caps keep the choice sane: at most :data:`K_MAX` steps, and a message
@@ -46,7 +46,7 @@ class SegmentBudget:
         window: how many recent measurements the medians use.
     """
 
-    budget: float = 0.01
+    budget: float = 0.005
     k: int = K_START
     window: int = 5
     _boundary: deque[float] = field(default_factory=deque, repr=False)
