@@ -9,6 +9,7 @@ contiguous copy of the state; in async mode it lives in POSIX shared memory
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -24,9 +25,58 @@ from ulfmpy import _ckpt_helper
 from ulfmpy.errors import CheckpointError
 from ulfmpy.state import Block, StateValue, local_array
 
-__all__ = ["Buffer", "HelperProcess", "layout_key", "specs_of"]
+__all__ = ["Buffer", "HelperProcess", "layout_key", "specs_of", "sweep_orphans"]
 
 _ALIGN = 64
+
+
+def _shm_prefix() -> str:
+    """Name prefix of this PID namespace's staging segments (pids mean nothing elsewhere)."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"ulfmpy-ckpt-{ns}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans() -> list[str]:
+    """Unlink staging segments whose creating rank is gone. Local.
+
+    A rank killed with SIGKILL together with its process group (resource
+    tracker included) cannot unlink its buffers; the next store on the node
+    does. Segment names carry the PID namespace and the creator's pid.
+    """
+    prefix = _shm_prefix()
+    removed: list[str] = []
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):].split("-")[0])
+        except ValueError:
+            continue
+        if _alive(pid):
+            continue
+        try:
+            os.unlink(f"/dev/shm/{name}")
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def layout_key(entries: Mapping[str, StateValue]) -> tuple[Any, ...]:
@@ -70,7 +120,8 @@ class Buffer:
                 f"asynchronous checkpoints need {self.size} bytes of shared memory per "
                 f"buffer (two per rank) but /dev/shm has {avail} free; enlarge /dev/shm "
                 "or use ckpt_mode='sync'")
-        self.shm = _shm.SharedMemory(create=True, size=self.size)
+        name = f"{_shm_prefix()}{os.getpid()}-{secrets.token_hex(6)}"
+        self.shm = _shm.SharedMemory(name=name, create=True, size=self.size)
         fd = getattr(self.shm, "_fd", -1)
         if fd >= 0 and hasattr(os, "posix_fallocate"):
             try:  # ENOSPC now rather than SIGBUS when the copy touches the pages
@@ -131,7 +182,7 @@ class HelperProcess:
         nice: niceness added to the helper (it is a background writer).
     """
 
-    def __init__(self, *, nice: int = 10) -> None:
+    def __init__(self, *, nice: int = 19) -> None:
         r_job, w_job = os.pipe()
         r_res, w_res = os.pipe()
         cmd = [sys.executable]

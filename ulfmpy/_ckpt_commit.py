@@ -23,6 +23,7 @@ from ulfmpy.errors import CheckpointError
 __all__ = ["CheckpointRecord"]
 
 _PENDING, _DONE, _FAILED = 1, 2, 0
+_POLL_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class _Pending:
     commit: dict[str, Any] | None = None        # rank 0: the commit's outcome
     stats: dict[str, Any] | None = None         # rank 0: maxima/sums over ranks
     poll_s: float = 0.0                         # time spent in poll() on this checkpoint
+    polls: int = 0                              # poll() calls so far (identical on all ranks)
 
 
 class _Committer:
@@ -107,6 +109,15 @@ class _Committer:
         p = self._pending
         assert p is not None
         t0 = time.perf_counter()
+        if not block:
+            # Back off: communicate at the 1st, 2nd, 4th, 8th, 16th poll, then
+            # every 16th. Every rank counts the same polls (poll is
+            # collective), so all skip or all communicate; a long write
+            # stretched out behind busy compute costs a handful of collectives,
+            # and its commit lands at most 16 boundaries after the write ends.
+            p.polls += 1
+            if p.polls & (p.polls - 1) and p.polls % _POLL_EVERY:
+                return None
         try:
             if p.phase == "write":
                 if not self._agree_written(p, block):
@@ -116,6 +127,23 @@ class _Committer:
         finally:
             if charge:
                 p.poll_s += time.perf_counter() - t0
+
+    def _wait_without_spinning(self) -> None:
+        """Wait for every rank here, sleeping instead of spinning. Collective.
+
+        A rank done with its own write must not busy-poll in a blocking
+        collective: a slower rank's helper may share its core, and at a low
+        priority it would starve behind the spin. Communicators without
+        ``Ibarrier`` (tests' fakes) skip the wait.
+        """
+        ibarrier = getattr(self.comm, "Ibarrier", None)
+        if ibarrier is None:
+            return
+        req = ibarrier()
+        delay = 1e-4
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(2 * delay, 5e-3)
 
     def _agree_written(self, p: _Pending, block: bool) -> bool:
         """Phase 1: every rank's file durable? Raises on every rank if one failed."""
@@ -127,6 +155,8 @@ class _Committer:
             status = (_DONE, None)
         else:
             status = (_FAILED, p.result.get("error", "unknown error"))
+        if block:
+            self._wait_without_spinning()
         statuses = self.comm.allgather(status)
         worst = min(s for s, _ in statuses)
         if worst == _FAILED:
@@ -189,6 +219,8 @@ class _Committer:
                 outcome = dict(p.commit, **(p.stats or {}))
                 if not outcome.get("ok") and not outcome.get("user_error"):
                     outcome["error"] = f"committing failed: {outcome.get('error')}"
+        if block:
+            self._wait_without_spinning()
         outcome = self.comm.bcast(outcome, root=0)
         if outcome is None:
             return None

@@ -133,8 +133,12 @@ def test_round_trip_commit_prune_vds(comm, mpi_tmp_path, mode):
         copy = store.memory_copy()
         restore_from_memory(state, copy)
         ok &= copy.step == 3 and same(state, ref3)
-    if pid is not None:  # the helper is gone after close
+    if pid is not None:  # the helper is gone after close, and so are the staging buffers
+        from ulfmpy._ckpt_async import _shm_prefix
+
         ok &= not Path(f"/proc/{pid}").exists()
+        mine = f"{_shm_prefix()}{os.getpid()}-"
+        ok &= not [n for n in os.listdir("/dev/shm") if n.startswith(mine)]
     scramble(state)
     rec = restore(comm, run, state)
     ok &= rec.step == 3 and rec.fallbacks == [] and same(state, ref3)

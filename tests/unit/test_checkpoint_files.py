@@ -454,3 +454,52 @@ def test_paced_helper_hurries_when_the_rank_waits(tmp_path):
     assert np.array_equal(scramble_u, state["u"])
     with pytest.raises(ConfigError, match="helper_duty"):
         CheckpointStore(COMM, tmp_path, mode="async", helper_duty=0)
+
+
+class Counting(OneRank):
+    def __init__(self):
+        self.allgathers = 0
+
+    def allgather(self, obj):
+        self.allgathers += 1
+        return [obj]
+
+
+def test_poll_backs_off_while_the_write_runs(tmp_path):
+    """Polls 1, 2, 4, 8, 16, then every 16th communicate; the rest are free."""
+    comm = Counting()
+    state = {"u": np.arange(4 << 20, dtype=np.float64)}
+    with CheckpointStore(comm, tmp_path, mode="async", helper_duty=1e-4) as store:
+        store._helper.info()
+        store.save(1, state)
+        before = comm.allgathers
+        for _ in range(40):  # the crawling write cannot finish in between
+            assert store.poll() is None
+        assert comm.allgathers - before == 6  # polls 1, 2, 4, 8, 16, 32
+        assert store.drain().committed
+
+
+def test_store_sweeps_staging_buffers_of_killed_ranks(tmp_path):
+    from ulfmpy._ckpt_async import _shm_prefix
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path("/dev/shm") / f"{_shm_prefix()}{dead.pid}-feed"
+    alive = Path("/dev/shm") / f"{_shm_prefix()}{os.getpid()}-beef"
+    for p in (orphan, alive):
+        p.write_bytes(b"x")
+    try:
+        log = EventLog(tmp_path, 0)
+        with CheckpointStore(COMM, tmp_path, mode="async", events=log) as store:
+            store.save(1, {"u": np.zeros(3)})
+            store.drain()
+            mine = [n for n in os.listdir("/dev/shm") if n.startswith(f"{_shm_prefix()}{os.getpid()}-")]
+            assert len(mine) >= 2  # this store's buffers (and the live decoy)
+        log.close()
+        assert not orphan.exists() and alive.exists()
+        assert [e["segments"] for e in read_events(tmp_path, "checkpoint_shm_swept")] == [[orphan.name]]
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"{_shm_prefix()}{os.getpid()}-")]
+        assert left == [alive.name]  # close() unlinked the store's own buffers
+    finally:
+        for p in (orphan, alive):
+            p.unlink(missing_ok=True)
