@@ -32,7 +32,7 @@ from ulfmpy import recovery as _rec
 from ulfmpy.comm import ResilientComm
 from ulfmpy.config import Config
 from ulfmpy.detect import get_detector, run_detectors
-from ulfmpy.errors import (EXIT_RELAUNCH, EXIT_UNRECOVERABLE, ConfigError, FaultSignal,
+from ulfmpy.errors import (UlfmpyError, EXIT_RELAUNCH, EXIT_UNRECOVERABLE, ConfigError, FaultSignal,
                            ProcessFailure, RecoveryFailed, RetriesExhausted,
                            translate_mpi_error)
 from ulfmpy.events import EventLog, write_json_atomic
@@ -1004,14 +1004,29 @@ class Runtime:
                 except _StillSpare:
                     continue
 
-    def _release_spares(self) -> None:
-        """Tell waiting spares the run is over. Called by logical rank 0."""
+    def _release_spares(self) -> int:
+        """Tell waiting spares the run is over; return how many were found dead.
+
+        Called by logical rank 0. A spare killed while it waited is known to
+        ULFM as a failed process of the world communicator (or fails the send).
+        """
         world_ranks = _world_ranks_of_spares(self._world, self._compute)
+        dead: set[int] = set()
+        if self.ft:
+            try:
+                dead = set(_rec.failed_ranks(self._world)) & set(world_ranks)
+            except (MPI.Exception, UlfmpyError):
+                dead = set()
         for r in world_ranks:
+            if r in dead:
+                continue
             try:
                 self._world.send("done", dest=r, tag=_SPARE_TAG)
             except MPI.Exception:
-                pass  # a dead spare needs no goodbye
+                dead.add(r)  # a dead spare needs no goodbye
+        if dead:
+            self.events.log("spares_lost", world_ranks=sorted(dead), count=len(dead))
+        return len(dead)
 
     # -- end of run -------------------------------------------------------------
     def _finish(self, steps: int) -> None:
@@ -1066,9 +1081,11 @@ class Runtime:
             self.summary["restored_from"] = self._restored_from
         self.events.log("finish", fingerprint=fp, wall_s=wall)
         if self.rank == 0:
-            write_json_atomic(os.path.join(self.run_dir, "summary.json"), self.summary)
             if self.config.spares:
-                self._release_spares()
+                # Released before the summary is written, so it can name the
+                # spares that died while waiting (they never showed up anywhere else).
+                self.summary["spares_lost"] = self._release_spares()
+            write_json_atomic(os.path.join(self.run_dir, "summary.json"), self.summary)
 
 
 _FINALIZE_SKIPPED = False

@@ -263,6 +263,8 @@ def test_policy_alone_kill_middle_rank(runs, clean, policy):
         assert rec["phases"].get(policy, -1) >= 0
         new = 4 if policy == "spares" else 100_000   # the spare's world rank, the first spawned uid
         assert rec["replaced"] == {"2": new}
+        if policy == "spares":
+            assert s["spares_lost"] == 0  # used, not lost
         # Survivors restore from their in-memory copy, the replacement from
         # the partner copy rank 3 kept of rank 2 (one host: the next rank).
         assert how == {0: ["memory"], 1: ["memory"], 3: ["memory"], new: ["partner"]}
@@ -477,6 +479,10 @@ def test_kill_waiting_spare_run_ends_cleanly(runs, clean):
     res = _run_with_spare_killed(runs.root / "spare-killed", ["--recovery", "spares,shrink"])
     s = ok(res, clean())
     assert s["ranks"] == 4 and s["failures"] == 0 and s["recoveries"] == []
+    # The summary still says a spare was lost (nothing else would show it).
+    assert s["spares_lost"] == 1
+    [lost] = res.events("spares_lost")
+    assert lost["rank"] == 0 and lost["world_ranks"] == [4]
     # The dead spare never ran a step nor took part in anything after waiting.
     assert [e["event"] for e in res.events() if e["rank"] == 4][-1] == "spare_waiting"
     assert {e["rank"] for e in res.events("exit")} == {0, 1, 2, 3}
