@@ -267,6 +267,9 @@ def figure(result: dict[str, Any], path: Path) -> None:
                         [r["overhead_pct_q3"] - m for m, r in zip(med, ov["rows"])]])
         ax1.bar(labels, med, yerr=np.clip(err, 0, None), capsize=3, color="tab:blue",
                 label="median of per-round ratios (bars: quartiles)")
+        for other in result.get("overhead_other_ranks", []):
+            ax1.plot(labels, [r["overhead_pct"] for r in other["rows"]], "D", color="tab:orange",
+                     label=f"{other['ranks']} ranks (one per core), median")
         ax1.axhline(3.0, color="tab:red", ls="--", lw=1, label="3 % target")
         ax1.axhline(0.0, color="k", lw=0.5)
         ax1.set_title(f"(a) fault-free overhead vs no ulfmpy (one job)\n{ov['ranks']} ranks, "
@@ -310,8 +313,7 @@ def figure(result: dict[str, Any], path: Path) -> None:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    if "overhead" in result:
-        ov = result["overhead"]
+    for ov in [result["overhead"], *result.get("overhead_other_ranks", [])] if "overhead" in result else []:
         print(f"(a) fault-free overhead, {ov['ranks']} ranks, {ov['nx']}x{ov['ny']}, "
               f"{ov['steps']} steps, {ov['repeats']} rounds in one job: baseline median "
               f"{ov['baseline_loop_s_median']:.3f} s ({ov['step_ms_baseline']:.2f} ms/step); "
@@ -354,6 +356,8 @@ def main() -> int:
     p.add_argument("--flip-k", type=int, default=20, help="segment length in (c)")
     p.add_argument("--flip-repeats", type=int, default=3)
     p.add_argument("--skip-mpi", action="store_true", help="only (b)")
+    p.add_argument("--also-ranks", type=lambda t: [int(x) for x in t.split(",") if x], default=[2],
+                   help="also measure (a) at these rank counts (default 2: one rank per core here)")
     p.add_argument("--quick", action="store_true", help="small and short: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -371,6 +375,10 @@ def main() -> int:
     if not args.skip_mpi:
         with tempfile.TemporaryDirectory(prefix="bench-segments-") as tmp:
             result["overhead"] = overhead(Path(tmp), args)
+            # The same at one rank per core: how much of (a) is 2:1 oversubscription.
+            for n in args.also_ranks:
+                sub = argparse.Namespace(**{**vars(args), "ranks": n})
+                result.setdefault("overhead_other_ranks", []).append(overhead(Path(tmp), sub))
             result["one_flip"] = one_flip(Path(tmp), args)
     result["loadavg_after"] = os.getloadavg()
     print_table(result)

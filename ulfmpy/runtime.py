@@ -1035,11 +1035,24 @@ class Runtime:
             self.store.drain()
         # Loop time only, like the --no-resilience baseline (setup excluded).
         wall = time.perf_counter() - getattr(self, "_t_loop", self._t0)
-        fp = fingerprint(comm, self.state)
-        counts = comm.allgather((self._counters["injected_faults"], self._counters["escaped_faults"],
-                                 len(self._recoveries), self._counters["segments"]))
+        try:
+            fp = fingerprint(comm, self.state)
+            counts = comm.allgather((self._counters["injected_faults"],
+                                     self._counters["escaped_faults"], len(self._recoveries),
+                                     self._counters["segments"], wall))
+        except MPI.Exception as exc:
+            if self.rank == 0 or not (self._saw_failure or self.role != _rec.Role.INITIAL):
+                raise
+            # A process that lived through a failure leaves without
+            # MPI_Finalize; one that finished these collectives first may be
+            # gone before this rank read its last message. Rank 0 writes the
+            # summary; this rank has nothing left to learn.
+            self.events.log("finish_peer_gone", error=str(exc))
+            self.summary = {"ranks": self.size, "steps": steps, "wall_s": wall,
+                            "fingerprint": None, "incomplete": True}
+            return
         totals = [sum(c[0] for c in counts), sum(c[1] for c in counts)]
-        wall = comm.allreduce(wall, op=MPI.MAX)
+        wall = max(c[4] for c in counts)
         # The history of the run is best known to the process that lived
         # through all of it: a spare or respawned rank 0 joined late.
         keeper = max(range(len(counts)), key=lambda r: (counts[r][2], counts[r][3], -r))
