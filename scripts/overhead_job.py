@@ -6,8 +6,9 @@ the pages land, which cores the ranks get, what else runs), so the baseline
 and every segment length run inside the same job, round after round, in
 alternating order. Each trial is a fresh kernel on a fresh communicator:
 
-- ``baseline``: ``apps.stencil.Heat2D`` on a duplicate of COMM_WORLD, no
-  ulfmpy at all; loop time from a barrier to the slowest rank's end.
+- ``baseline``: ``apps.stencil.baseline`` (the ``--no-resilience`` mode):
+  the kernel on a duplicate of COMM_WORLD, no ulfmpy at all; loop time
+  from a barrier to the slowest rank's end.
 - ``k=K``: a fresh ``ulfmpy.Runtime`` (``segment_steps=K``, 0 = auto) and
   ``rt.loop``; loop time is the summary's ``wall_s`` (first snapshot to the
   last commit, slowest rank), so neither side pays for start-up.
@@ -23,7 +24,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from mpi4py import MPI
@@ -32,20 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import ulfmpy  # noqa: E402
-from apps.stencil import Heat2D  # noqa: E402
-
-
-def baseline(world: MPI.Comm, nx: int, ny: int, steps: int) -> tuple[float, str]:
-    comm = world.Dup()
-    app = Heat2D(comm, nx, ny)
-    comm.Barrier()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        app.step()
-    wall = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-    fp = ulfmpy.fingerprint(comm, app.state)
-    comm.Free()
-    return wall, fp
+from apps.stencil import Heat2D, baseline  # noqa: E402
 
 
 def protected(world: MPI.Comm, nx: int, ny: int, steps: int, k: int, run_dir: str) -> tuple[float, str, int]:
@@ -77,7 +64,8 @@ def main() -> int:
         for k in order:
             n += 1
             if k is None:
-                wall, fp = baseline(world, args.nx, args.ny, args.steps)
+                base = baseline(world, args.nx, args.ny, args.steps, os.path.join(base_dir, f"t{n}"))
+                wall, fp = base["wall_s"], base["fingerprint"]
                 trials.append({"round": rnd, "mode": "baseline", "loop_s": wall, "fingerprint": fp})
             else:
                 wall, fp, k_end = protected(world, args.nx, args.ny, args.steps, k,
