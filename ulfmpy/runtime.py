@@ -362,10 +362,7 @@ class Runtime:
             self._new_replay_comm()
         self.comm.void_on_failure = self.ft
         cfg = self.config
-        self._k = cfg.segment_steps or K_START
-        self._seglen = (SegmentBudget(budget=cfg.segment_budget, k=self._k)
-                        if not cfg.segment_steps and not cfg.soft_mtbf else None)
-        self._t_boundary_from: float | None = None
+        self._reset_segment_length()
         self.events.log("segments", k=self._k, auto=self._seglen is not None,
                         state_bytes=state_nbytes(self.state), start=step)
         global_rollbacks = 0
@@ -382,9 +379,21 @@ class Runtime:
                 global_rollbacks += 1
                 step = self._global_rollback(gr, global_rollbacks)
             except (ProcessFailure, MPI.Exception) as exc:
-                self._t_boundary_from = None
                 step = self._recover(exc, step)
+                # Replacements (spares, respawned ranks) start the segment
+                # length afresh; survivors must too, or the first segment
+                # ends at different steps on different ranks and the
+                # end-of-segment agreement meets a halo exchange.
+                self._reset_segment_length()
         self._finish(steps)
+
+    def _reset_segment_length(self) -> None:
+        """Segment length back to its start value (same on every rank). Local."""
+        cfg = self.config
+        self._k = cfg.segment_steps or K_START
+        self._seglen = (SegmentBudget(budget=cfg.segment_budget, k=self._k)
+                        if not cfg.segment_steps and not cfg.soft_mtbf else None)
+        self._t_boundary_from: float | None = None
 
     # -- one segment ----------------------------------------------------------
     def _detect(self) -> tuple[str, str] | None:

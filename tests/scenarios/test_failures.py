@@ -544,6 +544,37 @@ def test_second_failure_after_first_recovery(runs, clean, policy):
         assert (first["replaced"], second["replaced"]) == ({"2": 100_000}, {"1": 200_000})
 
 
+# -- the default (auto) segment length across a repair ---------------------------------
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_auto_segment_length_survives_a_repair(runs, clean, policy):
+    """With ``--segment-steps auto`` the ranks run long segments once the
+    length is chosen; a replacement starts from the initial length, so every
+    rank must restart from it too (a mismatch hung the job: one side in the
+    end-of-segment agreement, the other in a halo exchange). No checkpoints:
+    a checkpoint ends every segment, so the length would stay short; the
+    repair restarts from step 0."""
+    require_ulfm()
+    res = runs(f"auto-{policy}", ["-n", "4", "--recovery", policy,
+                                  *POLICIES[policy], *kills(KILL_MID), "--", STENCIL, *GRID])
+    s = ok(res, clean())
+    switched = [e for e in res.events("segment_length") if e["rank"] == 0 and e["at_step"] <= MID]
+    assert switched and switched[0]["new"] > MID - switched[0]["at_step"], \
+        "the kill must strike inside a segment of the chosen (longer) length"
+    [rec] = s["recoveries"]
+    assert rec["policy"] == policy and rec["failed_ranks"] == [2]
+    assert rec["resumed_step"] == 0
+    # After the repair the ranks agree on the segment length again: every
+    # rank commits the same segments.
+    ends: dict[int, list[tuple[int, int]]] = {}
+    t_rec = min(e["t"] for e in res.events("recovery"))
+    for e in res.events("segment"):
+        if e["t"] > t_rec:
+            ends.setdefault(e["rank"], []).append((e["step"], e["end"]))
+    assert len(ends) == (3 if policy == "shrink" else 4), ends
+    assert len({tuple(v) for v in ends.values()}) == 1, ends
+
+
 # -- fallback chains and exhaustion --------------------------------------------------
 
 @pytest.mark.parametrize("then", ["shrink", "respawn"])
