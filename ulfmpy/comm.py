@@ -11,14 +11,19 @@ three jobs:
    instead *voids* the rest of the iteration (every further call returns at
    once) because an exception cannot unwind a ``for`` body back into the
    generator that drives it; the loop handles the failure at the next step.
-2. **Logging** (``live`` segment mode): every payload received is copied and
-   every payload sent is digested, keyed by (peer, tag, sequence number);
-   collectives record this rank's contribution digest and the result.
+2. **Logging** (``live`` segment mode): every payload received is copied,
+   keyed by (peer, tag, sequence number); array sends are only counted (their
+   bytes already sit in the receiver's log) and pickled sends keep their
+   bytes; collectives record this rank's contribution digest and the result.
 3. **Replay** (``replay`` segment mode, for the ranks S re-executing a
    segment): messages between members of S go live on a private duplicate
    communicator (so they never match normal traffic); messages from ranks
    outside S are served from the log; sends to ranks outside S are not sent
-   but compared by digest, and a mismatch marks that rank contaminated.
+   but compared with the original, and a mismatch marks that rank
+   contaminated. The originals of array sends come from the receivers' logs
+   (:meth:`ResilientComm.fetch_originals`, collective, before a replay
+   round); a rank re-executing alone mid-segment keeps its re-sent payloads
+   and checks them at the segment's end (:meth:`ResilientComm.verify_resent`).
 
 Calls that cannot be logged raise :class:`~ulfmpy.errors.UnsupportedCall`
 inside a segment, naming the call; outside segments they pass through.
@@ -93,7 +98,12 @@ def _keep(book: dict, pool: dict, key: tuple[int, int, int], arr: np.ndarray) ->
 
 @dataclass
 class MessageLog:
-    """What one rank received and sent during one segment. Local."""
+    """What one rank received and sent during one segment. Local.
+
+    ``received`` holds a copy of every payload received; ``sent`` the bytes
+    of pickled sends and, for a replay, the originals of array sends fetched
+    from their receivers (:meth:`ResilientComm.fetch_originals`).
+    """
 
     received: dict[tuple[int, int, int], Any] = field(default_factory=dict)
     sent: dict[tuple[int, int, int], Any] = field(default_factory=dict)
@@ -101,27 +111,25 @@ class MessageLog:
     # Copies outlive the segment that made them: the next segment makes the
     # same calls with the same keys, so its copies land in warm memory
     # instead of fresh allocations (no malloc, no page faults per step).
-    _pools: dict[str, dict[tuple[int, int, int], np.ndarray]] = field(
-        default_factory=lambda: {"r": {}, "s": {}}, repr=False)
+    _pool: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def clear(self) -> None:
         self.received.clear()
         self.sent.clear()
         self.collectives.clear()
 
-    def keep(self, book: str, key: tuple[int, int, int], arr: np.ndarray) -> None:
-        """Log a copy of ``arr`` under ``key`` in ``received`` ("r") or ``sent`` ("s")."""
-        _keep(self.received if book == "r" else self.sent, self._pools[book], key, arr)
+    def keep(self, key: tuple[int, int, int], arr: np.ndarray) -> None:
+        """Log a copy of received ``arr`` under ``key``."""
+        _keep(self.received, self._pool, key, arr)
 
     def release(self) -> None:
         """Drop the pooled buffers too (after a repair: the calls will differ)."""
         self.clear()
-        for pool in self._pools.values():
-            pool.clear()
+        self._pool.clear()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: received payloads plus the copies of sent ones."""
+        """Bytes held: received payloads and pickled sends."""
         return sum(v.nbytes if isinstance(v, np.ndarray) else len(v)
                    for d in (self.received, self.sent) for v in d.values())
 
@@ -258,6 +266,11 @@ class ResilientComm:
         self.outcome = ReplayOutcome()
         self._rank = comm.Get_rank()
         self._size = comm.Get_size()
+        # Originals of array sends, fetched from their receivers for a replay
+        # round; without them (a lone catch-up) re-sent payloads wait in
+        # _resent for verify_resent at the segment's end.
+        self._have_originals = False
+        self._resent: dict[tuple[int, int, int], np.ndarray] = {}
 
     # -- plumbing ---------------------------------------------------------
     @property
@@ -342,6 +355,7 @@ class ResilientComm:
         self.mode = "off"
         self.log.release()
         self._ctr = _Counters()
+        self._forget_originals()
 
     def check_failure(self) -> None:
         """Raise the failure a voided call recorded, if any. Local."""
@@ -354,11 +368,56 @@ class ResilientComm:
         self.mode = "live"
         self.log.clear()
         self._ctr = _Counters()
+        self._forget_originals()
 
     def end_segment(self) -> None:
         """Stop logging (segment committed). Local."""
         self.mode = "off"
         self.log.clear()
+        self._forget_originals()
+
+    def _forget_originals(self) -> None:
+        if self._have_originals or self._resent:
+            self._have_originals = False
+            self._resent = {}
+
+    def fetch_originals(self, senders: Iterable[int]) -> None:
+        """Give every rank in ``senders`` the array payloads it sent this segment.
+
+        Collective over the communicator (every rank calls it with the same
+        ``senders``). Each rank returns to each sender what it logged from it;
+        a sender files them as its originals, keyed (receiver, tag, seq), for
+        the comparisons of a replay round or of :meth:`verify_resent`. Live
+        logging therefore copies each payload once, at the receiver.
+        """
+        senders = frozenset(senders)
+        me = self._rank
+        out: list[dict | None] = [None] * self._size
+        for (src, tag, seq), data in self.log.received.items():
+            if src in senders and src != me and isinstance(data, np.ndarray):
+                box = out[src]
+                if box is None:
+                    box = out[src] = {}
+                box[(me, tag, seq)] = data
+        got = self._comm.alltoall(out)
+        if me in senders:
+            sent = self.log.sent
+            for box in got:
+                if box:
+                    for key, data in box.items():
+                        sent.setdefault(key, data)
+            self._have_originals = True
+
+    def verify_resent(self) -> set[int]:
+        """Ranks whose original messages differ from what a lone re-execution
+        re-sent (after :meth:`fetch_originals`). Local; clears the stash."""
+        sent, bad = self.log.sent, set()
+        for key, data in self._resent.items():
+            orig = sent.get(key)
+            if orig is None or not _same(orig, data):
+                bad.add(key[0])
+        self._resent = {}
+        return bad
 
     def begin_replay(self, S: Iterable[int], replay_comm: MPI.Comm) -> None:
         """Re-execute with the ranks in ``S`` live, everyone else from the log. Local."""
@@ -390,25 +449,30 @@ class ResilientComm:
             raise UnsupportedCall(f"{call}: ANY_TAG cannot be replayed; name the tag")
 
     def _send_token(self, call: str, dest: int, tag: int, data: Any) -> None:
-        """Log an exact copy of a sent payload (live) or compare with it (replay).
+        """Count a sent payload (live) or compare it with the original (replay).
 
-        A copy is the strongest digest there is and the cheapest to take
-        (memcpy runs several times faster than crc32 here), for as much
-        memory as the log already holds for received payloads. Pickled
-        payloads are immutable bytes and are kept as they are.
+        Comparison is exact (bytes, NaN-safe). Pickled payloads are immutable
+        bytes and are kept as they are; an array's original is the copy its
+        receiver logged, so live sends cost no copy at all.
         """
         key = (dest, tag, self._ctr.next_send(dest, tag))
         if self.mode == "live":
-            if isinstance(data, np.ndarray):
-                self.log.keep("s", key, data)
-            else:
+            if not isinstance(data, np.ndarray):
                 self.log.sent[key] = data
-        else:
-            orig = self.log.sent.get(key)
-            if orig is None:
-                self._diverged(f"{call} to rank {dest} tag {tag} #{key[2]} was not sent originally")
-            elif not _same(orig, data):
+            # An array's original is in the receiver's log: fetched on replay.
+            return
+        orig = self.log.sent.get(key)
+        if isinstance(data, np.ndarray):
+            if orig is None and not self._have_originals:
+                self._resent[key] = np.array(data, copy=True)  # checked at the segment's end
+            elif orig is None or not _same(orig, data):
+                # Missing at the receiver means it was not received in this
+                # segment: pulling the receiver in is always safe.
                 self.outcome.contaminated.add(dest)
+        elif orig is None:
+            self._diverged(f"{call} to rank {dest} tag {tag} #{key[2]} was not sent originally")
+        elif not _same(orig, data):
+            self.outcome.contaminated.add(dest)
 
     def _logged(self, call: str, source: int, tag: int, seq: int) -> Any:
         try:
@@ -448,7 +512,7 @@ class ResilientComm:
         seq = self._ctr.next_recv(source, tag)
         if self.mode == "live":
             self._guard("Recv", self._comm.Recv, buf, source, tag, status)
-            self.log.keep("r", (source, tag, seq), arr)
+            self.log.keep((source, tag, seq), arr)
         elif self._live(source):
             self._guard("Recv", self._replay_comm.Recv, buf, source, tag, status)
         else:
@@ -486,7 +550,7 @@ class ResilientComm:
             key = (source, tag, seq)
 
             def keep(_: Any) -> None:
-                self.log.keep("r", key, arr)
+                self.log.keep(key, arr)
 
             return Request(self, req, "Irecv", keep)
         if self._live(source):
@@ -536,14 +600,12 @@ class ResilientComm:
                 ctr, log = self._ctr, self.log
                 if snd is not None:
                     pk = (dest, sendtag)
-                    n = ctr.send.get(pk, 0)
-                    ctr.send[pk] = n + 1
-                    _keep(log.sent, log._pools["s"], (dest, sendtag, n), snd)
+                    ctr.send[pk] = ctr.send.get(pk, 0) + 1
                 if rcv is not None:
                     pk = (source, recvtag)
                     n = ctr.recv.get(pk, 0)
                     ctr.recv[pk] = n + 1
-                    _keep(log.received, log._pools["r"], (source, recvtag, n), rcv)
+                    _keep(log.received, log._pool, (source, recvtag, n), rcv)
             return
         # Replay: half live, half logged is possible; post the live halves
         # nonblocking so two members of S never wait on each other.

@@ -509,8 +509,10 @@ class Runtime:
         if reports[0].next_k and reports[0].next_k != self._k:
             self.events.log("segment_length", old=self._k, new=reports[0].next_k, at_step=end)
             self._k = reports[0].next_k
-        S = closure((), reports, self.size)
         lone = [r for r, rep in enumerate(reports) if rep.repaired_steps]
+        if lone and len(lone) < self.size:
+            reports = self._verify_lone(reports, lone)
+        S = closure((), reports, self.size)
         lone_s = max((rep.repair_s for rep in reports), default=0.0)
         if not S:
             if lone:
@@ -529,6 +531,9 @@ class Runtime:
         while True:
             rounds += 1
             mine = Report()
+            if len(S) < self.size:
+                # The originals of what S will re-send to the others.
+                comm.fetch_originals(S)
             if self.rank in S:
                 snap.restore()
                 comm.begin_replay(S, self._replay())
@@ -620,8 +625,9 @@ class Runtime:
         """Re-execute steps first..s alone after a per-step detection.
 
         The others keep running; every message this rank needs comes from its
-        log, and its re-sent messages are checked against what it sent: if one
-        differs, the receiver was reached and the segment-end agreement grows S.
+        log, and it keeps what it re-sends: at the segment's end the receivers
+        hand back the originals (``_verify_lone``), and a difference means the
+        receiver was reached, so S grows.
         """
         self.events.log("detection", step=s, detector=hit[0], finding=hit[1], when="step")
         t0 = time.perf_counter()
@@ -643,6 +649,23 @@ class Runtime:
                       diverged=out.diverged or report.diverged,
                       repaired_steps=report.repaired_steps + s + 1 - first,
                       repair_s=report.repair_s + time.perf_counter() - t0)
+
+    def _verify_lone(self, reports: list[Report], lone: list[int]) -> list[Report]:
+        """After lone catch-ups: did a re-sent message differ from the original?
+
+        Collective over the compute communicator. The catching-up ranks kept
+        what they re-sent; their receivers hand back the originals; a
+        difference means the receiver consumed corrupted data, so it joins S.
+        """
+        comm = self.comm
+        assert isinstance(comm, ResilientComm)
+        comm.fetch_originals(lone)
+        mine = Report(contaminated=frozenset(comm.verify_resent()))
+        if mine.contaminated:
+            self.events.log("catch_up_verified", contaminated=sorted(mine.contaminated))
+        extra = agree_reports(comm.mpi_comm, mine)
+        return [Report(**{**rep.__dict__, "contaminated": rep.contaminated | x.contaminated})
+                for rep, x in zip(reports, extra)]
 
     def _record_rollback(self, first: int, lone: list[int], S: frozenset[int], *,
                          rounds: int, seconds: float, reexec: int,

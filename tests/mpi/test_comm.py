@@ -36,15 +36,44 @@ def ring_step(c, data, out):
     c.Sendrecv(data, (rank + 1) % size, 7, out, (rank - 1) % size, 7)
 
 
-def test_live_logs_receives_and_send_digests(rc):
+def test_live_copies_receives_only_and_fetch_returns_sends(rc):
     c, _ = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    right, left = (rank + 1) % size, (rank - 1) % size
+    c.begin_segment()
+    out = np.empty(3)
+    ring_step(c, np.full(3, float(rank)), out)
+    ok = np.array_equal(c.log.received[(left, 7, 0)], np.full(3, float(left)))
+    ok &= c.log.sent == {}  # an array send is counted, not copied
+    # The receiver's copy comes back to the sender as its original.
+    c.fetch_originals({1, 2})
+    if rank in (1, 2):
+        ok &= set(c.log.sent) == {(right, 7, 0)}
+        ok &= np.array_equal(c.log.sent[(right, 7, 0)], np.full(3, float(rank)))
+    else:
+        ok &= c.log.sent == {}
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_lone_replay_keeps_resent_and_verifies_later(rc, change):
+    """A rank re-executing alone mid-segment (no originals yet) keeps what it
+    re-sends; after the fetch, a difference names the receiver."""
+    c, replay = rc
     rank, size = c.Get_rank(), c.Get_size()
     c.begin_segment()
     out = np.empty(3)
     ring_step(c, np.full(3, float(rank)), out)
-    left = (rank - 1) % size
-    ok = (np.array_equal(c.log.received[(left, 7, 0)], np.full(3, float(left)))
-          and ((rank + 1) % size, 7, 0) in c.log.sent)
+    ok = True
+    if rank == 1:
+        c.begin_replay({1}, replay)
+        ring_step(c, np.full(3, 99.0 if change else 1.0), np.zeros(3))
+        ok &= c.end_replay(resume_live=True).contaminated == set()  # not known yet
+    c.fetch_originals({1})
+    if rank == 1:
+        ok &= c.verify_resent() == ({2} if change else set())
+        ok &= c.verify_resent() == set()  # the stash is consumed
     c.end_segment()
     all_true(MPI.COMM_WORLD, ok)
 
@@ -57,6 +86,7 @@ def test_replay_alone_serves_log_and_compares_digests(rc, change):
     out = np.empty(3)
     ring_step(c, np.full(3, float(rank)), out)
     ok = True
+    c.fetch_originals({1})
     if rank == 1:
         c.begin_replay({1}, replay)
         out2 = np.zeros(3)
@@ -76,6 +106,7 @@ def test_replay_pair_is_live_between_members(rc):
     out = np.empty(2)
     ring_step(c, np.full(2, float(rank)), out)
     ok = True
+    c.fetch_originals({1, 2})
     if rank in (1, 2):
         c.begin_replay({1, 2}, replay)
         got = np.zeros(2)
@@ -101,6 +132,7 @@ def test_nonblocking_and_objects(rc):
     c.isend({"from": rank}, right, 5).wait()
     obj = r.wait()
     ok = np.array_equal(buf, np.arange(4.0) + left) and obj == {"from": left}
+    c.fetch_originals({3})
     if rank == 3:
         c.begin_replay({3}, replay)
         buf2 = np.empty(4)

@@ -239,6 +239,30 @@ def test_detected_on_lists_every_detecting_rank(runs, clean):
 
 # -- the ring app: corruption through the collective -----------------------------
 
+LINE = App("line", TEST_APPS / "line_exchange.py", ("--steps", "24"), "x", 7)
+
+
+def test_lone_catch_up_finds_a_receiver_it_reached_silently(runs, clean):
+    """Rank 2's flip (0.46 -> 1.86) is checked only after step 4; at step 4 it
+    already sent the bad value to rank 3, whose update keeps it in bounds, so
+    rank 3 never detects anything. Rank 2 catches up alone; at the segment's
+    end rank 3 hands back the original of what rank 2 re-sent, they differ,
+    and rank 3 re-executes too: exact, though only rank 2 detected."""
+    spec = "bitflip:rank=2,step=3,array=x,index=7,bit=53"
+    res = runs("line-lone-reached",
+               LINE.argv(4, [*DETECT, "--segment-steps", "24", "--detect-every", "5", "--inject", spec]))
+    s = ok(res)
+    assert s["fingerprint"] == clean(LINE, 4)
+    assert s["escaped_faults"] == 0 and s["injected_faults"] == 1
+    assert {e["rank"] for e in res.events("detection")} == {2}
+    assert {e["rank"] for e in res.events("catch_up")} == {2}
+    [verified] = res.events("catch_up_verified")
+    assert verified["rank"] == 2 and verified["contaminated"] == [3]
+    [rb] = s["rollbacks"]
+    assert rb["detected_on"] == [2]
+    assert rb["reexecuted_ranks"] == [2, 3]
+
+
 @pytest.mark.parametrize("ranks", RANKS)
 def test_ring_corruption_through_collective_makes_S_all_ranks(runs, clean, ranks):
     """Flip at the second-last step: the last step's Allreduce carries it.
