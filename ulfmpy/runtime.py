@@ -1016,7 +1016,9 @@ class Runtime:
                         break
                     self._timed_kill(None)
                     time.sleep(0.002)
-                if msg == "done":
+                if msg in ("done", "done:lost"):
+                    if msg == "done:lost":
+                        self._saw_failure = True
                     self.events.log("spare_released")
                     return None
             except ProcessFailure as exc:
@@ -1053,7 +1055,10 @@ class Runtime:
             if r in dead:
                 continue
             try:
-                self._world.send("done", dest=r, tag=_SPARE_TAG)
+                # "done:lost": a process died (a spare, or a rank earlier), so
+                # this one must not finalize either.
+                failed = dead or self._recoveries or self._saw_failure
+                self._world.send("done:lost" if failed else "done", dest=r, tag=_SPARE_TAG)
             except MPI.Exception:
                 dead.add(r)  # a dead spare needs no goodbye
         if dead:
@@ -1067,11 +1072,15 @@ class Runtime:
             self.store.drain()
         # Loop time only, like the --no-resilience baseline (setup excluded).
         wall = time.perf_counter() - getattr(self, "_t_loop", self._t0)
+        # Spares are released before the last collective, so that every rank
+        # learns whether one died while waiting: then nobody may finalize
+        # (Open MPI's finalize fence was seen to wait on the dead spare).
+        lost = self._release_spares() if self.rank == 0 and self.config.spares else 0
         try:
             fp = fingerprint(comm, self.state)
             counts = comm.allgather((self._counters["injected_faults"],
                                      self._counters["escaped_faults"], len(self._recoveries),
-                                     self._counters["segments"], wall))
+                                     self._counters["segments"], wall, lost))
         except MPI.Exception as exc:
             if self.rank == 0 or not (self._saw_failure or self.role != _rec.Role.INITIAL):
                 raise
@@ -1085,6 +1094,9 @@ class Runtime:
             return
         totals = [sum(c[0] for c in counts), sum(c[1] for c in counts)]
         wall = max(c[4] for c in counts)
+        lost = counts[0][5]
+        if lost:
+            self._saw_failure = True
         # The history of the run is best known to the process that lived
         # through all of it: a spare or respawned rank 0 joined late.
         keeper = max(range(len(counts)), key=lambda r: (counts[r][2], counts[r][3], -r))
@@ -1127,9 +1139,8 @@ class Runtime:
         self.events.log("finish", fingerprint=fp, wall_s=wall)
         if self.rank == 0:
             if self.config.spares:
-                # Released before the summary is written, so it can name the
-                # spares that died while waiting (they never showed up anywhere else).
-                self.summary["spares_lost"] = self._release_spares()
+                # The spares that died while waiting (they show up nowhere else).
+                self.summary["spares_lost"] = lost
             write_json_atomic(os.path.join(self.run_dir, "summary.json"), self.summary)
 
 
