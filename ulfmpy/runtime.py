@@ -510,8 +510,10 @@ class Runtime:
             self.events.log("segment_length", old=self._k, new=reports[0].next_k, at_step=end)
             self._k = reports[0].next_k
         lone = [r for r, rep in enumerate(reports) if rep.repaired_steps]
+        fetched: frozenset[int] = frozenset()  # ranks holding their originals (same everywhere)
         if lone and len(lone) < self.size:
             reports = self._verify_lone(reports, lone)
+            fetched = frozenset(lone)
         S = closure((), reports, self.size)
         lone_s = max((rep.repair_s for rep in reports), default=0.0)
         if not S:
@@ -531,9 +533,11 @@ class Runtime:
         while True:
             rounds += 1
             mine = Report()
-            if len(S) < self.size:
-                # The originals of what S will re-send to the others.
-                comm.fetch_originals(S)
+            if len(S) < self.size and not S <= fetched:
+                # The originals of what S will re-send to the others; a retry
+                # or a grown S keeps what earlier rounds fetched.
+                comm.fetch_originals(S - fetched)
+                fetched |= S
             if self.rank in S:
                 snap.restore()
                 comm.begin_replay(S, self._replay())
