@@ -12,15 +12,15 @@ three jobs:
    once) because an exception cannot unwind a ``for`` body back into the
    generator that drives it; the loop handles the failure at the next step.
 2. **Logging** (``live`` segment mode): every payload received is copied,
-   keyed by (peer, tag, sequence number); array sends are only counted (their
-   bytes already sit in the receiver's log) and pickled sends keep their
-   bytes; collectives record this rank's contribution digest and the result.
+   keyed by (peer, tag, sequence number); sends cost nothing (their bytes
+   already sit in the receiver's log); collectives record this rank's
+   contribution digest and the result.
 3. **Replay** (``replay`` segment mode, for the ranks S re-executing a
    segment): messages between members of S go live on a private duplicate
    communicator (so they never match normal traffic); messages from ranks
    outside S are served from the log; sends to ranks outside S are not sent
    but compared with the original, and a mismatch marks that rank
-   contaminated. The originals of array sends come from the receivers' logs
+   contaminated. The originals of sends come from the receivers' logs
    (:meth:`ResilientComm.fetch_originals`, collective, before a replay
    round); a rank re-executing alone mid-segment keeps its re-sent payloads
    and checks them at the segment's end (:meth:`ResilientComm.verify_resent`).
@@ -88,50 +88,101 @@ def _pickle(obj: Any) -> bytes:
 _PROC_NULL, _ANY_SOURCE, _ANY_TAG = MPI.PROC_NULL, MPI.ANY_SOURCE, MPI.ANY_TAG
 
 
-def _keep(book: dict, pool: dict, key: tuple[int, int, int], arr: np.ndarray) -> None:
-    buf = pool.get(key)
-    if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
-        buf = pool[key] = np.empty(arr.shape, arr.dtype)
-    np.copyto(buf, arr)
-    book[key] = buf
+class _Channel:
+    """What one rank received from one (source, tag) this segment, in order.
+
+    ``items[i]`` is message ``i`` (an array copy, or pickled bytes); only the
+    first ``n`` belong to the segment. The arrays outlive it: the next segment
+    makes the same calls, so its copies land in the same buffers instead of
+    fresh allocations (no malloc, no page faults per step).
+    """
+
+    __slots__ = ("n", "items")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.items: list[Any] = []
 
 
-@dataclass
+def _put(ch: _Channel, i: int, arr: np.ndarray) -> None:
+    """Copy received ``arr`` into message slot ``i`` of ``ch`` (reusing its buffer)."""
+    items = ch.items
+    if i < len(items):
+        buf = items[i]
+        if type(buf) is np.ndarray and buf.shape == arr.shape and buf.dtype == arr.dtype:
+            np.copyto(buf, arr)
+        else:
+            items[i] = np.array(arr, copy=True)
+    else:
+        items.extend([None] * (i - len(items)))
+        items.append(np.array(arr, copy=True))
+
+
 class MessageLog:
     """What one rank received and sent during one segment. Local.
 
-    ``received`` holds a copy of every payload received; ``sent`` the bytes
-    of pickled sends and, for a replay, the originals of array sends fetched
-    from their receivers (:meth:`ResilientComm.fetch_originals`).
+    Received payloads are copied into per-(source, tag) channels, in
+    sequence order; ``received`` shows them keyed (source, tag, seq).
+    ``sent`` holds, for a replay, the originals of this rank's sends,
+    fetched from their receivers (:meth:`ResilientComm.fetch_originals`).
     """
 
-    received: dict[tuple[int, int, int], Any] = field(default_factory=dict)
-    sent: dict[tuple[int, int, int], Any] = field(default_factory=dict)
-    collectives: list[tuple[str, int, Any]] = field(default_factory=list)
-    # Copies outlive the segment that made them: the next segment makes the
-    # same calls with the same keys, so its copies land in warm memory
-    # instead of fresh allocations (no malloc, no page faults per step).
-    _pool: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    __slots__ = ("rx", "sent", "collectives")
+
+    def __init__(self) -> None:
+        self.rx: dict[tuple[int, int], _Channel] = {}
+        self.sent: dict[tuple[int, int, int], Any] = {}
+        self.collectives: list[tuple[str, int, Any]] = []
+
+    def channel(self, source: int, tag: int) -> _Channel:
+        ch = self.rx.get((source, tag))
+        if ch is None:
+            ch = self.rx[(source, tag)] = _Channel()
+        return ch
+
+    def reserve(self, source: int, tag: int) -> tuple[_Channel, int]:
+        """The next message slot from (source, tag): its channel and seq."""
+        ch = self.channel(source, tag)
+        i = ch.n
+        ch.n = i + 1
+        if i >= len(ch.items):
+            ch.items.append(None)
+        return ch, i
+
+    def keep(self, source: int, tag: int, arr: np.ndarray) -> None:
+        """Log a copy of received ``arr`` as the next message from (source, tag)."""
+        ch, i = self.reserve(source, tag)
+        _put(ch, i, arr)
+
+    def get(self, source: int, tag: int, seq: int) -> Any:
+        """Message ``seq`` from (source, tag) this segment, or None."""
+        ch = self.rx.get((source, tag))
+        return ch.items[seq] if ch is not None and seq < ch.n else None
+
+    @property
+    def received(self) -> dict[tuple[int, int, int], Any]:
+        """Every payload received this segment, keyed (source, tag, seq)."""
+        return {(src, tag, i): ch.items[i]
+                for (src, tag), ch in self.rx.items() for i in range(ch.n)}
 
     def clear(self) -> None:
-        self.received.clear()
+        for ch in self.rx.values():
+            ch.n = 0
         self.sent.clear()
         self.collectives.clear()
-
-    def keep(self, key: tuple[int, int, int], arr: np.ndarray) -> None:
-        """Log a copy of received ``arr`` under ``key``."""
-        _keep(self.received, self._pool, key, arr)
 
     def release(self) -> None:
         """Drop the pooled buffers too (after a repair: the calls will differ)."""
         self.clear()
-        self._pool.clear()
+        self.rx.clear()
 
     @property
     def nbytes(self) -> int:
         """Bytes held: received payloads and pickled sends."""
+        vals = [ch.items[i] for ch in self.rx.values() for i in range(ch.n)]
+        vals += self.sent.values()
         return sum(v.nbytes if isinstance(v, np.ndarray) else len(v)
-                   for d in (self.received, self.sent) for v in d.values())
+                   for v in vals if v is not None)
 
 
 @dataclass
@@ -382,7 +433,7 @@ class ResilientComm:
             self._resent = {}
 
     def fetch_originals(self, senders: Iterable[int]) -> None:
-        """Give every rank in ``senders`` the array payloads it sent this segment.
+        """Give every rank in ``senders`` the payloads it sent this segment.
 
         Collective over the communicator (every rank calls it with the same
         ``senders``). Each rank returns to each sender what it logged from it;
@@ -393,12 +444,16 @@ class ResilientComm:
         senders = frozenset(senders)
         me = self._rank
         out: list[dict | None] = [None] * self._size
-        for (src, tag, seq), data in self.log.received.items():
-            if src in senders and src != me and isinstance(data, np.ndarray):
-                box = out[src]
-                if box is None:
-                    box = out[src] = {}
-                box[(me, tag, seq)] = data
+        for (src, tag), ch in self.log.rx.items():
+            if src not in senders or src == me:
+                continue
+            for seq in range(ch.n):
+                data = ch.items[seq]
+                if data is not None:
+                    box = out[src]
+                    if box is None:
+                        box = out[src] = {}
+                    box[(me, tag, seq)] = data
         got = self._comm.alltoall(out)
         if me in senders:
             sent = self.log.sent
@@ -425,14 +480,14 @@ class ResilientComm:
         self._S = frozenset(S)
         self._all_in_S = len(self._S) == self._size
         self._replay_comm = replay_comm
-        self._saved_ctr = self._ctr
         self._ctr = _Counters()
         self.outcome = ReplayOutcome()
 
     def end_replay(self, resume_live: bool = False) -> ReplayOutcome:
         """Leave replay; ``resume_live`` continues logging where the original run was."""
         out = self.outcome
-        self._ctr = self._saved_ctr if resume_live else _Counters()
+        # Live logging needs no counters: a channel's length is its next seq.
+        self._ctr = _Counters()
         self.mode = "live" if resume_live else "off"
         return out
 
@@ -449,37 +504,28 @@ class ResilientComm:
             raise UnsupportedCall(f"{call}: ANY_TAG cannot be replayed; name the tag")
 
     def _send_token(self, call: str, dest: int, tag: int, data: Any) -> None:
-        """Count a sent payload (live) or compare it with the original (replay).
+        """Compare a re-sent payload (replay) with the original its receiver logged.
 
-        Comparison is exact (bytes, NaN-safe). Pickled payloads are immutable
-        bytes and are kept as they are; an array's original is the copy its
-        receiver logged, so live sends cost no copy at all.
+        Live sends are neither copied nor counted: every payload's original is
+        the copy its receiver logged, fetched before a replay round
+        (:meth:`fetch_originals`). Comparison is exact (bytes, NaN-safe).
+        Without originals yet (a lone catch-up mid-segment) the re-sent
+        payload waits in ``_resent`` for :meth:`verify_resent`.
         """
         key = (dest, tag, self._ctr.next_send(dest, tag))
-        if self.mode == "live":
-            if not isinstance(data, np.ndarray):
-                self.log.sent[key] = data
-            # An array's original is in the receiver's log: fetched on replay.
-            return
         orig = self.log.sent.get(key)
-        if isinstance(data, np.ndarray):
-            if orig is None and not self._have_originals:
-                self._resent[key] = np.array(data, copy=True)  # checked at the segment's end
-            elif orig is None or not _same(orig, data):
-                # Missing at the receiver means it was not received in this
-                # segment: pulling the receiver in is always safe.
-                self.outcome.contaminated.add(dest)
-        elif orig is None:
-            self._diverged(f"{call} to rank {dest} tag {tag} #{key[2]} was not sent originally")
-        elif not _same(orig, data):
+        if orig is None and not self._have_originals:
+            self._resent[key] = np.array(data, copy=True) if isinstance(data, np.ndarray) else data
+        elif orig is None or not _same(orig, data):
+            # Missing at the receiver means it was not received in this
+            # segment: pulling the receiver in is always safe.
             self.outcome.contaminated.add(dest)
 
     def _logged(self, call: str, source: int, tag: int, seq: int) -> Any:
-        try:
-            return self.log.received[(source, tag, seq)]
-        except KeyError:
+        data = self.log.get(source, tag, seq)
+        if data is None:
             self._diverged(f"{call} from rank {source} tag {tag} #{seq} was not received originally")
-            return None
+        return data
 
     def _diverged(self, what: str) -> None:
         if self.outcome.diverged is None:
@@ -493,7 +539,6 @@ class ResilientComm:
         arr = _array(buf, "Send")
         if self.mode == "live":
             self._guard("Send", self._comm.Send, buf, dest, tag)
-            self._send_token("Send", dest, tag, arr)
         elif self._live(dest):
             self._ctr.next_send(dest, tag)
             self._guard("Send", self._replay_comm.Send, buf, dest, tag)
@@ -509,11 +554,12 @@ class ResilientComm:
         self._check_peer("Recv", source)
         self._check_tag("Recv", tag)
         arr = _array(buf, "Recv")
-        seq = self._ctr.next_recv(source, tag)
         if self.mode == "live":
             self._guard("Recv", self._comm.Recv, buf, source, tag, status)
-            self.log.keep((source, tag, seq), arr)
-        elif self._live(source):
+            self.log.keep(source, tag, arr)
+            return
+        seq = self._ctr.next_recv(source, tag)
+        if self._live(source):
             self._guard("Recv", self._replay_comm.Recv, buf, source, tag, status)
         else:
             data = self._logged("Recv", source, tag, seq)
@@ -527,9 +573,7 @@ class ResilientComm:
             return Request(self, self._guard("Isend", self._comm.Isend, buf, dest, tag), "Isend")
         arr = _array(buf, "Isend")
         if self.mode == "live":
-            req = self._guard("Isend", self._comm.Isend, buf, dest, tag)
-            self._send_token("Isend", dest, tag, arr)
-            return Request(self, req, "Isend")
+            return Request(self, self._guard("Isend", self._comm.Isend, buf, dest, tag), "Isend")
         if self._live(dest):
             self._ctr.next_send(dest, tag)
             return Request(self, self._guard("Isend", self._replay_comm.Isend, buf, dest, tag), "Isend")
@@ -544,15 +588,16 @@ class ResilientComm:
         self._check_peer("Irecv", source)
         self._check_tag("Irecv", tag)
         arr = _array(buf, "Irecv")
-        seq = self._ctr.next_recv(source, tag)
         if self.mode == "live":
             req = self._guard("Irecv", self._comm.Irecv, buf, source, tag)
-            key = (source, tag, seq)
+            # The sequence number is the posting order, whatever order they complete in.
+            ch, seq = self.log.reserve(source, tag)
 
             def keep(_: Any) -> None:
-                self.log.keep(key, arr)
+                _put(ch, seq, arr)
 
             return Request(self, req, "Irecv", keep)
+        seq = self._ctr.next_recv(source, tag)
         if self._live(source):
             return Request(self, self._guard("Irecv", self._replay_comm.Irecv, buf, source, tag), "Irecv")
         data = self._logged("Irecv", source, tag, seq)
@@ -572,10 +617,10 @@ class ResilientComm:
             # into the log. Every microsecond here is paid on each neighbour's
             # critical path, twice over when ranks share a core.
             live = mode == "live"
-            snd = rcv = None
+            rcv = None
             if live:
-                if dest != _PROC_NULL:
-                    snd = sendbuf if type(sendbuf) is np.ndarray else _array(sendbuf, "Sendrecv")
+                if dest != _PROC_NULL and type(sendbuf) is not np.ndarray:
+                    _array(sendbuf, "Sendrecv")  # the same rule as Send
                 if source != _PROC_NULL:
                     if source == _ANY_SOURCE or recvtag == _ANY_TAG:
                         self._check_peer("Sendrecv", source)
@@ -597,15 +642,19 @@ class ResilientComm:
                 self._fail("Sendrecv", exc)
                 return
             if live:
-                ctr, log = self._ctr, self.log
-                if snd is not None:
-                    pk = (dest, sendtag)
-                    ctr.send[pk] = ctr.send.get(pk, 0) + 1
                 if rcv is not None:
-                    pk = (source, recvtag)
-                    n = ctr.recv.get(pk, 0)
-                    ctr.recv[pk] = n + 1
-                    _keep(log.received, log._pool, (source, recvtag, n), rcv)
+                    # MessageLog.keep, inlined: this runs once per neighbour per step.
+                    ch = self.log.rx.get((source, recvtag))
+                    if ch is None:
+                        ch = self.log.channel(source, recvtag)
+                    i = ch.n
+                    ch.n = i + 1
+                    items = ch.items
+                    if i < len(items) and type(buf := items[i]) is np.ndarray \
+                            and buf.shape == rcv.shape and buf.dtype == rcv.dtype:
+                        np.copyto(buf, rcv)
+                    else:
+                        _put(ch, i, rcv)
             return
         # Replay: half live, half logged is possible; post the live halves
         # nonblocking so two members of S never wait on each other.
@@ -624,7 +673,6 @@ class ResilientComm:
             return self._guard("send", self._comm.send, obj, dest, tag)
         if self.mode == "live":
             self._guard("send", self._comm.send, obj, dest, tag)
-            self._send_token("send", dest, tag, _pickle(obj))
         elif self._live(dest):
             self._ctr.next_send(dest, tag)
             self._guard("send", self._replay_comm.send, obj, dest, tag)
@@ -639,11 +687,13 @@ class ResilientComm:
             return self._guard("recv", self._comm.recv, buf, source, tag, status)
         self._check_peer("recv", source)
         self._check_tag("recv", tag)
-        seq = self._ctr.next_recv(source, tag)
         if self.mode == "live":
             obj = self._guard("recv", self._comm.recv, buf, source, tag, status)
-            self.log.received[(source, tag, seq)] = _pickle(obj)
+            if not self._voided():
+                ch, seq = self.log.reserve(source, tag)
+                ch.items[seq] = _pickle(obj)
             return obj
+        seq = self._ctr.next_recv(source, tag)
         if self._live(source):
             return self._guard("recv", self._replay_comm.recv, buf, source, tag, status)
         data = self._logged("recv", source, tag, seq)
@@ -655,9 +705,7 @@ class ResilientComm:
         if self.mode == "off" or dest == MPI.PROC_NULL:
             return Request(self, self._guard("isend", self._comm.isend, obj, dest, tag), "isend")
         if self.mode == "live":
-            req = self._guard("isend", self._comm.isend, obj, dest, tag)
-            self._send_token("isend", dest, tag, _pickle(obj))
-            return Request(self, req, "isend")
+            return Request(self, self._guard("isend", self._comm.isend, obj, dest, tag), "isend")
         if self._live(dest):
             self._ctr.next_send(dest, tag)
             return Request(self, self._guard("isend", self._replay_comm.isend, obj, dest, tag), "isend")
@@ -671,15 +719,16 @@ class ResilientComm:
             return Request(self, self._guard("irecv", self._comm.irecv, buf, source, tag), "irecv")
         self._check_peer("irecv", source)
         self._check_tag("irecv", tag)
-        seq = self._ctr.next_recv(source, tag)
         if self.mode == "live":
-            key = (source, tag, seq)
+            req = self._guard("irecv", self._comm.irecv, buf, source, tag)
+            ch, seq = self.log.reserve(source, tag)
 
             def keep(obj: Any) -> Any:
-                self.log.received[key] = _pickle(obj)
+                ch.items[seq] = _pickle(obj)
                 return obj
 
-            return Request(self, self._guard("irecv", self._comm.irecv, buf, source, tag), "irecv", keep)
+            return Request(self, req, "irecv", keep)
+        seq = self._ctr.next_recv(source, tag)
         if self._live(source):
             return Request(self, self._guard("irecv", self._replay_comm.irecv, buf, source, tag), "irecv")
         data = self._logged("irecv", source, tag, seq)
