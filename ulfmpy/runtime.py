@@ -475,6 +475,14 @@ class Runtime:
         report = Report()
         repaired_through = -1  # last step a lone catch-up re-executed
         s = first
+        if not cfg.detect_every and not self._any_faults:
+            # The common case, kept lean: it runs once per step.
+            while s < end:
+                yield s, app
+                self._cur_step = s
+                if comm.failure is not None:
+                    raise comm.failure
+                s += 1
         while s < end:
             yield s, app
             self._after_step(s, replay=False)
