@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py  # type: ignore[import-untyped]
 import numpy as np
 
+from ulfmpy._ckpt_helper import h5py  # imported on first use
 from ulfmpy._ckpt_helper import (
     CHECKSUM_ALGO,
     MANIFEST_FORMAT,

@@ -52,8 +52,28 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import h5py  # type: ignore[import-untyped]
 import numpy as np
+
+
+class _Lazy:
+    """A module imported on its first attribute access.
+
+    h5py costs about 40 ms to import. A rank whose checkpoints the helper
+    writes (async mode) never touches HDF5 in its own process unless it
+    restores from the files, and a replacement rank pays every import on the
+    recovery's critical path, so ranks import it only when they use it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+h5py: Any = _Lazy("h5py")
 
 __all__ = ["commit_checkpoint", "crc32_hex", "fsync_dir", "fsync_path", "remove_checkpoint",
            "scan_steps", "write_manifest", "write_rank_file"]
@@ -490,6 +510,8 @@ def _child_main(argv: list[str]) -> int:
     _watch_parent(ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent rank decides when to stop
     _place(ppid, nice)
+    import h5py as _loaded  # noqa: F401  (the helper exists to write: be ready for the first job)
+
     inbox = _Inbox(Connection(rfd, writable=False))
     inbox.start()
     cout = Connection(wfd, readable=False)

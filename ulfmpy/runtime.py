@@ -943,6 +943,7 @@ class Runtime:
     def _restore_after_repair(self, plan: Any, target: int | None, old_logical: int | None) -> int:
         """Application recovery: state back to the checkpoint ``target``. Collective."""
         comm = self.comm
+        t0 = time.perf_counter()
         same_layout = (plan is not None and plan.policy in ("spares", "respawn")
                        and old_logical == self.logical)
         copy = None
@@ -980,13 +981,17 @@ class Runtime:
                     how = "file N->M"
         if self._snap is None or how != "memory":
             self._snap = Snapshot(self.state)
+        t_state = time.perf_counter()
         if self.store is None and self._ckpt_enabled():
             self._open_store(self._step0 if target is None else target)
         elif self.store is not None:
             self.store.prepare(self.state)
             self._last_ckpt_step = self._step0 if target is None else target
             self._last_ckpt_time = time.perf_counter()
-        self.events.log("restore_after_repair", how=how, step=target)
+        # Timed in two parts: the state (build, handover, copy) and the checkpoint
+        # store (opened here by a replacement, only reset elsewhere).
+        self.events.log("restore_after_repair", how=how, step=target, state_s=t_state - t0,
+                        store_s=time.perf_counter() - t_state)
         return target if target is not None else self._step0
 
     def _partner_handover(self, target: int, replacement: bool) -> int | None:

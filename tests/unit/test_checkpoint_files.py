@@ -503,3 +503,28 @@ def test_store_sweeps_staging_buffers_of_killed_ranks(tmp_path):
     finally:
         for p in (orphan, alive):
             p.unlink(missing_ok=True)
+
+
+def test_h5py_is_imported_only_when_used(tmp_path):
+    """Opening the checkpoint engine does not import h5py (about 40 ms a
+    replacement rank would pay before resuming); writing a file does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "import ulfmpy.checkpoint, ulfmpy.runtime\n"
+        "before = 'h5py' in sys.modules\n"
+        "from ulfmpy._ckpt_helper import write_rank_file\n"
+        "from ulfmpy._ckpt_files import scan_steps\n"
+        "from pathlib import Path\n"
+        "scan_steps(Path(sys.argv[1]))\n"
+        "print(before, 'h5py' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out == ["False", "False"]
+    read = subprocess.run([sys.executable, "-c",
+                           "import sys\nfrom ulfmpy._ckpt_helper import h5py\n"
+                           "h5py.File\nprint('h5py' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert read == ["True"]
