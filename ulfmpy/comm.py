@@ -510,7 +510,11 @@ class ResilientComm:
         the copy its receiver logged, fetched before a replay round
         (:meth:`fetch_originals`). Comparison is exact (bytes, NaN-safe).
         Without originals yet (a lone catch-up mid-segment) the re-sent
-        payload waits in ``_resent`` for :meth:`verify_resent`.
+        payload waits in ``_resent`` for :meth:`verify_resent`. An object's
+        original is the receiver's re-pickling of what it got; where that is
+        not byte-stable across processes (a set of str under per-process hash
+        seeds) an unchanged object reads as changed, which only pulls its
+        receiver into S: extra work, never a wrong result.
         """
         key = (dest, tag, self._ctr.next_send(dest, tag))
         orig = self.log.sent.get(key)
