@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 import shlex
@@ -347,6 +348,7 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 20.0,
     """
     env = {**os.environ, **env_add}
     run_dir = env_add.get("ULFMPY_RUN_DIR")
+    started = time.time()
     proc = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.PIPE)
     tee = threading.Thread(target=_tee_stderr, args=(proc.stderr, flakes), daemon=True)
     tee.start()
@@ -378,7 +380,38 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 20.0,
         tee.join(timeout=5)
     if run_dir and any(Path(run_dir).glob("abort-rank-*.json")):
         return EXIT_UNRECOVERABLE
-    return status if status >= 0 else 128 - status
+    status = status if status >= 0 else 128 - status
+    if status > 128 and run_dir and _recovered_spawned_death(run_dir, started):
+        print(f"ulfmpy run: mpirun exited with status {status} after the run completed: a "
+              "respawned rank was killed and the job recovered from it in-job (Open MPI "
+              "counts a dead spawned process in mpirun's status); reporting 0",
+              file=sys.stderr)
+        return 0
+    return status
+
+
+def _recovered_spawned_death(run_dir: str, started: float) -> bool:
+    """The run finished during this launch (rank 0 wrote ``summary.json``)
+    and a respawned rank died before it: the survivors recovered from it.
+
+    Open MPI runs respawned ranks as a child job, which ``--with-ft ulfm``
+    does not cover: the death of one, though the job repaired it, makes
+    mpirun exit 128+signal at the end. Without this check a completed run
+    would report failure, and ``--max-restarts`` would run it again.
+    """
+    try:
+        if (Path(run_dir) / "summary.json").stat().st_mtime < started:
+            return False
+        for path in (Path(run_dir) / "events").glob("rank-*.jsonl"):
+            uid = int(path.stem.split("-", 1)[1])
+            if uid < 100_000 or path.stat().st_mtime < started:
+                continue  # not a respawned rank of this launch
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+            if lines and json.loads(lines[-1]).get("event") != "exit":
+                return True  # it died: its log stops short of its exit
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _tee_stderr(stream: Any, flakes: list[str] | None) -> None:

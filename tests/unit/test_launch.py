@@ -215,3 +215,35 @@ def test_other_failures_are_not_launched_again(tmp_path, capfd):
     argv, count = _fake(tmp_path, fails=0, final=3)
     assert launch._launch(argv, {}) == 3
     assert count.read_text() == "1"
+
+
+def _run_dir(tmp_path, logs: dict[int, list[str]], *, summary: bool = True) -> Path:
+    import json
+
+    (tmp_path / "events").mkdir()
+    for uid, events in logs.items():
+        (tmp_path / "events" / f"rank-{uid:04d}.jsonl").write_text(
+            "".join(json.dumps({"event": e, "rank": uid}) + "\n" for e in events))
+    if summary:
+        (tmp_path / "summary.json").write_text("{}")
+    return tmp_path
+
+
+@pytest.mark.parametrize("logs, summary, expected", [
+    # a respawned rank (uid >= 100000) whose log stops short of "exit" died
+    ({0: ["start", "exit"], 100_000: ["start", "segment"], 200_000: ["start", "exit"]}, True, True),
+    ({0: ["start", "exit"], 100_000: ["start", "exit"]}, True, False),     # none died
+    ({0: ["start", "segment"], 1: ["start", "exit"]}, True, False),        # an original rank died
+    ({0: ["start"], 100_000: ["start", "segment"]}, False, False),         # the run did not finish
+])
+def test_a_completed_run_that_lost_a_respawned_rank_is_told_apart(tmp_path, logs, summary, expected):
+    """mpirun's 128+signal status after a respawned rank died is not a failed
+    run when the run finished: ``ulfmpy run`` reports 0 only then."""
+    import time
+
+    from ulfmpy.launch import _recovered_spawned_death
+
+    run_dir = _run_dir(tmp_path, logs, summary=summary)
+    assert _recovered_spawned_death(str(run_dir), started=time.time() - 60) is expected
+    # Files from before this launch (a reused run directory) never count.
+    assert _recovered_spawned_death(str(run_dir), started=time.time() + 60) is False
