@@ -38,6 +38,8 @@ def run_case(policy: str, nx: int, steps: int, workdir: Path) -> dict:
         args += ["--recovery", "", "--max-restarts", "1"]
     elif policy == "spares":
         args += ["--spares", "1", "--recovery", "spares"]
+    elif policy == "respawn-cold":
+        args += ["--recovery", "respawn", "--zygote", "off"]
     else:
         args += ["--recovery", policy]
     cmd = [sys.executable, "-m", "ulfmpy", "run", *args, str(REPO / "apps" / "stencil.py"),
@@ -73,7 +75,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "results" / "recovery"))
     args = p.parse_args()
-    policies = ["spares", "respawn", "shrink", "relaunch"]
+    policies = ["spares", "respawn", "respawn-cold", "shrink", "relaunch"]
     results: dict[str, list[dict]] = {pol: [] for pol in policies}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
@@ -94,11 +96,11 @@ def main() -> int:
         t = table[pol]
         t["ratio_vs_relaunch"] = t["failure_to_first_segment_s"] / base
         t["step_slowdown_after"] = t["segment_s_after"] / t["segment_s_before"]
-    print(f"{'policy':>9} {'to resume':>10} {'to 1st seg':>11} {'vs relaunch':>12} "
+    print(f"{'policy':>12} {'to resume':>10} {'to 1st seg':>11} {'vs relaunch':>12} "
           f"{'seg after/before':>17} ranks")
     for pol in policies:
         t = table[pol]
-        print(f"{pol:>9} {t['failure_to_resume_s']:>9.3f}s {t['failure_to_first_segment_s']:>10.3f}s "
+        print(f"{pol:>12} {t['failure_to_resume_s']:>9.3f}s {t['failure_to_first_segment_s']:>10.3f}s "
               f"{t['ratio_vs_relaunch']:>12.3f} {t['step_slowdown_after']:>17.2f} {t['ranks_after']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,9 @@ class Config:
         "replacement restores from it instead of the files"))
     recovery: tuple[str, ...] = field(default=("spares", "respawn", "shrink"), metadata=_opt(
         _csv, "in-job recovery policies tried in order (spares,respawn,shrink)"))
+    zygote: bool = field(default=True, metadata=_opt(
+        lambda s: _bool(s), "with the respawn policy: fork replacements from a pre-imported process "
+        "kept on each node (off = start them as fresh interpreters)"))
     spares: int = field(default=0, metadata=_opt(int, "spare ranks started beyond -n (set by ulfmpy run --spares)"))
     mtbf: float = field(default=0.0, metadata=_opt(
         _duration, "job mean time between hard failures; enables the online interval policy"))

@@ -140,11 +140,43 @@ class Runtime:
             os.makedirs(self.run_dir, exist_ok=True)
         self._world.Barrier()
         self.events = EventLog(self.run_dir, self.uid)
+        self._start_zygote()
         compute = self._world.Split(0 if not self.is_spare else 1, self.uid)
         compute.Set_errhandler(MPI.ERRORS_RETURN)
         self._compute = compute
         self._setup(compute)
         return self
+
+    def _start_zygote(self) -> None:
+        """With respawn in the recovery chain, the lowest rank of each node
+        makes sure the node's zygote (:mod:`ulfmpy.zygote`) runs: one per
+        process for all its Runtimes, stopped at interpreter exit. Collective
+        over the world; the settings match on all ranks already."""
+        from ulfmpy import zygote
+
+        self._zygote_name: str | None = None
+        cfg = self.config
+        if not (self.ft and cfg.zygote and "respawn" in cfg.recovery and zygote.available()):
+            return
+        if self.uid == 0 and _ZYGOTE["job"] is None:
+            _ZYGOTE["job"] = f"{os.getpid()}-{time.time_ns() % 10**12}"
+        self._zygote_name = zygote.name_for(self._world.bcast(_ZYGOTE["job"], root=0))
+        local = self._world.Split_type(MPI.COMM_TYPE_SHARED)
+        leader = local.Get_rank() == 0
+        local.Free()
+        proc = _ZYGOTE["proc"]
+        if leader and (proc is None or proc.poll() is not None or
+                       _ZYGOTE["name"] != self._zygote_name):
+            _stop_zygote()
+            log = os.path.join(self.run_dir, f"zygote-{socket.gethostname()}.log")
+            proc = zygote.start(self._zygote_name, watch=os.getppid(), log=log)
+            _ZYGOTE.update(proc=proc, name=self._zygote_name)
+            self.events.log("zygote", name=self._zygote_name, pid=getattr(proc, "pid", None))
+            if not _ZYGOTE["atexit"]:
+                import atexit
+
+                atexit.register(_stop_zygote)
+                _ZYGOTE["atexit"] = True
 
     def _setup(self, compute: MPI.Comm) -> None:
         cfg = self.config
@@ -162,7 +194,7 @@ class Runtime:
                         ft=self.ft, host=self._host, pid=os.getpid(), config=cfg.as_dict(),
                         relaunch=int(os.environ.get("ULFMPY_RELAUNCH", "0")),
                         mpi=MPI.Get_library_version().splitlines()[0],
-                        respawned=self._parent is not None)
+                        respawned=getattr(self, "_spawned", False))
         self._t0 = time.perf_counter()
 
     def _enter_respawned(self) -> "Runtime":
@@ -174,7 +206,7 @@ class Runtime:
         merged = self._parent.Merge(high=True)
         merged.Set_errhandler(MPI.ERRORS_RETURN)
         info = merged.bcast(None, root=0)
-        self._joined = {"imported_at": _IMPORTED_AT, "merge_called_at": t_merge,
+        self._joined = {"imported_at": _IMPORTED_AT, "warm": _WARM, "merge_called_at": t_merge,
                         "merged_at": time.time()}
         # Keeping the intercommunicator open was seen to crash Open MPI's finalize.
         self._parent.Disconnect()
@@ -190,6 +222,7 @@ class Runtime:
         self.rank = self.logical
         self.role = _rec.Role.RECOVERED
         self._respawns = info["respawns"]
+        self._zygote_name = info.get("zygote")
         self._join = info
         self._world = merged
         self.events = EventLog(self.run_dir, self.uid)
@@ -914,9 +947,11 @@ class Runtime:
 
         n = len(plan.failed)
         self._respawns = respawns + 1
-        args = ["-m", "mpi4py", *sys.argv]
+        from ulfmpy import zygote
+
+        command, args = zygote.spawn_command(self._zygote_name, ["-m", "mpi4py", *sys.argv])
         t0 = time.perf_counter()
-        inter = world.Spawn(sys.executable, args=args, maxprocs=n, root=0)
+        inter = world.Spawn(command, args=args, maxprocs=n, root=0)
         inter.Set_errhandler(MPI.ERRORS_RETURN)
         t1 = time.perf_counter()
         merged = inter.Merge(high=False)
@@ -930,7 +965,7 @@ class Runtime:
             replaced[r] = uid
         info = {"new_uids": new_uids, "assign": assign, "size": plan.size, "target": target,
                 "run_dir": self.run_dir, "config": self.config.as_dict(),
-                "respawns": self._respawns}
+                "respawns": self._respawns, "zygote": self._zygote_name}
         merged.bcast(info if merged.Get_rank() == 0 else None, root=0)
         inter.Disconnect()
         try:
@@ -1162,7 +1197,25 @@ class Runtime:
 
 
 _FINALIZE_SKIPPED = False
+# The node's zygote this process started (one for all its Runtimes).
+_ZYGOTE: dict[str, Any] = {"job": None, "name": None, "proc": None, "atexit": False}
+
+
+def _stop_zygote() -> None:
+    """Ask the zygote this process started to leave. Local; at exit."""
+    proc, name = _ZYGOTE["proc"], _ZYGOTE["name"]
+    _ZYGOTE.update(proc=None, name=None)
+    if proc is None or proc.poll() is not None:
+        return
+    from ulfmpy import zygote
+
+    zygote.stop(name)  # it leaves once its children (replacements) have
+    try:
+        proc.wait(timeout=0.05)
+    except Exception:  # not yet: it also leaves on its own once the launcher's daemon has
+        pass
 _IMPORTED_AT = time.time()  # a respawned rank reports how long its start-up took
+_WARM = False  # set in a replacement forked by the node's zygote
 
 
 def _guard_finalize(events: EventLog) -> None:
@@ -1184,6 +1237,7 @@ def _guard_finalize(events: EventLog) -> None:
     import atexit
 
     def leave() -> None:
+        _stop_zygote()  # the atexit handler that would have is skipped by _exit
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

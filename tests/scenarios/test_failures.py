@@ -275,11 +275,62 @@ def test_policy_alone_kill_middle_rank(runs, clean, policy):
         assert copies and copies[0]["wards"] == [2] and copies[0]["bytes"] > 0
         [joined] = [e for e in res.events("recovery") if e["rank"] == new]
         assert joined["role"] == "recovered" and joined["resumed_step"] == RESUMED
+        if policy == "respawn":
+            # Forked by the node's zygote, not started as a fresh interpreter.
+            assert joined["warm"] is True
+            [start] = [e for e in res.events("start") if e["rank"] == new]
+            assert start["respawned"] is True and start["pid"] != 0
+            _zygote_gone(res)
     for r in survivors:
         [e] = [e for e in res.events("recovery") if e["rank"] == r]
         assert e["policy"] == policy and e["role"] == "survivor"
     # Ground truth and the runtime agree on who died.
     assert {e["rank"] for e in res.events("failure")} >= set(survivors)
+
+
+def _zygote_gone(res: Result) -> None:
+    """The node's zygote was started and left with the job."""
+    [z] = res.events("zygote")
+    assert z["pid"], z
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{z['pid']}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{z['pid']}").exists(), "the zygote outlived its job"
+    log = next(res.run_dir.glob("zygote-*.log")).read_text()
+    assert "forked" in log and "leaving" in log, log
+
+
+def test_respawn_cold_without_the_zygote(runs, clean):
+    """``--zygote off``: the replacement starts as a fresh interpreter, same result."""
+    require_ulfm()
+    res = runs("respawn-cold", stencil("--recovery", "respawn", "--zygote", "off",
+                                       *kills(KILL_MID)))
+    s = ok(res, clean())
+    [rec] = s["recoveries"]
+    assert rec["policy"] == "respawn" and rec["replaced"] == {"2": 100_000}
+    [joined] = [e for e in res.events("recovery") if e["rank"] == 100_000]
+    assert joined["warm"] is False
+    assert res.events("zygote") == [] and not list(res.run_dir.glob("zygote-*.log"))
+
+
+def test_killing_a_forked_replacement_is_a_failure_like_any_other(runs, clean):
+    """The replacement forked by the zygote dies in turn: its stub, the
+    process the MPI runtime knows, must die the same way, so the survivors
+    see a process failure and respawn again (a second fork)."""
+    require_ulfm()
+    res = runs("respawn-twice", stencil("--recovery", "respawn",
+                                        *kills(KILL_MID, "kill:rank=100000,step=47")))
+    s = ok(res, clean())
+    assert injected(res) == [(2, MID, "compute"), (100_000, 47, "compute")]
+    first, second = s["recoveries"]
+    assert (first["replaced"], second["replaced"]) == ({"2": 100_000}, {"2": 200_000})
+    detected_in_segment(second, 45)
+    assert all(e["warm"] for e in res.events("recovery") if e["rank"] >= 100_000)
+    log = next(res.run_dir.glob("zygote-*.log")).read_text()
+    assert log.count("forked") == 2, log
+    # mpirun counts the dead child-job process in its status; the launcher
+    # sees that the run completed and recovered from it.
+    assert "a respawned rank was killed and the job recovered from it in-job" in res.stderr
 
 
 # -- rank 0 dies ------------------------------------------------------------------
