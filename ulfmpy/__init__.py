@@ -8,7 +8,6 @@ injection to prove it. See ``Runtime``.
 from ulfmpy.errors import (CheckpointError, CommRevoked, ConfigError, FaultSignal,
                            LaunchError, ProcessFailure, RecoveryFailed, RestoreError,
                            RetriesExhausted, UlfmpyError, UlfmUnavailable, UnsupportedCall)
-from ulfmpy.state import Block, fingerprint
 
 __version__ = "0.1.0"
 
@@ -39,6 +38,12 @@ def __getattr__(name: str):
         from ulfmpy.runtime import Runtime
 
         return Runtime
+    if name in ("Block", "fingerprint"):
+        # numpy too is imported on first use: the respawn zygote starts as
+        # ``python -m ulfmpy.zygote`` and imports it at idle priority.
+        from ulfmpy import state
+
+        return getattr(state, name)
     if name == "register_detector":
         from ulfmpy.detect import register_detector
 
