@@ -394,7 +394,6 @@ class Runtime:
                 self._open_store(step)
             self._new_replay_comm()
         self.comm.void_on_failure = self.ft
-        cfg = self.config
         self._reset_segment_length()
         self.events.log("segments", k=self._k, auto=self._seglen is not None,
                         state_bytes=state_nbytes(self.state), start=step)
