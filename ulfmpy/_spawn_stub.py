@@ -54,6 +54,22 @@ def main(args):
     if sep != "--" or not argv:
         print(f"usage: python -S {__file__} NAME -- ARGV...", file=sys.stderr)
         return 2
+    # Signals are caught from the start: one that comes before the child
+    # exists waits for it (or, on the cold path, is raised again after all).
+    child = None
+    pending = []
+
+    def forward(sig, _frame):
+        if child is None:
+            pending.append(sig)
+            return
+        try:
+            os.kill(child, sig)
+        except ProcessLookupError:
+            pass
+
+    for name_ in _FORWARDED:
+        signal.signal(getattr(signal, name_), forward)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect("\0" + name)
@@ -65,17 +81,14 @@ def main(args):
     except OSError:
         reply = None
     if reply is None or reply[:1] != b"P":
+        for name_ in _FORWARDED:
+            signal.signal(getattr(signal, name_), signal.SIG_DFL)
+        for sig in pending:
+            os.kill(os.getpid(), sig)
         _cold(argv)  # no zygote here, or it could not fork: start cold
     child = struct.unpack("!q", reply[1:])[0]
-
-    def forward(sig, _frame):
-        try:
-            os.kill(child, sig)
-        except ProcessLookupError:
-            pass
-
-    for sig in _FORWARDED:
-        signal.signal(getattr(signal, sig), forward)
+    for sig in pending:
+        forward(sig, None)
     status = _recv_exact(sock, 5)  # retried across the forwarded signals (PEP 475)
     if status is None or status[:1] != b"S":
         # The zygote is gone and nobody can report the replacement's end:
