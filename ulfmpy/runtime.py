@@ -1196,6 +1196,8 @@ class Runtime:
 
 
 _FINALIZE_SKIPPED = False
+_IMPORTED_AT = time.time()  # a respawned rank reports how long its start-up took
+_WARM = False  # set in a replacement forked by the node's zygote
 # The node's zygote this process started (one for all its Runtimes).
 _ZYGOTE: dict[str, Any] = {"job": None, "name": None, "proc": None, "atexit": False}
 
@@ -1213,8 +1215,6 @@ def _stop_zygote() -> None:
         proc.wait(timeout=0.05)
     except Exception:  # not yet: it also leaves on its own once the launcher's daemon has
         pass
-_IMPORTED_AT = time.time()  # a respawned rank reports how long its start-up took
-_WARM = False  # set in a replacement forked by the node's zygote
 
 
 def _guard_finalize(events: EventLog) -> None:

@@ -78,8 +78,10 @@ def start(name: str, *, watch: int, log: str | None = None,
     """
     if not available():
         return None
-    out = open(log, "ab") if log else subprocess.DEVNULL
+    out: Any = subprocess.DEVNULL
     try:
+        if log:
+            out = open(log, "ab")  # noqa: SIM115 (closed below: the child keeps its copy)
         return subprocess.Popen(
             [sys.executable, "-m", "ulfmpy.zygote", name, str(watch), ",".join(preload)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -87,7 +89,7 @@ def start(name: str, *, watch: int, log: str | None = None,
     except OSError:
         return None
     finally:
-        if log:
+        if out is not subprocess.DEVNULL:
             out.close()
 
 
