@@ -1,4 +1,4 @@
-# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 7] [--quick]
+# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--bind core|none] [--quick]
 """Segments with local rollback: what they cost and what they save, in one run.
 
 Three measurements (issue 3), each a ratio taken on this machine in this run:
@@ -9,7 +9,11 @@ Three measurements (issue 3), each a ratio taken on this machine in this run:
     alternating round by round, because separate launches differ by more
     than the overhead measured. The figure is the median over rounds of
     (protected loop time / baseline loop time of the same round), with the
-    quartiles; loop times exclude start-up on both sides.
+    quartiles; loop times exclude start-up on both sides. Ranks are bound
+    to cores (``--bind core``, two per core when oversubscribed), as Open
+    MPI binds them by default whenever a node is not oversubscribed; the
+    default length is also measured unbound, where the kernel's scheduler
+    moves ranks between cores at every global synchronization.
 (b) **Snapshot throughput**: ``ulfmpy.segment.Snapshot.take`` (and
     ``restore``) against ``np.copyto`` of the same arrays into preallocated
     buffers, in this process (no MPI): a stencil-like padded block (the
@@ -106,16 +110,25 @@ def catch_up_seconds(run_dir: Path) -> float:
 
 # -- (a) fault-free overhead ---------------------------------------------------------
 
-def overhead(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+# Open MPI's spelling: one core per rank, several ranks per core when there
+# are more ranks than cores (plain "core" refuses to oversubscribe).
+BIND_CORE = ["--mpirun-arg=--bind-to", "--mpirun-arg=core:overload-allowed"]
+
+
+def overhead(tmp: Path, args: argparse.Namespace, lengths: list[int | None] | None = None,
+             bind: str = "core") -> dict[str, Any]:
     """Run scripts/overhead_job.py (one job, trials alternating) and compare in pairs.
 
     The overhead of segment length k in round r is its loop time over the
     baseline's of the same round; the figure is the median over rounds
     (with the quartiles), which cancels drift a min-over-runs cannot.
+    ``bind`` is "core" (ranks bound to cores) or "none" (the kernel places them).
     """
-    out = tmp / "overhead.json"
-    ks = ",".join(str(k or 0) for k in SEGMENT_LENGTHS)
-    cmd = [sys.executable, "-m", "ulfmpy", "run", "-n", str(args.ranks), "--run-dir", str(tmp / "a"),
+    lengths = SEGMENT_LENGTHS if lengths is None else lengths
+    out = tmp / f"overhead-{args.ranks}-{bind}.json"
+    ks = ",".join(str(k or 0) for k in lengths)
+    cmd = [sys.executable, "-m", "ulfmpy", "run", "-n", str(args.ranks), "--run-dir",
+           str(tmp / f"a-{args.ranks}-{bind}"), *(BIND_CORE if bind == "core" else []),
            "--", str(REPO / "scripts" / "overhead_job.py"), "--out", str(out),
            "--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.steps),
            "--rounds", str(args.repeats), "--k", ks]
@@ -129,7 +142,7 @@ def overhead(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     trials = job["trials"]
     base = {t["round"]: t["loop_s"] for t in trials if t["mode"] == "baseline"}
     rows = []
-    for k in SEGMENT_LENGTHS:
+    for k in lengths:
         mine = [t for t in trials if t["mode"] == f"k={k or 0}"]
         ratios = [t["loop_s"] / base[t["round"]] for t in mine]
         q1, med, q3 = (statistics.quantiles(ratios, n=4) if len(ratios) > 1
@@ -143,7 +156,8 @@ def overhead(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                      "loop_s_median": statistics.median(t["loop_s"] for t in mine),
                      "loop_s_all": [t["loop_s"] for t in mine]})
     return {"ranks": args.ranks, "nx": args.nx, "ny": args.ny, "steps": args.steps,
-            "repeats": args.repeats, "method": "one job, alternating trials, median of per-round ratios",
+            "repeats": args.repeats, "bind": bind,
+            "method": "one job, alternating trials, median of per-round ratios",
             "baseline_loop_s_median": statistics.median(base.values()),
             "baseline_loop_s_min": min(base.values()),
             "baseline_loop_s_all": list(base.values()),
@@ -267,12 +281,17 @@ def figure(result: dict[str, Any], path: Path) -> None:
                         [r["overhead_pct_q3"] - m for m, r in zip(med, ov["rows"])]])
         ax1.bar(labels, med, yerr=np.clip(err, 0, None), capsize=3, color="tab:blue",
                 label="median of per-round ratios (bars: quartiles)")
+        marks = iter([("D", "tab:orange"), ("s", "tab:purple"), ("^", "tab:gray")])
         for other in result.get("overhead_other_ranks", []):
-            ax1.plot(labels, [r["overhead_pct"] for r in other["rows"]], "D", color="tab:orange",
-                     label=f"{other['ranks']} ranks (one per core), median")
+            m, c = next(marks, ("o", "k"))
+            how = "unbound" if other.get("bind") == "none" else "bound"
+            per_core = "one per core" if other["ranks"] <= (result.get("cpus") or 0) else "2 per core"
+            ax1.plot([r["label"] for r in other["rows"]], [r["overhead_pct"] for r in other["rows"]],
+                     m, color=c, label=f"{other['ranks']} ranks {how} ({per_core}), median")
         ax1.axhline(3.0, color="tab:red", ls="--", lw=1, label="3 % target")
         ax1.axhline(0.0, color="k", lw=0.5)
-        ax1.set_title(f"(a) fault-free overhead vs no ulfmpy (one job)\n{ov['ranks']} ranks, "
+        ax1.set_title(f"(a) fault-free overhead vs no ulfmpy (one job)\n{ov['ranks']} ranks "
+                      f"{'bound to cores' if ov.get('bind') == 'core' else 'unbound'}, "
                       f"{ov['nx']}x{ov['ny']}, {ov['steps']} steps, "
                       f"{ov['step_ms_baseline']:.1f} ms/step")
         ax1.set_ylabel("loop time overhead (%)")
@@ -314,7 +333,8 @@ def figure(result: dict[str, Any], path: Path) -> None:
 
 def print_table(result: dict[str, Any]) -> None:
     for ov in [result["overhead"], *result.get("overhead_other_ranks", [])] if "overhead" in result else []:
-        print(f"(a) fault-free overhead, {ov['ranks']} ranks, {ov['nx']}x{ov['ny']}, "
+        bound = "bound to cores" if ov.get("bind") == "core" else "unbound"
+        print(f"(a) fault-free overhead, {ov['ranks']} ranks {bound}, {ov['nx']}x{ov['ny']}, "
               f"{ov['steps']} steps, {ov['repeats']} rounds in one job: baseline median "
               f"{ov['baseline_loop_s_median']:.3f} s ({ov['step_ms_baseline']:.2f} ms/step); "
               f"fingerprints identical: {ov['fingerprints_identical']}")
@@ -349,7 +369,10 @@ def main() -> int:
     p.add_argument("--nx", type=int, default=1024)
     p.add_argument("--ny", type=int, default=1024)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=8, help="rounds of (a)")
+    p.add_argument("--repeats", type=int, default=12, help="rounds of (a)")
+    p.add_argument("--bind", choices=("core", "none"), default="core",
+                   help="(a): bind ranks to cores (default; two per core when oversubscribed) "
+                        "or leave them to the scheduler")
     p.add_argument("--snap-n", type=int, default=2048, help="snapshot array side for (b)")
     p.add_argument("--snap-repeat", type=int, default=20)
     p.add_argument("--flip-steps", type=int, default=100)
@@ -357,7 +380,8 @@ def main() -> int:
     p.add_argument("--flip-repeats", type=int, default=3)
     p.add_argument("--skip-mpi", action="store_true", help="only (b)")
     p.add_argument("--also-ranks", type=lambda t: [int(x) for x in t.split(",") if x], default=[2],
-                   help="also measure (a) at these rank counts (default 2: one rank per core here)")
+                   help="also measure (a) at the default length at these rank counts "
+                        "(default 2: one rank per core here)")
     p.add_argument("--quick", action="store_true", help="small and short: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -374,11 +398,15 @@ def main() -> int:
     result["snapshot"] = snapshot(args)
     if not args.skip_mpi:
         with tempfile.TemporaryDirectory(prefix="bench-segments-") as tmp:
-            result["overhead"] = overhead(Path(tmp), args)
+            result["overhead"] = overhead(Path(tmp), args, bind=args.bind)
+            others = result["overhead_other_ranks"] = []
+            if args.bind == "core":
+                # The default length with the ranks left to the scheduler.
+                others.append(overhead(Path(tmp), args, [None], bind="none"))
             # The same at one rank per core: how much of (a) is 2:1 oversubscription.
             for n in args.also_ranks:
                 sub = argparse.Namespace(**{**vars(args), "ranks": n})
-                result.setdefault("overhead_other_ranks", []).append(overhead(Path(tmp), sub))
+                others.append(overhead(Path(tmp), sub, [None], bind=args.bind))
             result["one_flip"] = one_flip(Path(tmp), args)
     result["loadavg_after"] = os.getloadavg()
     print_table(result)
