@@ -12,8 +12,9 @@ Three measurements (issue 3), each a ratio taken on this machine in this run:
     quartiles; loop times exclude start-up on both sides. Ranks are bound
     to cores (``--bind core``, two per core when oversubscribed), as Open
     MPI binds them by default whenever a node is not oversubscribed; the
-    default length is also measured unbound, where the kernel's scheduler
-    moves ranks between cores at every global synchronization.
+    default length is also measured unbound (the kernel places and moves
+    the ranks), and at 2 ranks. ``overhead_other_ranks`` in the JSON holds
+    these extra cases, each with its ``ranks`` and ``bind``.
 (b) **Snapshot throughput**: ``ulfmpy.segment.Snapshot.take`` (and
     ``restore``) against ``np.copyto`` of the same arrays into preallocated
     buffers, in this process (no MPI): a stencil-like padded block (the
