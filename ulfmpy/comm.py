@@ -110,7 +110,7 @@ def _put(ch: _Channel, i: int, arr: np.ndarray) -> None:
     if i < len(items):
         buf = items[i]
         if type(buf) is np.ndarray and buf.shape == arr.shape and buf.dtype == arr.dtype:
-            np.copyto(buf, arr)
+            buf[...] = arr
         else:
             items[i] = np.array(arr, copy=True)
     else:
@@ -656,7 +656,8 @@ class ResilientComm:
                     items = ch.items
                     if i < len(items) and type(buf := items[i]) is np.ndarray \
                             and buf.shape == rcv.shape and buf.dtype == rcv.dtype:
-                        np.copyto(buf, rcv)
+                        # Item assignment: the same copy as np.copyto, half its call cost.
+                        buf[...] = rcv
                     else:
                         _put(ch, i, rcv)
             return
