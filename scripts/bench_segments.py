@@ -1,15 +1,19 @@
-# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--bind core|none] [--quick]
+# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--jobs 3] [--bind core|none] [--quick]
 """Segments with local rollback: what they cost and what they save, in one run.
 
 Three measurements (issue 3), each a ratio taken on this machine in this run:
 
 (a) **Fault-free overhead** of the protected stencil against the same kernel
     without ulfmpy, for segment lengths 1, 5, 10, 50 and the default (auto),
-    at 4 ranks. All trials run inside one MPI job (``scripts/overhead_job.py``),
+    at 4 ranks. Trials run inside MPI jobs (``scripts/overhead_job.py``),
     alternating round by round, because separate launches differ by more
-    than the overhead measured. The figure is the median over rounds of
-    (protected loop time / baseline loop time of the same round), with the
-    quartiles; loop times exclude start-up on both sides. Ranks are bound
+    than the overhead measured. Jobs differ too: the same code costs from
+    about 1 to 5 % depending on the job (where its pages land, how the two
+    ranks on a core interleave), so the rounds are spread over several jobs
+    (``--jobs``, default 3) and pooled. The figure is the median over all
+    rounds of (protected loop time / baseline loop time of the same round
+    and job), with the quartiles and each job's own median; loop times
+    exclude start-up on both sides. Ranks are bound
     to cores (``--bind core``, two per core when oversubscribed), as Open
     MPI binds them by default whenever a node is not oversubscribed; the
     default length is also measured unbound (the kernel places and moves
@@ -118,47 +122,57 @@ BIND_CORE = ["--mpirun-arg=--bind-to", "--mpirun-arg=core:overload-allowed"]
 
 def overhead(tmp: Path, args: argparse.Namespace, lengths: list[int | None] | None = None,
              bind: str = "core") -> dict[str, Any]:
-    """Run scripts/overhead_job.py (one job, trials alternating) and compare in pairs.
+    """Run scripts/overhead_job.py ``args.jobs`` times (trials alternating) and compare in pairs.
 
-    The overhead of segment length k in round r is its loop time over the
-    baseline's of the same round; the figure is the median over rounds
-    (with the quartiles), which cancels drift a min-over-runs cannot.
-    ``bind`` is "core" (ranks bound to cores) or "none" (the kernel places them).
+    The overhead of segment length k in round r of job j is its loop time
+    over the baseline's of the same round and job; the figure is the median
+    over all rounds of all jobs (with the quartiles and each job's median),
+    which cancels drift a min-over-runs cannot. ``args.repeats`` rounds are
+    split evenly over the jobs. ``bind`` is "core" (ranks bound to cores)
+    or "none" (the kernel places them).
     """
     lengths = SEGMENT_LENGTHS if lengths is None else lengths
-    out = tmp / f"overhead-{args.ranks}-{bind}.json"
+    jobs = max(1, min(args.jobs, args.repeats))
+    rounds = -(-args.repeats // jobs)
     ks = ",".join(str(k or 0) for k in lengths)
-    cmd = [sys.executable, "-m", "ulfmpy", "run", "-n", str(args.ranks), "--run-dir",
-           str(tmp / f"a-{args.ranks}-{bind}"), *(BIND_CORE if bind == "core" else []),
-           "--", str(REPO / "scripts" / "overhead_job.py"), "--out", str(out),
-           "--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.steps),
-           "--rounds", str(args.repeats), "--k", ks]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env,
-                          cwd=str(tmp))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    job = json.loads(out.read_text())
-    trials = job["trials"]
-    base = {t["round"]: t["loop_s"] for t in trials if t["mode"] == "baseline"}
+    trials: list[dict[str, Any]] = []
+    for j in range(jobs):
+        out = tmp / f"overhead-{args.ranks}-{bind}-{j}.json"
+        cmd = [sys.executable, "-m", "ulfmpy", "run", "-n", str(args.ranks), "--run-dir",
+               str(tmp / f"a-{args.ranks}-{bind}-{j}"), *(BIND_CORE if bind == "core" else []),
+               "--", str(REPO / "scripts" / "overhead_job.py"), "--out", str(out),
+               "--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.steps),
+               "--rounds", str(rounds), "--k", ks]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env,
+                              cwd=str(tmp))
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        trials += [{**t, "job": j} for t in json.loads(out.read_text())["trials"]]
+    base = {(t["job"], t["round"]): t["loop_s"] for t in trials if t["mode"] == "baseline"}
     rows = []
     for k in lengths:
         mine = [t for t in trials if t["mode"] == f"k={k or 0}"]
-        ratios = [t["loop_s"] / base[t["round"]] for t in mine]
+        ratios = [t["loop_s"] / base[t["job"], t["round"]] for t in mine]
         q1, med, q3 = (statistics.quantiles(ratios, n=4) if len(ratios) > 1
                        else [ratios[0]] * 3)
+        per_job = [100.0 * (statistics.median(t["loop_s"] / base[j, t["round"]]
+                                              for t in mine if t["job"] == j) - 1.0)
+                   for j in range(jobs)]
         rows.append({"segment_steps": k or "auto", "label": f"k={k}" if k else "auto (default)",
                      "segment_length_end": mine[-1]["segment_length_end"],
                      "overhead_pct": 100.0 * (statistics.median(ratios) - 1.0),
                      "overhead_pct_q1": 100.0 * (q1 - 1.0), "overhead_pct_q3": 100.0 * (q3 - 1.0),
+                     "overhead_pct_per_job": per_job,
                      "overhead_pct_min": 100.0 * (min(t["loop_s"] for t in mine)
                                                   / min(base.values()) - 1.0),
                      "loop_s_median": statistics.median(t["loop_s"] for t in mine),
                      "loop_s_all": [t["loop_s"] for t in mine]})
     return {"ranks": args.ranks, "nx": args.nx, "ny": args.ny, "steps": args.steps,
-            "repeats": args.repeats, "bind": bind,
-            "method": "one job, alternating trials, median of per-round ratios",
+            "repeats": rounds * jobs, "jobs": jobs, "rounds_per_job": rounds, "bind": bind,
+            "method": "alternating trials in each job; median over all rounds of all jobs "
+                      "of per-round ratios",
             "baseline_loop_s_median": statistics.median(base.values()),
             "baseline_loop_s_min": min(base.values()),
             "baseline_loop_s_all": list(base.values()),
@@ -282,6 +296,9 @@ def figure(result: dict[str, Any], path: Path) -> None:
                         [r["overhead_pct_q3"] - m for m, r in zip(med, ov["rows"])]])
         ax1.bar(labels, med, yerr=np.clip(err, 0, None), capsize=3, color="tab:blue",
                 label="median of per-round ratios (bars: quartiles)")
+        jobs = [(r["label"], x) for r in ov["rows"] for x in r.get("overhead_pct_per_job", [])]
+        if ov.get("jobs", 1) > 1 and jobs:
+            ax1.plot(*zip(*jobs), "_", color="k", ms=14, label="one job's median")
         marks = iter([("D", "tab:orange"), ("s", "tab:purple"), ("^", "tab:gray")])
         for other in result.get("overhead_other_ranks", []):
             m, c = next(marks, ("o", "k"))
@@ -291,7 +308,8 @@ def figure(result: dict[str, Any], path: Path) -> None:
                      m, color=c, label=f"{other['ranks']} ranks {how} ({per_core}), median")
         ax1.axhline(3.0, color="tab:red", ls="--", lw=1, label="3 % target")
         ax1.axhline(0.0, color="k", lw=0.5)
-        ax1.set_title(f"(a) fault-free overhead vs no ulfmpy (one job)\n{ov['ranks']} ranks "
+        ax1.set_title(f"(a) fault-free overhead vs no ulfmpy ({ov.get('jobs', 1)} jobs pooled)\n"
+                      f"{ov['ranks']} ranks "
                       f"{'bound to cores' if ov.get('bind') == 'core' else 'unbound'}, "
                       f"{ov['nx']}x{ov['ny']}, {ov['steps']} steps, "
                       f"{ov['step_ms_baseline']:.1f} ms/step")
@@ -336,14 +354,16 @@ def print_table(result: dict[str, Any]) -> None:
     for ov in [result["overhead"], *result.get("overhead_other_ranks", [])] if "overhead" in result else []:
         bound = "bound to cores" if ov.get("bind") == "core" else "unbound"
         print(f"(a) fault-free overhead, {ov['ranks']} ranks {bound}, {ov['nx']}x{ov['ny']}, "
-              f"{ov['steps']} steps, {ov['repeats']} rounds in one job: baseline median "
+              f"{ov['steps']} steps, {ov['repeats']} rounds in {ov.get('jobs', 1)} job(s): baseline median "
               f"{ov['baseline_loop_s_median']:.3f} s ({ov['step_ms_baseline']:.2f} ms/step); "
               f"fingerprints identical: {ov['fingerprints_identical']}")
-        print(f"    {'segment':>15} {'k at end':>8} {'overhead':>9} {'quartiles':>16} {'median s':>9}")
+        print(f"    {'segment':>15} {'k at end':>8} {'overhead':>9} {'quartiles':>16} {'median s':>9}"
+              f"  per job")
         for r in ov["rows"]:
             q = f"{r['overhead_pct_q1']:.1f} .. {r['overhead_pct_q3']:.1f}%"
+            jobs = " ".join(f"{x:.1f}" for x in r.get("overhead_pct_per_job", []))
             print(f"    {r['label']:>15} {r['segment_length_end']:>8} {r['overhead_pct']:>8.1f}% "
-                  f"{q:>16} {r['loop_s_median']:>9.3f}")
+                  f"{q:>16} {r['loop_s_median']:>9.3f}  {jobs}")
     sn = result["snapshot"]
     print(f"(b) snapshot throughput ({sn['n']}x{sn['n']} float64, best of {sn['repeat']})")
     for r in sn["rows"]:
@@ -370,7 +390,10 @@ def main() -> int:
     p.add_argument("--nx", type=int, default=1024)
     p.add_argument("--ny", type=int, default=1024)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=12, help="rounds of (a)")
+    p.add_argument("--repeats", type=int, default=12, help="rounds of (a), over all its jobs")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="(a): MPI jobs the rounds are spread over, default 3 (1 with --quick); "
+                        "jobs differ by more than rounds do")
     p.add_argument("--bind", choices=("core", "none"), default="core",
                    help="(a): bind ranks to cores (default; two per core when oversubscribed) "
                         "or leave them to the scheduler")
@@ -389,6 +412,10 @@ def main() -> int:
         args.nx = args.ny = 256
         args.steps, args.repeats, args.snap_n, args.snap_repeat = 40, 2, 512, 5
         args.flip_steps, args.flip_repeats, args.flip_k = 40, 1, 10
+    if args.jobs is None:
+        args.jobs = 1 if args.quick else 3
+    if args.jobs < 1 or args.repeats < 1:
+        p.error("--jobs and --repeats must be at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Other jobs on the machine distort every timing: keep the load with the figures.
