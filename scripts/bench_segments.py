@@ -7,10 +7,10 @@ Three measurements (issue 3), each a ratio taken on this machine in this run:
     without ulfmpy, for segment lengths 1, 5, 10, 50 and the default (auto),
     at 4 ranks. Trials run inside MPI jobs (``scripts/overhead_job.py``),
     alternating round by round, because separate launches differ by more
-    than the overhead measured. Jobs differ too: the same code costs from
-    about 1 to 5 % depending on the job (where its pages land, how the two
-    ranks on a core interleave), so the rounds are spread over several jobs
-    (``--jobs``, default 3) and pooled. The figure is the median over all
+    than the overhead measured. Jobs differ too: the same code has
+    measured from about 1 to 5 % depending on the job, for reasons not
+    pinned down, so the rounds are spread over several jobs (``--jobs``,
+    default 3) and pooled. The figure is the median over all
     rounds of (protected loop time / baseline loop time of the same round
     and job), with the quartiles and each job's own median; loop times
     exclude start-up on both sides. Ranks are bound
