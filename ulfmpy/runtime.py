@@ -1135,10 +1135,9 @@ class Runtime:
         except MPI.Exception as exc:
             if self.rank == 0 or not (self._saw_failure or self.role != _rec.Role.INITIAL):
                 raise
-            # A process that lived through a failure leaves without
-            # MPI_Finalize; one that finished these collectives first may be
-            # gone before this rank read its last message. Rank 0 writes the
-            # summary; this rank has nothing left to learn.
+            # A peer died at the very end (the barrier below keeps the
+            # living from leaving early). Rank 0 writes the summary; this
+            # rank has nothing left to learn.
             self.events.log("finish_peer_gone", error=str(exc))
             self.summary = {"ranks": self.size, "steps": steps, "wall_s": wall,
                             "fingerprint": None, "incomplete": True}
@@ -1163,6 +1162,18 @@ class Runtime:
                 comm.send(history, dest=0, tag=7302)
             elif self.rank == 0:
                 history = comm.recv(source=keeper, tag=7302)
+        # Nobody leaves before everybody has read what it was sent above. A
+        # process that lived through a failure exits without MPI_Finalize,
+        # and a peer still reading that process's last message was seen to
+        # read garbage (an UnpicklingError in the allgather, exit 76). Past
+        # the barrier only the barrier's own messages are in flight, and
+        # they carry no data.
+        try:
+            comm.Barrier()
+        except MPI.Exception as exc:
+            if not (self._saw_failure or self.role != _rec.Role.INITIAL):
+                raise
+            self.events.log("finish_peer_gone", error=str(exc), at="barrier")
         if self.rank != 0:
             history = {"segments": self._counters["segments"], "rollbacks": self._rollbacks,
                        "reexecuted_rank_steps": self._counters["reexecuted_rank_steps"],
