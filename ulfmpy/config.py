@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from ulfmpy.errors import ConfigError
+from ulfmpy.seglength import DEFAULT_BUDGET
 
 __all__ = ["Config", "add_config_arguments", "config_env_from_args", "ENV_PREFIX"]
 
@@ -58,7 +59,7 @@ class Config:
         lambda s: _segment_steps(s),
         "steps per restartable segment, or auto (0, the default): the shortest segment whose "
         "boundaries cost at most --segment-budget of the step time, measured as the run goes"))
-    segment_budget: float = field(default=0.005, metadata=_opt(
+    segment_budget: float = field(default=DEFAULT_BUDGET, metadata=_opt(
         float, "with --segment-steps auto: fraction of the step time the segment boundaries "
         "(snapshot, detectors, agreement) may cost"))
     detect: tuple[str, ...] = field(default=("finite",), metadata=_opt(
@@ -107,7 +108,7 @@ class Config:
         if self.segment_steps < 0:
             raise ConfigError(f"segment_steps must be >= 1 (or auto / 0), got {self.segment_steps}")
         if not 0 < self.segment_budget < 1:
-            raise ConfigError(f"segment_budget must be a fraction in (0, 1), e.g. 0.005, "
+            raise ConfigError(f"segment_budget must be a fraction in (0, 1), e.g. 0.0025, "
                               f"got {self.segment_budget}")
         if self.detect_every < 0:
             raise ConfigError(f"detect_every must be >= 0, got {self.detect_every}")

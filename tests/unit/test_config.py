@@ -11,7 +11,7 @@ from ulfmpy.errors import ConfigError
 def test_defaults():
     c = Config.load(environ={})
     assert c.segment_steps == 0 and c.detect == ("finite",) and c.rollback == "local"
-    assert c.segment_budget == 0.005  # segment_steps 0 = auto: the overhead budget decides
+    assert c.segment_budget == 0.0025  # segment_steps 0 = auto: the overhead budget decides
 
 
 def test_segment_steps_auto_by_name():
