@@ -1117,6 +1117,14 @@ class Runtime:
         return len(dead)
 
     # -- end of run -------------------------------------------------------------
+    def _survivor(self) -> bool:
+        """Whether this process lived through a failure (or replaced a dead one).
+
+        Such processes leave without MPI_Finalize (:func:`_guard_finalize`),
+        so at the very end an error from a peer that already left is expected.
+        """
+        return self._saw_failure or self.role != _rec.Role.INITIAL
+
     def _finish(self, steps: int) -> None:
         comm = self.comm.mpi_comm if isinstance(self.comm, ResilientComm) else self.comm
         if self.store is not None:
@@ -1133,7 +1141,7 @@ class Runtime:
                                      self._counters["escaped_faults"], len(self._recoveries),
                                      self._counters["segments"], wall, lost))
         except MPI.Exception as exc:
-            if self.rank == 0 or not (self._saw_failure or self.role != _rec.Role.INITIAL):
+            if self.rank == 0 or not self._survivor():
                 raise
             # A peer died at the very end (the barrier below keeps the
             # living from leaving early). Rank 0 writes the summary; this
@@ -1171,7 +1179,7 @@ class Runtime:
         try:
             comm.Barrier()
         except MPI.Exception as exc:
-            if not (self._saw_failure or self.role != _rec.Role.INITIAL):
+            if not self._survivor():
                 raise
             self.events.log("finish_peer_gone", error=str(exc), at="barrier")
         if self.rank != 0:
