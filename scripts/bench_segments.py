@@ -1,4 +1,4 @@
-# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--jobs 3] [--bind core|none] [--quick]
+# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--jobs 3] [--default-jobs 4] [--bind core|none] [--quick]
 """Segments with local rollback: what they cost and what they save, in one run.
 
 Three measurements (issue 3), each a ratio taken on this machine in this run:
@@ -8,12 +8,16 @@ Three measurements (issue 3), each a ratio taken on this machine in this run:
     at 4 ranks. Trials run inside MPI jobs (``scripts/overhead_job.py``),
     alternating round by round, because separate launches differ by more
     than the overhead measured. Jobs differ too: the same code has
-    measured from about 1 to 5 % depending on the job, for reasons not
+    measured from about 0 to 5 % depending on the job, for reasons not
     pinned down, so the rounds are spread over several jobs (``--jobs``,
-    default 3) and pooled. The figure is the median over all
-    rounds of (protected loop time / baseline loop time of the same round
-    and job), with the quartiles and each job's own median; loop times
-    exclude start-up on both sides. Ranks are bound
+    default 3) and pooled; the default length, which the 3 % target is
+    about, gets ``--default-jobs`` (4) more jobs of ``--default-rounds``
+    (8) rounds that alternate only it and the baseline. The figure is the
+    median over all rounds of (protected loop time / baseline loop time of
+    the same round and job), with a 95 % interval (bootstrap over jobs,
+    then rounds), the quartiles and each job's own median; loop times
+    exclude start-up on both sides (a protected run still includes its
+    first two 10-step segments, before the default length is chosen). Ranks are bound
     to cores (``--bind core``, two per core when oversubscribed), as Open
     MPI binds them by default whenever a node is not oversubscribed; the
     default length is also measured unbound (the kernel places and moves
@@ -120,16 +124,57 @@ def catch_up_seconds(run_dir: Path) -> float:
 BIND_CORE = ["--mpirun-arg=--bind-to", "--mpirun-arg=core:overload-allowed"]
 
 
+def median_ci(groups: list[list[float]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the median of all values pooled, by a two-level bootstrap.
+
+    ``groups`` are the per-round values of each job. Jobs differ by more
+    than rounds do, so each resample draws the jobs with replacement and
+    then, within each drawn job, its rounds with replacement: an interval
+    from rounds alone would be too narrow when jobs disagree. Pure.
+    """
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
+        raise ValueError("median_ci needs at least one non-empty group")
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(g, dtype=float) for g in groups]
+    meds = np.empty(resamples)
+    for i in range(resamples):
+        picked = rng.integers(len(arrays), size=len(arrays))
+        meds[i] = np.median(np.concatenate(
+            [arrays[j][rng.integers(len(arrays[j]), size=len(arrays[j]))] for j in picked]))
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _overhead_job(tmp: Path, args: argparse.Namespace, bind: str, name: str, rounds: int,
+                  ks: str, env: dict[str, str]) -> list[dict[str, Any]]:
+    out = tmp / f"overhead-{args.ranks}-{bind}-{name}.json"
+    cmd = [sys.executable, "-m", "ulfmpy", "run", "-n", str(args.ranks), "--run-dir",
+           str(tmp / f"a-{args.ranks}-{bind}-{name}"), *(BIND_CORE if bind == "core" else []),
+           "--", str(REPO / "scripts" / "overhead_job.py"), "--out", str(out),
+           "--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.steps),
+           "--rounds", str(rounds), "--k", ks]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env,
+                          cwd=str(tmp))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())["trials"]
+
+
 def overhead(tmp: Path, args: argparse.Namespace, lengths: list[int | None] | None = None,
-             bind: str = "core") -> dict[str, Any]:
+             bind: str = "core", default_jobs: int = 0) -> dict[str, Any]:
     """Run scripts/overhead_job.py ``args.jobs`` times (trials alternating) and compare in pairs.
 
     The overhead of segment length k in round r of job j is its loop time
     over the baseline's of the same round and job; the figure is the median
-    over all rounds of all jobs (with the quartiles and each job's median),
-    which cancels drift a min-over-runs cannot. ``args.repeats`` rounds are
-    split evenly over the jobs. ``bind`` is "core" (ranks bound to cores)
-    or "none" (the kernel places them).
+    over all rounds of all jobs (with the quartiles, each job's median and
+    a 95 % interval from :func:`median_ci`), which cancels drift a
+    min-over-runs cannot. ``args.repeats`` rounds are split evenly over the
+    jobs. ``default_jobs`` more jobs of ``args.default_rounds`` rounds each
+    alternate only the baseline and the default length, the figure the
+    target is about: its interval is set mostly by how many jobs it pools.
+    ``bind`` is "core" (ranks bound to cores) or "none" (the kernel places
+    them).
     """
     lengths = SEGMENT_LENGTHS if lengths is None else lengths
     jobs = max(1, min(args.jobs, args.repeats))
@@ -137,19 +182,12 @@ def overhead(tmp: Path, args: argparse.Namespace, lengths: list[int | None] | No
     ks = ",".join(str(k or 0) for k in lengths)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    runs = [(str(j), rounds, ks) for j in range(jobs)]
+    if None in lengths:
+        runs += [(f"d{j}", args.default_rounds, "0") for j in range(default_jobs)]
     trials: list[dict[str, Any]] = []
-    for j in range(jobs):
-        out = tmp / f"overhead-{args.ranks}-{bind}-{j}.json"
-        cmd = [sys.executable, "-m", "ulfmpy", "run", "-n", str(args.ranks), "--run-dir",
-               str(tmp / f"a-{args.ranks}-{bind}-{j}"), *(BIND_CORE if bind == "core" else []),
-               "--", str(REPO / "scripts" / "overhead_job.py"), "--out", str(out),
-               "--nx", str(args.nx), "--ny", str(args.ny), "--steps", str(args.steps),
-               "--rounds", str(rounds), "--k", ks]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env,
-                              cwd=str(tmp))
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-        trials += [{**t, "job": j} for t in json.loads(out.read_text())["trials"]]
+    for j, (name, n, which) in enumerate(runs):
+        trials += [{**t, "job": j} for t in _overhead_job(tmp, args, bind, name, n, which, env)]
     base = {(t["job"], t["round"]): t["loop_s"] for t in trials if t["mode"] == "baseline"}
     rows = []
     for k in lengths:
@@ -157,22 +195,26 @@ def overhead(tmp: Path, args: argparse.Namespace, lengths: list[int | None] | No
         ratios = [t["loop_s"] / base[t["job"], t["round"]] for t in mine]
         q1, med, q3 = (statistics.quantiles(ratios, n=4) if len(ratios) > 1
                        else [ratios[0]] * 3)
-        per_job = [100.0 * (statistics.median(t["loop_s"] / base[j, t["round"]]
-                                              for t in mine if t["job"] == j) - 1.0)
-                   for j in range(jobs)]
+        by_job = [[t["loop_s"] / base[j, t["round"]] for t in mine if t["job"] == j]
+                  for j in sorted({t["job"] for t in mine})]
+        lo, hi = median_ci(by_job)
         rows.append({"segment_steps": k or "auto", "label": f"k={k}" if k else "auto (default)",
                      "segment_length_end": mine[-1]["segment_length_end"],
+                     "rounds": len(ratios), "jobs": len(by_job),
                      "overhead_pct": 100.0 * (statistics.median(ratios) - 1.0),
                      "overhead_pct_q1": 100.0 * (q1 - 1.0), "overhead_pct_q3": 100.0 * (q3 - 1.0),
-                     "overhead_pct_per_job": per_job,
+                     "overhead_pct_ci95": [100.0 * (lo - 1.0), 100.0 * (hi - 1.0)],
+                     "overhead_pct_per_job": [100.0 * (statistics.median(g) - 1.0) for g in by_job],
                      "overhead_pct_min": 100.0 * (min(t["loop_s"] for t in mine)
                                                   / min(base.values()) - 1.0),
                      "loop_s_median": statistics.median(t["loop_s"] for t in mine),
                      "loop_s_all": [t["loop_s"] for t in mine]})
     return {"ranks": args.ranks, "nx": args.nx, "ny": args.ny, "steps": args.steps,
             "repeats": rounds * jobs, "jobs": jobs, "rounds_per_job": rounds, "bind": bind,
+            "default_jobs": default_jobs if None in lengths else 0,
+            "default_rounds_per_job": args.default_rounds,
             "method": "alternating trials in each job; median over all rounds of all jobs "
-                      "of per-round ratios",
+                      "of per-round ratios; 95 % interval by resampling jobs, then rounds",
             "baseline_loop_s_median": statistics.median(base.values()),
             "baseline_loop_s_min": min(base.values()),
             "baseline_loop_s_all": list(base.values()),
@@ -299,6 +341,10 @@ def figure(result: dict[str, Any], path: Path) -> None:
         jobs = [(r["label"], x) for r in ov["rows"] for x in r.get("overhead_pct_per_job", [])]
         if ov.get("jobs", 1) > 1 and jobs:
             ax1.plot(*zip(*jobs), "_", color="k", ms=14, label="one job's median")
+        ci = [(r["label"], *r["overhead_pct_ci95"]) for r in ov["rows"] if "overhead_pct_ci95" in r]
+        if ci:
+            ax1.vlines([c[0] for c in ci], [c[1] for c in ci], [c[2] for c in ci], color="tab:red",
+                       lw=4, alpha=0.6, label="95 % interval of the median (jobs, then rounds)")
         marks = iter([("D", "tab:orange"), ("s", "tab:purple"), ("^", "tab:gray")])
         for other in result.get("overhead_other_ranks", []):
             m, c = next(marks, ("o", "k"))
@@ -308,7 +354,8 @@ def figure(result: dict[str, Any], path: Path) -> None:
                      m, color=c, label=f"{other['ranks']} ranks {how} ({per_core}), median")
         ax1.axhline(3.0, color="tab:red", ls="--", lw=1, label="3 % target")
         ax1.axhline(0.0, color="k", lw=0.5)
-        ax1.set_title(f"(a) fault-free overhead vs no ulfmpy ({ov.get('jobs', 1)} jobs pooled)\n"
+        top = max((r.get("jobs", 1) for r in ov["rows"]), default=1)
+        ax1.set_title(f"(a) fault-free overhead vs no ulfmpy (up to {top} jobs pooled)\n"
                       f"{ov['ranks']} ranks "
                       f"{'bound to cores' if ov.get('bind') == 'core' else 'unbound'}, "
                       f"{ov['nx']}x{ov['ny']}, {ov['steps']} steps, "
@@ -354,16 +401,20 @@ def print_table(result: dict[str, Any]) -> None:
     for ov in [result["overhead"], *result.get("overhead_other_ranks", [])] if "overhead" in result else []:
         bound = "bound to cores" if ov.get("bind") == "core" else "unbound"
         print(f"(a) fault-free overhead, {ov['ranks']} ranks {bound}, {ov['nx']}x{ov['ny']}, "
-              f"{ov['steps']} steps, {ov['repeats']} rounds in {ov.get('jobs', 1)} job(s): baseline median "
+              f"{ov['steps']} steps, {ov['repeats']} rounds in {ov.get('jobs', 1)} job(s)"
+              + (f" + {ov['default_jobs']} job(s) of {ov['default_rounds_per_job']} rounds of the "
+                 f"default only" if ov.get("default_jobs") else "") + ": baseline median "
               f"{ov['baseline_loop_s_median']:.3f} s ({ov['step_ms_baseline']:.2f} ms/step); "
               f"fingerprints identical: {ov['fingerprints_identical']}")
-        print(f"    {'segment':>15} {'k at end':>8} {'overhead':>9} {'quartiles':>16} {'median s':>9}"
-              f"  per job")
+        print(f"    {'segment':>15} {'k at end':>8} {'overhead':>9} {'95% interval':>15} "
+              f"{'quartiles':>16} {'rounds':>6} {'median s':>9}  per job")
         for r in ov["rows"]:
             q = f"{r['overhead_pct_q1']:.1f} .. {r['overhead_pct_q3']:.1f}%"
+            lo, hi = r.get("overhead_pct_ci95", (float("nan"), float("nan")))
             jobs = " ".join(f"{x:.1f}" for x in r.get("overhead_pct_per_job", []))
             print(f"    {r['label']:>15} {r['segment_length_end']:>8} {r['overhead_pct']:>8.1f}% "
-                  f"{q:>16} {r['loop_s_median']:>9.3f}  {jobs}")
+                  f"{f'{lo:.1f} .. {hi:.1f}%':>15} {q:>16} {r.get('rounds', 0):>6} "
+                  f"{r['loop_s_median']:>9.3f}  {jobs}")
     sn = result["snapshot"]
     print(f"(b) snapshot throughput ({sn['n']}x{sn['n']} float64, best of {sn['repeat']})")
     for r in sn["rows"]:
@@ -394,6 +445,11 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=None,
                    help="(a): MPI jobs the rounds are spread over, default 3 (1 with --quick); "
                         "jobs differ by more than rounds do")
+    p.add_argument("--default-jobs", type=int, default=None,
+                   help="(a): more jobs alternating only the baseline and the default length, "
+                        "pooled with the others for its figure; default 4 (0 with --quick)")
+    p.add_argument("--default-rounds", type=int, default=8,
+                   help="(a): rounds in each of those jobs (default 8)")
     p.add_argument("--bind", choices=("core", "none"), default="core",
                    help="(a): bind ranks to cores (default; two per core when oversubscribed) "
                         "or leave them to the scheduler")
@@ -414,8 +470,12 @@ def main() -> int:
         args.flip_steps, args.flip_repeats, args.flip_k = 40, 1, 10
     if args.jobs is None:
         args.jobs = 1 if args.quick else 3
+    if args.default_jobs is None:
+        args.default_jobs = 0 if args.quick else 4
     if args.jobs < 1 or args.repeats < 1:
         p.error("--jobs and --repeats must be at least 1")
+    if args.default_jobs < 0 or args.default_rounds < 1:
+        p.error("--default-jobs must be at least 0 and --default-rounds at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Other jobs on the machine distort every timing: keep the load with the figures.
@@ -426,7 +486,8 @@ def main() -> int:
     result["snapshot"] = snapshot(args)
     if not args.skip_mpi:
         with tempfile.TemporaryDirectory(prefix="bench-segments-") as tmp:
-            result["overhead"] = overhead(Path(tmp), args, bind=args.bind)
+            result["overhead"] = overhead(Path(tmp), args, bind=args.bind,
+                                          default_jobs=args.default_jobs)
             others = result["overhead_other_ranks"] = []
             if args.bind == "core":
                 # The default length with the ranks left to the scheduler.
