@@ -341,8 +341,9 @@ def figure(result: dict[str, Any], path: Path) -> None:
         jobs = [(r["label"], x) for r in ov["rows"] for x in r.get("overhead_pct_per_job", [])]
         if ov.get("jobs", 1) > 1 and jobs:
             ax1.plot(*zip(*jobs), "_", color="k", ms=14, label="one job's median")
-        ci = [(r["label"], *r["overhead_pct_ci95"]) for r in ov["rows"] if "overhead_pct_ci95" in r]
-        if ci:
+        ci = [(i + 0.3, *r["overhead_pct_ci95"]) for i, r in enumerate(ov["rows"])
+              if "overhead_pct_ci95" in r]
+        if ci:  # beside its bar, clear of the quartiles
             ax1.vlines([c[0] for c in ci], [c[1] for c in ci], [c[2] for c in ci], color="tab:red",
                        lw=4, alpha=0.6, label="95 % interval of the median (jobs, then rounds)")
         marks = iter([("D", "tab:orange"), ("s", "tab:purple"), ("^", "tab:gray")])
