@@ -205,6 +205,7 @@ def overhead(tmp: Path, args: argparse.Namespace, lengths: list[int | None] | No
                      "overhead_pct_q1": 100.0 * (q1 - 1.0), "overhead_pct_q3": 100.0 * (q3 - 1.0),
                      "overhead_pct_ci95": [100.0 * (lo - 1.0), 100.0 * (hi - 1.0)],
                      "overhead_pct_per_job": [100.0 * (statistics.median(g) - 1.0) for g in by_job],
+                     "ratios_by_job": by_job,  # so runs can be pooled later
                      "overhead_pct_min": 100.0 * (min(t["loop_s"] for t in mine)
                                                   / min(base.values()) - 1.0),
                      "loop_s_median": statistics.median(t["loop_s"] for t in mine),
