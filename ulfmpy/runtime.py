@@ -502,7 +502,7 @@ class Runtime:
             # boundary costs (snapshot, detectors, agreement, waiting).
             self._seglen.observe_boundary(self._seg_t0 - self._t_boundary_from)
         self._t_boundary_from = None
-        comm.begin_segment()
+        comm.begin_segment(end - first)
         self._seg_flips = []
         report = Report()
         repaired_through = -1  # last step a lone catch-up re-executed

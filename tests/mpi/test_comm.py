@@ -56,6 +56,31 @@ def test_live_copies_receives_only_and_fetch_returns_sends(rc):
     all_true(MPI.COMM_WORLD, ok)
 
 
+def test_sendrecv_log_is_exact_when_the_payload_changes_shape_or_dtype(rc):
+    """Sendrecv's inlined logging reuses buffers from earlier segments (and
+    from blocks grown for longer ones) only for the same shape and dtype."""
+    c, _ = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    left = (rank - 1) % size
+    ok = True
+    payloads = [np.arange(6.0), np.arange(6.0), np.arange(6, dtype=np.float32),
+                np.arange(7.0), np.arange(6.0).reshape(2, 3)]
+    for steps in (1, 3, 2):
+        for p in payloads:
+            c.begin_segment(steps)
+            got = []
+            for s in range(steps):
+                out = np.empty_like(p)
+                ring_step(c, p + 10 * rank + s, out)
+                got.append(out.copy())
+            for s in range(steps):
+                kept = c.log.received[(left, 7, s)]
+                ok &= kept.dtype == p.dtype and kept.shape == p.shape
+                ok &= np.array_equal(kept, p + 10 * left + s) and np.array_equal(kept, got[s])
+            c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
 @pytest.mark.parametrize("change", [False, True])
 def test_lone_replay_keeps_resent_and_verifies_later(rc, change):
     """A rank re-executing alone mid-segment (no originals yet) keeps what it
