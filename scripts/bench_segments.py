@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -146,6 +147,11 @@ def median_ci(groups: list[list[float]], resamples: int = 2000, seed: int = 0) -
     return float(lo), float(hi)
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def _overhead_job(tmp: Path, args: argparse.Namespace, bind: str, name: str, rounds: int,
                   ks: str, env: dict[str, str]) -> list[dict[str, Any]]:
     out = tmp / f"overhead-{args.ranks}-{bind}-{name}.json"
@@ -180,8 +186,7 @@ def overhead(tmp: Path, args: argparse.Namespace, lengths: list[int | None] | No
     jobs = max(1, min(args.jobs, args.repeats))
     rounds = -(-args.repeats // jobs)
     ks = ",".join(str(k or 0) for k in lengths)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = _env()
     runs = [(str(j), rounds, ks) for j in range(jobs)]
     if None in lengths:
         runs += [(f"d{j}", args.default_rounds, "0") for j in range(default_jobs)]
@@ -221,6 +226,55 @@ def overhead(tmp: Path, args: argparse.Namespace, lengths: list[int | None] | No
             "baseline_loop_s_all": list(base.values()),
             "step_ms_baseline": 1e3 * statistics.median(base.values()) / args.steps,
             "fingerprints_identical": len({t["fingerprint"] for t in trials}) == 1, "rows": rows}
+
+
+# Each part is the paired difference of two trials of one round, over the baseline's time.
+PARTS = {
+    "boundaries": ("k=0:raw", "baseline"),      # snapshot, detectors, agreement; app on the plain comm
+    "communicator": ("k=0:nolog", "k=0:raw"),   # the resilient communicator, receive log off
+    "logging": ("k=0", "k=0:nolog"),            # copying what each rank receives
+    "total": ("k=0", "baseline"),
+}
+
+
+def parts_table(trials: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Where the default length's overhead goes, from alternating trials.
+
+    ``trials`` carry ``job``, ``round``, ``mode`` (baseline, k=0, k=0:nolog,
+    k=0:raw) and ``loop_s``. Each part is, per round, the difference of two
+    loop times over that round's baseline, in points; reported as the mean
+    with its standard error (the parts then add up to the total) and the
+    median. Pure: tested without MPI.
+    """
+    by: dict[tuple[int, int], dict[str, float]] = {}
+    for t in trials:
+        by.setdefault((t["job"], t["round"]), {})[t["mode"]] = t["loop_s"]
+    need = {m for pair in PARTS.values() for m in pair}
+    rounds = [r for r in by.values() if need <= r.keys()]
+    if len(rounds) < 2:
+        raise ValueError(f"parts need at least 2 complete rounds, got {len(rounds)}")
+    out = {}
+    for name, (a, b) in PARTS.items():
+        d = [100.0 * (r[a] - r[b]) / r["baseline"] for r in rounds]
+        out[name] = {"mean_pts": statistics.fmean(d),
+                     "se_pts": statistics.stdev(d) / math.sqrt(len(d)),
+                     "median_pts": statistics.median(d), "rounds": len(d)}
+    return out
+
+
+def parts(tmp: Path, args: argparse.Namespace, bind: str = "core") -> dict[str, Any]:
+    """Take the default's overhead apart: ``args.jobs`` jobs alternating the
+    baseline, the default, the default with the receive log off, and the
+    default with the app on the plain communicator."""
+    jobs = max(1, min(args.jobs, args.repeats))
+    rounds = -(-args.repeats // jobs)
+    trials: list[dict[str, Any]] = []
+    for j in range(jobs):
+        trials += [{**t, "job": j} for t in _overhead_job(
+            tmp, args, bind, f"parts{j}", rounds, "0,0:nolog,0:raw", _env())]
+    return {"ranks": args.ranks, "bind": bind, "jobs": jobs, "rounds_per_job": rounds,
+            "fingerprints_identical": len({t["fingerprint"] for t in trials}) == 1,
+            "parts": parts_table(trials), "trials": trials}
 
 
 # -- (b) snapshot throughput -------------------------------------------------------------
@@ -417,6 +471,13 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"    {r['label']:>15} {r['segment_length_end']:>8} {r['overhead_pct']:>8.1f}% "
                   f"{f'{lo:.1f} .. {hi:.1f}%':>15} {q:>16} {r.get('rounds', 0):>6} "
                   f"{r['loop_s_median']:>9.3f}  {jobs}")
+    if "overhead_parts" in result:
+        pa = result["overhead_parts"]
+        print(f"(a) where the default's overhead goes, {pa['ranks']} ranks, {pa['jobs']} job(s) x "
+              f"{pa['rounds_per_job']} rounds (paired, points of the baseline's time, mean +- s.e.; "
+              f"fingerprints identical: {pa['fingerprints_identical']})")
+        for name, r in pa["parts"].items():
+            print(f"    {name:>15} {r['mean_pts']:+6.2f} +- {r['se_pts']:.2f}  (median {r['median_pts']:+.2f})")
     sn = result["snapshot"]
     print(f"(b) snapshot throughput ({sn['n']}x{sn['n']} float64, best of {sn['repeat']})")
     for r in sn["rows"]:
@@ -464,6 +525,9 @@ def main() -> int:
     p.add_argument("--also-ranks", type=lambda t: [int(x) for x in t.split(",") if x], default=[2],
                    help="also measure (a) at the default length at these rank counts "
                         "(default 2: one rank per core here)")
+    p.add_argument("--parts", action="store_true",
+                   help="(a): also take the default's overhead apart (boundaries, communicator, "
+                        "logging) in --jobs more jobs, about 5 min")
     p.add_argument("--quick", action="store_true", help="small and short: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -498,6 +562,8 @@ def main() -> int:
             for n in args.also_ranks:
                 sub = argparse.Namespace(**{**vars(args), "ranks": n})
                 others.append(overhead(Path(tmp), sub, [None], bind=args.bind))
+            if args.parts:
+                result["overhead_parts"] = parts(Path(tmp), args, bind=args.bind)
             result["one_flip"] = one_flip(Path(tmp), args)
     result["loadavg_after"] = os.getloadavg()
     print_table(result)

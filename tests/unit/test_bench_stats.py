@@ -1,4 +1,4 @@
-"""The interval scripts/bench_segments.py reports for its overhead figures."""
+"""The statistics scripts/bench_segments.py reports for its overhead figures."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ _PATH = Path(__file__).resolve().parents[2] / "scripts" / "bench_segments.py"
 
 
 @pytest.fixture(scope="module")
-def median_ci():
+def bench():
     spec = importlib.util.spec_from_file_location("bench_segments", _PATH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.median_ci
+    return mod
+
+
+@pytest.fixture(scope="module")
+def median_ci(bench):
+    return bench.median_ci
 
 
 def test_interval_holds_the_pooled_median(median_ci):
@@ -51,3 +56,31 @@ def test_reproducible_and_rejects_nothing_to_pool(median_ci):
     assert median_ci(groups) == median_ci(groups)
     with pytest.raises(ValueError, match="non-empty"):
         median_ci([[], []])
+
+
+def _round(job, rnd, base, raw, nolog, full):
+    times = {"baseline": base, "k=0:raw": raw, "k=0:nolog": nolog, "k=0": full}
+    return [{"job": job, "round": rnd, "mode": m, "loop_s": t} for m, t in times.items()]
+
+
+def test_parts_are_paired_differences_that_add_up(bench):
+    # Round-to-round drift (the baseline moves) must not leak into the parts.
+    trials = (_round(0, 0, 1.00, 1.01, 1.03, 1.06) + _round(0, 1, 1.20, 1.212, 1.236, 1.272)
+              + _round(1, 0, 0.90, 0.909, 0.927, 0.954))
+    parts = bench.parts_table(trials)
+    assert parts["boundaries"]["mean_pts"] == pytest.approx(1.0)
+    assert parts["communicator"]["mean_pts"] == pytest.approx(2.0)
+    assert parts["logging"]["mean_pts"] == pytest.approx(3.0)
+    assert parts["total"]["mean_pts"] == pytest.approx(6.0)
+    assert parts["logging"]["se_pts"] == pytest.approx(0.0, abs=1e-9)
+    assert all(p["rounds"] == 3 for p in parts.values())
+
+
+def test_parts_skip_incomplete_rounds_and_need_two(bench):
+    trials = _round(0, 0, 1.0, 1.01, 1.02, 1.04) + _round(0, 1, 1.0, 1.02, 1.04, 1.08)
+    trials.append({"job": 0, "round": 2, "mode": "baseline", "loop_s": 1.0})  # its job died
+    parts = bench.parts_table(trials)
+    assert parts["total"]["rounds"] == 2
+    assert parts["total"]["mean_pts"] == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="2 complete rounds"):
+        bench.parts_table(trials[:4])
