@@ -263,11 +263,11 @@ def parts_table(trials: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def parts(tmp: Path, args: argparse.Namespace, bind: str = "core") -> dict[str, Any]:
-    """Take the default's overhead apart: ``args.jobs`` jobs alternating the
-    baseline, the default, the default with the receive log off, and the
-    default with the app on the plain communicator."""
-    jobs = max(1, min(args.jobs, args.repeats))
-    rounds = -(-args.repeats // jobs)
+    """Take the default's overhead apart: ``args.jobs`` jobs of
+    ``args.parts_rounds`` rounds alternating the baseline, the default, the
+    default with the receive log off, and the default with the app on the
+    plain communicator."""
+    jobs, rounds = args.jobs, args.parts_rounds
     trials: list[dict[str, Any]] = []
     for j in range(jobs):
         trials += [{**t, "job": j} for t in _overhead_job(
@@ -528,6 +528,8 @@ def main() -> int:
     p.add_argument("--parts", action="store_true",
                    help="(a): also take the default's overhead apart (boundaries, communicator, "
                         "logging) in --jobs more jobs, about 5 min")
+    p.add_argument("--parts-rounds", type=int, default=12,
+                   help="(a): rounds in each job of --parts (default 12)")
     p.add_argument("--quick", action="store_true", help="small and short: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -540,6 +542,8 @@ def main() -> int:
         args.default_jobs = 0 if args.quick else 4
     if args.jobs < 1 or args.repeats < 1:
         p.error("--jobs and --repeats must be at least 1")
+    if args.parts_rounds < 2:
+        p.error("--parts-rounds must be at least 2")
     if args.default_jobs < 0 or args.default_rounds < 1:
         p.error("--default-jobs must be at least 0 and --default-rounds at least 1")
     out = Path(args.out)
