@@ -277,6 +277,23 @@ def parts(tmp: Path, args: argparse.Namespace, bind: str = "core") -> dict[str, 
             "parts": parts_table(trials), "trials": trials}
 
 
+def pool_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The default length's overhead over several runs' rounds, jobs kept apart.
+
+    ``results`` are bench_segments.json contents; each contributes the
+    per-job ratios of its default (auto) row. Pure.
+    """
+    groups: list[list[float]] = []
+    for res in results:
+        row = next(r for r in res["overhead"]["rows"] if r["segment_steps"] == "auto")
+        groups += row["ratios_by_job"]
+    ratios = [x for g in groups for x in g]
+    lo, hi = median_ci(groups)
+    return {"runs": len(results), "jobs": len(groups), "rounds": len(ratios),
+            "overhead_pct": 100.0 * (statistics.median(ratios) - 1.0),
+            "overhead_pct_ci95": [100.0 * (lo - 1.0), 100.0 * (hi - 1.0)]}
+
+
 # -- (b) snapshot throughput -------------------------------------------------------------
 
 def best_seconds(fn: Any, repeat: int) -> float:
@@ -530,8 +547,22 @@ def main() -> int:
                         "logging) in --jobs more jobs, about 5 min")
     p.add_argument("--parts-rounds", type=int, default=12,
                    help="(a): rounds in each job of --parts (default 12)")
+    p.add_argument("--pool", nargs="+", metavar="DIR", default=None,
+                   help="measure nothing: pool the default's rounds of earlier runs' --out "
+                        "directories into one figure with its 95 %% interval")
     p.add_argument("--quick", action="store_true", help="small and short: a smoke run")
     args = p.parse_args()
+    if args.pool:
+        try:
+            runs = [json.loads((Path(d) / "bench_segments.json").read_text()) for d in args.pool]
+        except (OSError, ValueError) as exc:
+            p.error(f"--pool: cannot read a run: {exc}")
+        pooled = pool_runs(runs)
+        lo, hi = pooled["overhead_pct_ci95"]
+        print(f"default length, {pooled['rounds']} rounds in {pooled['jobs']} jobs of "
+              f"{pooled['runs']} runs: overhead {pooled['overhead_pct']:.1f} % "
+              f"(95 % interval {lo:.1f} .. {hi:.1f} %)")
+        return 0
     if args.quick:
         args.nx = args.ny = 256
         args.steps, args.repeats, args.snap_n, args.snap_repeat = 40, 2, 512, 5

@@ -84,3 +84,16 @@ def test_parts_skip_incomplete_rounds_and_need_two(bench):
     assert parts["total"]["mean_pts"] == pytest.approx(6.0)
     with pytest.raises(ValueError, match="2 complete rounds"):
         bench.parts_table(trials[:4])
+
+
+def test_pooling_runs_keeps_every_job_and_round(bench):
+    def run(*jobs):
+        return {"overhead": {"rows": [
+            {"segment_steps": 10, "ratios_by_job": [[9.0, 9.0]]},  # not the default: ignored
+            {"segment_steps": "auto", "ratios_by_job": [list(j) for j in jobs]}]}}
+
+    pooled = bench.pool_runs([run([1.01, 1.02], [1.03]), run([1.05, 1.04, 1.06])])
+    assert (pooled["runs"], pooled["jobs"], pooled["rounds"]) == (2, 3, 6)
+    assert pooled["overhead_pct"] == pytest.approx(3.5)  # median of the six rounds
+    lo, hi = pooled["overhead_pct_ci95"]
+    assert lo <= 3.5 <= hi
