@@ -1,4 +1,5 @@
-# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--jobs 3] [--default-jobs 4] [--bind core|none] [--quick]
+# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--jobs 3] [--default-jobs 4] [--bind core|none] [--parts] [--quick]
+#      python scripts/bench_segments.py --pool results/segments1 results/segments2 ...
 """Segments with local rollback: what they cost and what they save, in one run.
 
 Three measurements (issue 3), each a ratio taken on this machine in this run:
@@ -22,7 +23,12 @@ Three measurements (issue 3), each a ratio taken on this machine in this run:
     MPI binds them by default whenever a node is not oversubscribed; the
     default length is also measured unbound (the kernel places and moves
     the ranks), and at 2 ranks. ``overhead_other_ranks`` in the JSON holds
-    these extra cases, each with its ``ranks`` and ``bind``.
+    these extra cases, each with its ``ranks`` and ``bind``. With
+    ``--parts``, ``--jobs`` more jobs take the default's overhead apart
+    (``overhead_parts``: the boundaries with the app on the plain
+    communicator, the resilient communicator with its receive log off, the
+    logging), as paired per-round differences. ``--pool`` measures nothing:
+    it pools the default's rounds from earlier runs' JSON into one figure.
 (b) **Snapshot throughput**: ``ulfmpy.segment.Snapshot.take`` (and
     ``restore``) against ``np.copyto`` of the same arrays into preallocated
     buffers, in this process (no MPI): a stencil-like padded block (the
