@@ -121,8 +121,8 @@ class _Channel:
         if count <= have or self.last == 0:
             return
         tmpl = self.items[self.last - 1]
-        if type(tmpl) is not np.ndarray:
-            return
+        if type(tmpl) is not np.ndarray or tmpl.ndim == 0:
+            return  # objects, or scalars (a block's rows would not be arrays)
         block = np.empty((count - have, *tmpl.shape), dtype=tmpl.dtype)
         block.fill(0)  # fault the pages in now, not during the exchange
         for j, row in enumerate(block):

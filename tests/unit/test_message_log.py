@@ -83,3 +83,14 @@ def test_expect_leaves_object_channels_alone():
     log.clear()
     log.expect(5)
     assert len(ch.items) == 3 and all(v == b"pickled" for v in ch.items)
+
+
+def test_expect_does_not_grow_scalar_channels():
+    log = MessageLog()
+    segment(log, [np.float64(1.0), np.float64(2.0)], steps=2)
+    ch = log.rx[(1, 7)]
+    log.clear()
+    log.expect(6)
+    assert len(ch.items) == 2
+    got = segment(log, [np.array(3.0), np.array(4.0), np.array(5.0)])
+    assert [float(g) for g in got] == [3.0, 4.0, 5.0]
