@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mpi4py import MPI
 
@@ -70,6 +71,18 @@ def _case(text: str) -> tuple[int, str]:
     return int(k), part
 
 
+def round_order(cases: list[Any], rnd: int) -> list[Any]:
+    """The order of ``cases`` in round ``rnd``: rotated by one place each
+    round, and every other cycle of rotations backwards. Over ``2 *
+    len(cases)`` rounds every case runs in every place equally often, half
+    the time forwards and half backwards, so none is always first or always
+    after the same one. Pure."""
+    n = len(cases)
+    shift = rnd % n
+    order = cases[shift:] + cases[:shift]
+    return order[::-1] if (rnd // n) % 2 else order
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -90,14 +103,7 @@ def main() -> int:
     # faults, imports, the node's respawn zygote preloading at nice 10 beside
     # the first protected loop).
     for rnd in range(-1, args.rounds):
-        order: list[tuple[int, str] | None] = [None, *ks]
-        # Every case takes every place in the round in turn, forwards and
-        # backwards, so none always runs first or always after the same one.
-        shift = rnd % len(order)
-        order = order[shift:] + order[:shift]
-        if rnd % 2:
-            order.reverse()
-        for case in order:
+        for case in round_order([None, *ks], rnd):
             n += 1
             if case is None:
                 base = baseline(world, args.nx, args.ny, args.steps, os.path.join(base_dir, f"t{n}"))
