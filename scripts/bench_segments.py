@@ -563,7 +563,11 @@ def main() -> int:
             runs = [json.loads((Path(d) / "bench_segments.json").read_text()) for d in args.pool]
         except (OSError, ValueError) as exc:
             p.error(f"--pool: cannot read a run: {exc}")
-        pooled = pool_runs(runs)
+        try:
+            pooled = pool_runs(runs)
+        except (KeyError, StopIteration):
+            p.error("--pool: a run has no per-job rounds of the default length "
+                    "(written by an older bench_segments, or with --skip-mpi); leave it out")
         lo, hi = pooled["overhead_pct_ci95"]
         print(f"default length, {pooled['rounds']} rounds in {pooled['jobs']} jobs of "
               f"{pooled['runs']} runs: overhead {pooled['overhead_pct']:.1f} % "
