@@ -10,7 +10,7 @@ because a shorter segment loses less work to a soft error and keeps a
 smaller message log. The budget is a quarter of a point because the
 boundaries are not the only cost of a protected loop: on the 4-rank
 stencil with two ranks per core the resilient communicator costs about
-0.8 points and logging what each rank receives about 0.5 more, and a
+a point and logging what each rank receives 0.5–0.8 more, and a
 boundary costs more than this policy sees (ranks sharing a core reach the
 agreement up to a step apart, and the step after a boundary runs slower).
 With 0.5 % the whole loop cost 2.9 %, with 0.25 % 2.4 % (45 paired rounds
