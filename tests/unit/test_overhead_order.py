@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "scripts" / "overhead_job.py"
-
 
 @pytest.fixture(scope="module")
-def round_order():
-    spec = importlib.util.spec_from_file_location("overhead_job", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.round_order
+def round_order(load_script):
+    return load_script("overhead_job").round_order
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 6])
