@@ -1,4 +1,4 @@
-# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--jobs 3] [--default-jobs 4] [--bind core|none] [--parts] [--quick]
+# Run: python scripts/bench_segments.py [--out results/segments] [--repeats 12] [--jobs 3] [--default-jobs 4] [--ckpt-jobs 2] [--bind core|none] [--parts] [--quick]
 #      python scripts/bench_segments.py --pool results/segments1 results/segments2 ...
 """Segments with local rollback: what they cost and what they save, in one run.
 
@@ -27,7 +27,14 @@ Three measurements (issue 3), each a ratio taken on this machine in this run:
     ``--parts``, ``--jobs`` more jobs take the default's overhead apart
     (``overhead_parts``: the boundaries with the app on the plain
     communicator, the resilient communicator with its receive log off, the
-    logging), as paired per-round differences. ``--pool`` measures nothing:
+    logging), as paired per-round differences. ``--ckpt-jobs`` (2) more
+    jobs of ``--ckpt-rounds`` (8) rounds alternate the baseline and the
+    default length with global checkpoints every ``--ckpt-every`` (100)
+    steps (``overhead_ckpt``): the protection's overhead *excluding the
+    saves*, per round (loop time - the loop time spent in saves, i.e. the
+    sum of the checkpoints' ``exposed_s``) / the round's baseline, pooled
+    like the default's figure, beside the raw ratio including them and
+    the steps each run checkpointed at. ``--pool`` measures nothing:
     it pools the default's rounds from earlier runs' JSON into one figure.
 (b) **Snapshot throughput**: ``ulfmpy.segment.Snapshot.take`` (and
     ``restore``) against ``np.copyto`` of the same arrays into preallocated
@@ -283,6 +290,83 @@ def parts(tmp: Path, args: argparse.Namespace, bind: str = "core") -> dict[str, 
             "parts": parts_table(trials), "trials": trials}
 
 
+def ckpt_table(trials: list[dict[str, Any]], steps: int, ckpt_every: int) -> dict[str, Any]:
+    """The default length with checkpoints against the baseline, per round.
+
+    ``trials`` carry ``job``, ``round``, ``mode`` ("baseline" or the
+    checkpointing case), ``loop_s`` and, for the checkpointing case,
+    ``saves_s`` (the loop time spent in saves: the sum of its checkpoints'
+    exposed times) and ``checkpoint_steps``. Per round of each job two
+    ratios to that round's baseline: excluding the saves ((loop - saves) /
+    baseline) and including them (loop / baseline). Each is reported like
+    the default's figure (median over all rounds, quartiles, each job's
+    median, 95 % interval from :func:`median_ci`, the per-job ratios) in
+    per cent overhead, with each run's checkpoint steps beside the steps
+    a checkpoint every ``ckpt_every`` steps would land at (multiples of
+    it before ``steps``; recorded, not required). Pure.
+    """
+    base = {(t["job"], t["round"]): t["loop_s"] for t in trials if t["mode"] == "baseline"}
+    mine = sorted((t for t in trials if t["mode"] != "baseline" and (t["job"], t["round"]) in base),
+                  key=lambda t: (t["job"], t["round"]))
+    if not mine:
+        raise ValueError("ckpt_table needs at least one round with both trials")
+    jobs = sorted({t["job"] for t in mine})
+    out: dict[str, Any] = {}
+    for name, saves in (("excl_saves", True), ("incl_saves", False)):
+        def ratio(t: dict[str, Any], saves: bool = saves) -> float:
+            return (t["loop_s"] - (t["saves_s"] if saves else 0.0)) / base[t["job"], t["round"]]
+
+        by_job = [[ratio(t) for t in mine if t["job"] == j] for j in jobs]
+        ratios = [x for g in by_job for x in g]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        med = statistics.median(ratios)
+        lo, hi = median_ci(by_job)
+        out.update({f"overhead_{name}_pct": 100.0 * (med - 1.0),
+                    f"overhead_{name}_pct_q1": 100.0 * (q1 - 1.0),
+                    f"overhead_{name}_pct_q3": 100.0 * (q3 - 1.0),
+                    f"overhead_{name}_pct_ci95": [100.0 * (lo - 1.0), 100.0 * (hi - 1.0)],
+                    f"overhead_{name}_pct_per_job": [100.0 * (statistics.median(g) - 1.0)
+                                                     for g in by_job],
+                    f"ratios_{name}_by_job": by_job})
+    expected = list(range(ckpt_every, steps, ckpt_every)) if ckpt_every > 0 else []
+    runs = [[int(x) for x in t.get("checkpoint_steps", [])] for t in mine]
+    out.update({
+        "rounds": len(mine), "jobs": len(jobs),
+        "saves_s_median": statistics.median(t["saves_s"] for t in mine),
+        "saves_pct_of_baseline_median": statistics.median(
+            100.0 * t["saves_s"] / base[t["job"], t["round"]] for t in mine),
+        "loop_s_median": statistics.median(t["loop_s"] for t in mine),
+        "baseline_loop_s_median": statistics.median(base[t["job"], t["round"]] for t in mine),
+        "segment_length_end": [t.get("segment_length_end") for t in mine],
+        "checkpoints_per_run": [len(r) for r in runs],
+        "checkpoint_steps_per_run": runs,
+        "checkpoint_steps_expected": expected,
+        "runs_on_multiples": sum(1 for r in runs if r == expected)})
+    return out
+
+
+def ckpt_overhead(tmp: Path, args: argparse.Namespace, bind: str = "core") -> dict[str, Any]:
+    """The default length with global checkpoints every ``args.ckpt_every``
+    steps: ``args.ckpt_jobs`` jobs of ``args.ckpt_rounds`` rounds
+    alternating it and the baseline; figures from :func:`ckpt_table`."""
+    case = f"0:ckpt{args.ckpt_every}"
+    trials: list[dict[str, Any]] = []
+    for j in range(args.ckpt_jobs):
+        trials += [{**t, "job": j} for t in _overhead_job(
+            tmp, args, bind, f"ckpt{j}", args.ckpt_rounds, case, _env())]
+    return {"ranks": args.ranks, "nx": args.nx, "ny": args.ny, "steps": args.steps,
+            "bind": bind, "ckpt_every": args.ckpt_every, "segment_steps": "auto",
+            "jobs": args.ckpt_jobs, "rounds_per_job": args.ckpt_rounds,
+            "method": "alternating trials in each job; per round (protected loop time - the "
+                      "time the loop spent in checkpoint saves, the sum of the checkpoints' "
+                      "exposed_s) / the round's baseline loop time; median over all rounds of "
+                      "all jobs, 95 % interval by resampling jobs, then rounds; incl_saves: the "
+                      "same without subtracting the saves",
+            "fingerprints_identical": len({t["fingerprint"] for t in trials}) == 1,
+            **ckpt_table(trials, args.steps, args.ckpt_every),
+            "trials": [t for t in trials if t["mode"] != "baseline"]}
+
+
 def pool_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The default length's overhead over several runs' rounds, jobs kept apart.
 
@@ -424,6 +508,17 @@ def figure(result: dict[str, Any], path: Path) -> None:
         if ci:  # beside its bar, clear of the quartiles
             ax1.vlines([c[0] for c in ci], [c[1] for c in ci], [c[2] for c in ci], color="tab:red",
                        lw=4, alpha=0.6, label="95 % interval of the median (jobs, then rounds)")
+        if "overhead_ckpt" in result:  # beside the default's bar, left of it
+            oc = result["overhead_ckpt"]
+            at = next((i for i, r in enumerate(ov["rows"]) if r["segment_steps"] == "auto"),
+                      len(ov["rows"]) - 1)
+            for dx, name, m, c, what in ((-0.3, "excl_saves", "P", "tab:green", "saves excluded"),
+                                         (-0.15, "incl_saves", "X", "tab:olive", "saves included")):
+                v, (lo, hi) = oc[f"overhead_{name}_pct"], oc[f"overhead_{name}_pct_ci95"]
+                ax1.errorbar([at + dx], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt=m,
+                             color=c, ms=8, capsize=3,
+                             label=f"auto, checkpoint every {oc['ckpt_every']} steps, {what} "
+                                   f"(median, 95 % interval)")
         marks = iter([("D", "tab:orange"), ("s", "tab:purple"), ("^", "tab:gray")])
         for other in result.get("overhead_other_ranks", []):
             m, c = next(marks, ("o", "k"))
@@ -494,6 +589,23 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"    {r['label']:>15} {r['segment_length_end']:>8} {r['overhead_pct']:>8.1f}% "
                   f"{f'{lo:.1f} .. {hi:.1f}%':>15} {q:>16} {r.get('rounds', 0):>6} "
                   f"{r['loop_s_median']:>9.3f}  {jobs}")
+    if "overhead_ckpt" in result:
+        oc = result["overhead_ckpt"]
+        print(f"(a) the default length with checkpoints every {oc['ckpt_every']} steps, "
+              f"{oc['ranks']} ranks, {oc['rounds']} rounds in {oc['jobs']} job(s); saves median "
+              f"{oc['saves_s_median']:.3f} s ({oc['saves_pct_of_baseline_median']:.1f} % of the "
+              f"baseline); fingerprints identical: {oc['fingerprints_identical']}")
+        for name, what in (("excl_saves", "saves excluded"), ("incl_saves", "saves included")):
+            lo, hi = oc[f"overhead_{name}_pct_ci95"]
+            q = f"{oc[f'overhead_{name}_pct_q1']:.1f} .. {oc[f'overhead_{name}_pct_q3']:.1f}%"
+            jobs = " ".join(f"{x:.1f}" for x in oc[f"overhead_{name}_pct_per_job"])
+            print(f"    {what:>15} {oc[f'overhead_{name}_pct']:>8.1f}% "
+                  f"{f'{lo:.1f} .. {hi:.1f}%':>15} {q:>16}  per job {jobs}")
+        steps = sorted({tuple(r) for r in oc["checkpoint_steps_per_run"]})
+        print(f"    checkpoints per run {sorted(set(oc['checkpoints_per_run']))}, at steps "
+              + "; ".join(", ".join(map(str, r)) or "none" for r in steps)
+              + f" ({oc['runs_on_multiples']} of {oc['rounds']} runs exactly at multiples of "
+                f"{oc['ckpt_every']})")
     if "overhead_parts" in result:
         pa = result["overhead_parts"]
         print(f"(a) where the default's overhead goes, {pa['ranks']} ranks, {pa['jobs']} job(s) x "
@@ -536,6 +648,14 @@ def main() -> int:
                         "pooled with the others for its figure; default 4 (0 with --quick)")
     p.add_argument("--default-rounds", type=int, default=8,
                    help="(a): rounds in each of those jobs (default 8)")
+    p.add_argument("--ckpt-jobs", type=int, default=None,
+                   help="(a): jobs alternating the baseline and the default length with global "
+                        "checkpoints every --ckpt-every steps (overhead excluding the saves); "
+                        "default 2 (1 with --quick), 0 = skip")
+    p.add_argument("--ckpt-rounds", type=int, default=None,
+                   help="(a): rounds in each of those jobs (default 8, 2 with --quick)")
+    p.add_argument("--ckpt-every", type=int, default=None,
+                   help="(a): their checkpoint interval in steps (default 100, 10 with --quick)")
     p.add_argument("--bind", choices=("core", "none"), default="core",
                    help="(a): bind ranks to cores (default; two per core when oversubscribed) "
                         "or leave them to the scheduler")
@@ -581,12 +701,20 @@ def main() -> int:
         args.jobs = 1 if args.quick else 3
     if args.default_jobs is None:
         args.default_jobs = 0 if args.quick else 4
+    if args.ckpt_jobs is None:
+        args.ckpt_jobs = 1 if args.quick else 2
+    if args.ckpt_rounds is None:
+        args.ckpt_rounds = 2 if args.quick else 8
+    if args.ckpt_every is None:
+        args.ckpt_every = 10 if args.quick else 100
     if args.jobs < 1 or args.repeats < 1:
         p.error("--jobs and --repeats must be at least 1")
     if args.parts_rounds < 2:
         p.error("--parts-rounds must be at least 2")
     if args.default_jobs < 0 or args.default_rounds < 1:
         p.error("--default-jobs must be at least 0 and --default-rounds at least 1")
+    if args.ckpt_jobs < 0 or args.ckpt_rounds < 1 or args.ckpt_every < 1:
+        p.error("--ckpt-jobs must be at least 0, --ckpt-rounds and --ckpt-every at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Other jobs on the machine distort every timing: keep the load with the figures.
@@ -607,6 +735,8 @@ def main() -> int:
             for n in args.also_ranks:
                 sub = argparse.Namespace(**{**vars(args), "ranks": n})
                 others.append(overhead(Path(tmp), sub, [None], bind=args.bind))
+            if args.ckpt_jobs:
+                result["overhead_ckpt"] = ckpt_overhead(Path(tmp), args, bind=args.bind)
             if args.parts:
                 result["overhead_parts"] = parts(Path(tmp), args, bind=args.bind)
             result["one_flip"] = one_flip(Path(tmp), args)

@@ -99,7 +99,8 @@ class _Committer:
     def _log(self, event: str, **fields: Any) -> None:
         raise NotImplementedError
 
-    def _finish(self, *, block: bool, charge: bool = True) -> CheckpointRecord | None:
+    def _finish(self, *, block: bool, charge: bool = True,
+                backoff: bool = True) -> CheckpointRecord | None:
         """Advance the outstanding checkpoint: agree on the writes, then commit.
 
         Collective. With ``block`` it returns only once committed (or
@@ -109,7 +110,7 @@ class _Committer:
         p = self._pending
         assert p is not None
         t0 = time.perf_counter()
-        if not block:
+        if not block and backoff:
             # Back off: communicate at the 1st, 2nd, 4th, 8th, 16th poll, then
             # every 16th. Every rank counts the same polls (poll is
             # collective), so all skip or all communicate; a long write

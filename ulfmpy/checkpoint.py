@@ -197,6 +197,20 @@ class CheckpointStore(_Committer):
             self._pending = None
         self.comm = comm
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the async helper has started (its interpreter, numpy, h5py). Local.
+
+        At the start of a run, so that the helper's start-up is not paid by
+        the first segments (it slowed their steps several times over on a
+        full node). A helper that does not answer is restarted at the first save.
+        """
+        if self._helper is None:
+            return
+        try:
+            self._helper.info(timeout=timeout)
+        except (TimeoutError, OSError, EOFError):
+            pass
+
     @property
     def helper_pid(self) -> int | None:
         """The pid of this rank's helper process (async mode), for tests and tools."""
@@ -329,14 +343,35 @@ class CheckpointStore(_Committer):
             return self._records[-1]
         return record
 
-    def poll(self) -> CheckpointRecord | None:
+    def ready(self) -> bool:
+        """Whether this rank's part of the outstanding write's current phase is done.
+
+        Local and non-blocking: the runtime reduces it over the ranks in the
+        end-of-segment agreement and passes the outcome to :meth:`poll`.
+        True when nothing is outstanding.
+        """
+        p = self._pending
+        if p is None or self._helper is None:
+            return True
+        if p.phase == "write":
+            if p.result is None:
+                p.result = self._helper.result(p.job or 0, block=False)
+            return p.result is not None
+        if self.comm.Get_rank() == 0 and p.commit is None:
+            p.commit = self._helper.result(p.commit_job or 0, block=False)
+            return p.commit is not None
+        return True
+
+    def poll(self, *, ready: bool | None = None) -> CheckpointRecord | None:
         """Commit the outstanding write if every rank's file is durable. Collective.
 
         Call at every segment boundary. Costs nothing when no write is
-        outstanding (every rank knows, since saves are collective), and
-        otherwise one small allgather at the 1st, 2nd, 4th, 8th and 16th
-        poll after the save, then at every 16th: a commit lands at most 16
-        boundaries after the last rank's write ended.
+        outstanding (every rank knows, since saves are collective). With
+        ``ready`` (the same on every rank: all ranks' :meth:`ready`) it
+        communicates only when every rank is ready, so a commit lands at
+        the first boundary after the last write ends. Without it: one small
+        allgather at the 1st, 2nd, 4th, 8th and 16th poll after the save,
+        then at every 16th.
 
         Returns:
             the record of the checkpoint committed by this call, or None.
@@ -345,9 +380,9 @@ class CheckpointStore(_Committer):
             CheckpointError: on every rank, if a rank's write failed.
         """
         self._check_open()
-        if self._pending is None:
+        if self._pending is None or ready is False:
             return None
-        return self._finish(block=False)
+        return self._finish(block=False, backoff=ready is None)
 
     def drain(self) -> CheckpointRecord | None:
         """Wait for the outstanding write and commit it. Collective (end of run)."""

@@ -2,8 +2,18 @@
 
 Every setting is a ``Runtime(...)`` keyword, an ``ulfmpy run`` flag and a
 ``ULFMPY_*`` environment variable: ``segment_steps`` ↔ ``--segment-steps`` ↔
-``ULFMPY_SEGMENT_STEPS``. Precedence: keyword > environment > default, so
-the launcher can inject faults or set policies without touching the app.
+``ULFMPY_SEGMENT_STEPS``. Precedence, highest first:
+
+1. a flag of ``ulfmpy run``: the launcher passes it as its ``ULFMPY_*``
+   variable and names it in ``ULFMPY_FLAGS`` (the operator's choice for
+   this run wins over the code);
+2. a ``Runtime(...)`` keyword;
+3. any other ``ULFMPY_*`` environment variable;
+4. the default.
+
+Settings that contradict each other (``--mtbf`` with ``--ckpt-every``, ...,
+see :data:`CONFLICTS`) are refused with a :class:`ConfigError` naming both
+and where each came from, rather than one silently doing nothing.
 Pure: imports no MPI.
 """
 
@@ -20,9 +30,13 @@ from typing import Any, Callable, Mapping
 from ulfmpy.errors import ConfigError
 from ulfmpy.seglength import DEFAULT_BUDGET
 
-__all__ = ["Config", "add_config_arguments", "config_env_from_args", "ENV_PREFIX"]
+__all__ = ["Config", "add_config_arguments", "config_env_from_args", "ENV_PREFIX", "FLAGS_ENV",
+           "CONFLICTS", "flag_name"]
 
 ENV_PREFIX = "ULFMPY_"
+#: Set by ``ulfmpy run``: the comma-separated setting names given on its
+#: command line. Those settings win over ``Runtime(...)`` keywords. Not a setting.
+FLAGS_ENV = ENV_PREFIX + "FLAGS"
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -48,7 +62,8 @@ def _opt(kind: Callable[[str], Any], help: str, *, choices: tuple[str, ...] | No
 class Config:
     """Settings of one run; frozen, validated, equal on all ranks.
 
-    Build with :meth:`Config.load` (keywords over ``ULFMPY_*`` environment).
+    Build with :meth:`Config.load` (``ulfmpy run`` flags over keywords over
+    other ``ULFMPY_*`` variables over defaults).
     """
 
     run_dir: str | None = field(default=None, metadata=_opt(
@@ -124,13 +139,34 @@ class Config:
         for name in ("ckpt_every", "spares"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        # Built directly (not by load): a value other than the default counts as given.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        _check_conflicts(values, {f.name for f in fields(self) if values[f.name] != f.default})
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> "Config":
-        """Settings from keywords over ``ULFMPY_*`` variables over defaults.
+        """Settings from flags over keywords over ``ULFMPY_*`` variables over defaults.
 
-        Raises :class:`ConfigError` for an unknown keyword or a bad value,
-        naming the setting and where it came from.
+        A setting named in ``ULFMPY_FLAGS`` (set by ``ulfmpy run``) takes
+        its ``ULFMPY_*`` variable even when a keyword gives it too; see
+        :meth:`load_with_sources` for the list of keywords so overridden.
+
+        Raises :class:`ConfigError` for an unknown keyword, a bad value
+        (naming the setting and where it came from) or two settings given
+        together that contradict each other (:data:`CONFLICTS`).
+        """
+        return cls.load_with_sources(environ, **kwargs)[0]
+
+    @classmethod
+    def load_with_sources(cls, environ: Mapping[str, str] | None = None,
+                          **kwargs: Any) -> "tuple[Config, list[dict[str, Any]]]":
+        """Like :meth:`load`, also returning the keywords a flag overrode.
+
+        Returns ``(config, overrides)``: one ``{"setting": name, "keyword":
+        value, "flag": value}`` (both converted, e.g. seconds for a
+        duration) per setting given both as a keyword and as an ``ulfmpy
+        run`` flag with a different value, in field order. The flag's value
+        is the one in ``config``.
         """
         environ = os.environ if environ is None else environ
         known = {f.name: f for f in fields(cls)}
@@ -138,19 +174,32 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown ulfmpy setting(s): {', '.join(sorted(unknown))}; "
                               f"known: {', '.join(known)}")
+        flags = set(_csv(environ.get(FLAGS_ENV, "")))
+        if flags - set(known):
+            raise ConfigError(
+                f"environment variable {FLAGS_ENV} names unknown setting(s) "
+                f"{', '.join(sorted(flags - set(known)))} (it lists the settings given as "
+                f"ulfmpy run flags); known: {', '.join(known)}")
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        overrides: list[dict[str, Any]] = []
         for name, f in known.items():
             env = ENV_PREFIX + name.upper()
+            keyword = _MISSING
             if name in kwargs:
-                value = kwargs[name]
-                if isinstance(value, str) and f.type not in ("str", "str | None"):
-                    value = _convert(f, value, f"keyword {name}")
-                elif isinstance(value, list):
-                    value = tuple(value)
-                values[name] = value
+                keyword = _from_keyword(f, kwargs[name])
+            if name in flags and env in environ:
+                value = _convert(f, environ[env], f"flag {flag_name(name)} ({env})")
+                values[name], sources[name] = value, "flag"
+                if keyword is not _MISSING and keyword != value:
+                    overrides.append({"setting": name, "keyword": keyword, "flag": value})
+            elif keyword is not _MISSING:
+                values[name], sources[name] = keyword, "keyword"
             elif env in environ:
                 values[name] = _convert(f, environ[env], f"environment variable {env}")
-        return cls(**values)
+                sources[name] = "environment"
+        _check_conflicts(values, set(values), sources)
+        return cls(**values), overrides
 
     def digest(self) -> str:
         """A short hash of all settings, compared across ranks."""
@@ -180,6 +229,111 @@ def _bool(text: str) -> bool:
     if t in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"expected a boolean (1/0, true/false), got {text!r}")
+
+
+_MISSING = object()
+
+
+def _from_keyword(f: dataclasses.Field[Any], value: Any) -> Any:
+    if isinstance(value, str) and f.type not in ("str", "str | None"):
+        return _convert(f, value, f"keyword {f.name}")
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def flag_name(name: str) -> str:
+    """The ``ulfmpy run`` flag of a setting: ``ckpt_every`` -> ``--ckpt-every``."""
+    return "--no-resilience" if name == "resilience" else "--" + name.replace("_", "-")
+
+
+_POLICY = "lets the interval policy choose when to checkpoint"
+_OFF = "--no-resilience runs the plain loop"
+
+#: Pairs of settings that must not be given together, with why. A setting
+#: counts when it is given (keyword, flag or variable, not the default) and
+#: on: a number > 0, a non-empty list, resilience off; ``segment_budget``
+#: whenever it is given (it has no "off").
+CONFLICTS: tuple[tuple[str, str, str], ...] = (
+    ("mtbf", "ckpt_every", f"--mtbf {_POLICY}"),
+    ("mtbf", "ckpt_seconds", f"--mtbf {_POLICY}"),
+    ("node_mtbf", "ckpt_every", f"--node-mtbf {_POLICY}"),
+    ("node_mtbf", "ckpt_seconds", f"--node-mtbf {_POLICY}"),
+    ("mtbf", "node_mtbf", "both give the job MTBF (--node-mtbf divided by the node count)"),
+    ("ckpt_every", "ckpt_seconds", "both set the checkpoint interval (in steps, in seconds)"),
+    ("segment_steps", "soft_mtbf", "--segment-steps N fixes the segment length, --soft-mtbf "
+     "proposes it from the soft-error rate"),
+    ("segment_budget", "segment_steps", "--segment-budget only drives the automatic segment "
+     "length (--segment-steps auto), so with a fixed length it would do nothing"),
+    ("segment_budget", "soft_mtbf", "--segment-budget only drives the automatic segment "
+     "length, which --soft-mtbf replaces, so it would do nothing"),
+    *(("resilience", name, f"{_OFF}: it {what}, so {flag} would do nothing")
+      for name, flag, what in (
+          ("ckpt_every", "--ckpt-every", "takes no checkpoints"),
+          ("ckpt_seconds", "--ckpt-seconds", "takes no checkpoints"),
+          ("mtbf", "--mtbf", "takes no checkpoints"),
+          ("node_mtbf", "--node-mtbf", "takes no checkpoints"),
+          ("inject", "--inject", "injects no faults"),
+          ("detect_every", "--detect-every", "runs no detectors"))),
+)
+
+#: What a flag that turns a setting off looks like (for the hint to drop a keyword).
+_OFF_FLAG = {"ckpt_every": "--ckpt-every 0", "ckpt_seconds": "--ckpt-seconds 0",
+             "mtbf": "--mtbf 0", "node_mtbf": "--node-mtbf 0", "soft_mtbf": "--soft-mtbf 0",
+             "segment_steps": "--segment-steps auto", "detect_every": "--detect-every 0"}
+
+
+def _on(name: str, value: Any) -> bool:
+    if name == "segment_budget":
+        return True
+    if name == "resilience":
+        return not value  # counts when off
+    if isinstance(value, (tuple, list)):
+        return len(value) > 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value > 0
+    return bool(value)
+
+
+def _where(name: str, source: str | None) -> str:
+    if source == "flag":
+        return "ulfmpy run flag"
+    if source == "keyword":
+        return f"Runtime keyword {name}"
+    if source == "environment":
+        return f"environment variable {ENV_PREFIX}{name.upper()}"
+    return ""
+
+
+def _check_conflicts(values: Mapping[str, Any], given: set[str],
+                     sources: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` listing every pair of :data:`CONFLICTS` given together."""
+    active = {n for n in given if n in values and _on(n, values[n])}
+    found = []
+    for a, b, why in CONFLICTS:
+        if a not in active or b not in active:
+            continue
+        fa, fb = flag_name(a), flag_name(b)
+        msg = f"{fa} and {fb} conflict: {why}; give one of them"
+        if sources and a in sources and b in sources:
+            if sources[a] != sources[b]:
+                msg += f" ({fa}: {_where(a, sources[a])}; {fb}: {_where(b, sources[b])})"
+            elif sources[a] == "flag":
+                msg += " (both ulfmpy run flags)"
+            elif sources[a] == "keyword":
+                msg += f" (Runtime keywords {a} and {b})"
+            else:
+                msg += (f" (environment variables {ENV_PREFIX}{a.upper()} and "
+                        f"{ENV_PREFIX}{b.upper()})")
+            pair = {sources[a]: a, sources[b]: b}
+            if set(pair) == {"flag", "keyword"} and pair["keyword"] in _OFF_FLAG:
+                msg += (f"; a flag overrides a keyword: add {_OFF_FLAG[pair['keyword']]} "
+                        f"to drop the keyword")
+        found.append(msg)
+    if len(found) == 1:
+        raise ConfigError(found[0])
+    if found:
+        raise ConfigError("conflicting settings:\n  " + "\n  ".join(found))
 
 
 def _convert(f: dataclasses.Field[Any], text: str, origin: str) -> Any:
@@ -217,7 +371,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_env_from_args(args: argparse.Namespace) -> dict[str, str]:
     """``ULFMPY_*`` variables for the settings given on a command line.
 
-    Values are validated here, so a bad flag fails before ``mpirun`` starts.
+    Values are validated here, so a bad flag, or two flags that conflict,
+    fail before ``mpirun`` starts. ``ulfmpy run`` adds :data:`FLAGS_ENV`
+    naming these settings.
     """
     env: dict[str, str] = {}
     given: dict[str, Any] = {}
@@ -228,5 +384,6 @@ def config_env_from_args(args: argparse.Namespace) -> dict[str, str]:
         text = ";".join(value) if isinstance(value, list) else str(value)
         env[ENV_PREFIX + f.name.upper()] = text
         given[f.name] = text
-    Config.load(environ={ENV_PREFIX + k.upper(): v for k, v in given.items()})
+    Config.load(environ={**{ENV_PREFIX + k.upper(): v for k, v in given.items()},
+                         FLAGS_ENV: ",".join(given)})
     return env

@@ -31,6 +31,8 @@ __all__ = [
     "ProcessFailure",
     "CommRevoked",
     "RollbackSignal",
+    "GlobalRollback",
+    "StillSpare",
     "translate_mpi_error",
     "EXIT_RELAUNCH",
     "EXIT_UNRECOVERABLE",
@@ -105,6 +107,32 @@ class CommRevoked(ProcessFailure):
 
 class RollbackSignal(FaultSignal):
     """Unwinds the loop body to the start of the segment for re-execution."""
+
+
+class GlobalRollback(FaultSignal):
+    """Local rollback gave up on a segment; every rank restores the last checkpoint.
+
+    Attributes:
+        first: the first step of the abandoned segment.
+    """
+
+    def __init__(self, first: int, reason: str) -> None:
+        super().__init__(reason)
+        self.first = first
+
+
+class StillSpare(FaultSignal):
+    """A repair left this process a spare: it goes back to waiting.
+
+    Attributes:
+        target: the checkpoint step the repaired job resumes from.
+        identity: the spare's identity after the repair (its new communicators).
+    """
+
+    def __init__(self, target: int | None, identity: object = None) -> None:
+        super().__init__("still a spare")
+        self.target = target
+        self.identity = identity
 
 
 def _mpi_classes() -> dict[int, type[ProcessFailure]]:

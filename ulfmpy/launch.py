@@ -17,7 +17,10 @@ What it adds to a plain ``mpirun``:
   the libfabric transport spends about a second probing for networks in
   every ``MPI_Init``, the job's, each relaunch's and each respawned
   replacement's, and shared memory carries all traffic on one node anyway.
-* settings reach every rank as ``ULFMPY_*`` variables (``-x`` each).
+* settings reach every rank as ``ULFMPY_*`` variables (``-x`` each), and
+  ``ULFMPY_FLAGS`` names those given on this command line: they win over
+  ``Runtime(...)`` keywords (the operator's choice for this run). Flags that
+  contradict each other are refused before ``mpirun`` starts.
 * ``--max-restarts K``: relaunch a job that exited with
   :data:`~ulfmpy.errors.EXIT_RELAUNCH` (or was killed), resuming from the
   newest committed checkpoint.
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ulfmpy.config import add_config_arguments, config_env_from_args
+from ulfmpy.config import ENV_PREFIX, FLAGS_ENV, add_config_arguments, config_env_from_args
 from ulfmpy.errors import EXIT_UNRECOVERABLE, LaunchError
 
 __all__ = ["MPIInfo", "detect_mpi", "find_mpirun", "build_command", "configure", "run",
@@ -276,6 +279,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise LaunchError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     env = config_env_from_args(args)
+    # The settings of this command line win over the app's keywords. Always
+    # set, so a value inherited from the caller's environment never counts.
+    # (--spares is among them: the code cannot change how many spares started.)
+    env[FLAGS_ENV] = ",".join(k[len(ENV_PREFIX):].lower() for k in env)
     env.setdefault("ULFMPY_RUN_DIR", os.environ.get("ULFMPY_RUN_DIR") or default_run_dir())
     mpirun = find_mpirun(args.mpirun)
     info = detect_mpi(mpirun)
@@ -299,6 +306,9 @@ def run(args: argparse.Namespace) -> int:
               f"{args.max_restarts} resuming from the newest committed checkpoint",
               file=sys.stderr)
         env_add["ULFMPY_RESUME"] = "auto"
+        # A relaunch must resume, even when the code passes resume=...
+        env_add[FLAGS_ENV] = ",".join(
+            [n for n in env_add.get(FLAGS_ENV, "").split(",") if n and n != "resume"] + ["resume"])
         env_add["ULFMPY_RELAUNCH"] = str(restarts)
         if "-x" in argv:
             argv = _with_forwarded(argv, ["ULFMPY_RESUME", "ULFMPY_RELAUNCH"])

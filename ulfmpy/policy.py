@@ -157,8 +157,12 @@ class IntervalPolicy:
 
     # -- decisions --------------------------------------------------------------
 
-    def decide(self) -> Decision:
+    def decide(self, *, step_time: float | None = None) -> Decision:
         """Choose the compute time and step count until the next checkpoint.
+
+        Args:
+            step_time: seconds per step to convert τ with; default the
+                smoothed :meth:`observe_step` samples.
 
         Returns:
             The :class:`Decision` (also kept as :attr:`last`).
@@ -169,7 +173,8 @@ class IntervalPolicy:
         if self._save.value is None:
             raise ValueError("no save time yet: pass save_estimate= or call observe_save() first")
         self.last = self._decision(mtbf=self.mtbf, save=max(self._save.value, _TINY),
-                                   recovery=self.recovery, step_time=self._step.value)
+                                   recovery=self.recovery,
+                                   step_time=self._step.value if step_time is None else step_time)
         return self.last
 
     def segment_length(self, *, soft_mtbf: float, snapshot: float,

@@ -162,10 +162,10 @@ class _Job:
                   "serialized": MPI.THREAD_SERIALIZED, "multiple": MPI.THREAD_MULTIPLE}
         MPI.Init_thread(levels.get(str(rc.thread_level), MPI.THREAD_MULTIPLE))
         # The start-up a respawned rank reports is this process's, not the zygote's.
-        rt = sys.modules.get("ulfmpy.runtime")
-        if rt is not None:
-            rt._IMPORTED_AT = time.time()
-            rt._WARM = True
+        rs = sys.modules.get("ulfmpy.respawn")
+        if rs is not None:
+            rs._IMPORTED_AT = time.time()
+            rs._WARM = True
         sys.argv[:] = ["mpi4py", *argv[2:]]
         run_main()
 

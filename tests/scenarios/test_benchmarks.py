@@ -2,13 +2,14 @@
 
 A smoke run (``--quick``, small grid, few rounds): it asserts what the
 figures are made of — the same fingerprint in every trial, every case
-present, the overhead's parts adding up, every flip corrected — never a
-timing.
+present, the overhead's parts adding up, the checkpointing case's figures
+finite, every flip corrected — never a timing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -47,6 +48,17 @@ def test_bench_segments_quick_with_parts(tmp_path: Path) -> None:
     p = pa["parts"]
     assert abs(p["boundaries"]["mean_pts"] + p["communicator"]["mean_pts"]
                + p["logging"]["mean_pts"] - p["total"]["mean_pts"]) < 1e-9
+
+    oc = res["overhead_ckpt"]  # the default length with checkpoints; --quick: every 10 steps
+    assert oc["fingerprints_identical"]
+    assert oc["rounds"] >= 1 and oc["ckpt_every"] >= 1
+    for name in ("excl_saves", "incl_saves"):
+        v, (lo, hi) = oc[f"overhead_{name}_pct"], oc[f"overhead_{name}_pct_ci95"]
+        assert all(math.isfinite(x) for x in (v, lo, hi)) and lo <= v <= hi
+    assert math.isfinite(oc["saves_s_median"]) and oc["saves_s_median"] >= 0
+    # Checkpoints landed (where exactly is recorded, not asserted).
+    assert len(oc["checkpoint_steps_per_run"]) == oc["rounds"]
+    assert all(n >= 1 for n in oc["checkpoints_per_run"])
 
     flips = res["one_flip"]["rows"]
     assert flips and all(r["exact"] for r in flips)

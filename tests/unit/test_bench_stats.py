@@ -89,3 +89,54 @@ def test_pooling_runs_keeps_every_job_and_round(bench):
     assert pooled["overhead_pct"] == pytest.approx(3.5)  # median of the six rounds
     lo, hi = pooled["overhead_pct_ci95"]
     assert lo <= 3.5 <= hi
+
+
+def _ckpt_round(job, rnd, base, loop, saves, steps=(100, 200)):
+    return [{"job": job, "round": rnd, "mode": "baseline", "loop_s": base},
+            {"job": job, "round": rnd, "mode": "k=0:ckpt100", "loop_s": loop, "saves_s": saves,
+             "checkpoint_steps": list(steps), "segment_length_end": 25}]
+
+
+def test_ckpt_overhead_subtracts_each_rounds_saves(bench):
+    # Drift between rounds (the baseline moves) stays out: each round is its own ratio.
+    trials = (_ckpt_round(0, 0, 1.00, 1.12, 0.10) + _ckpt_round(0, 1, 2.00, 2.24, 0.20)
+              + _ckpt_round(1, 0, 0.50, 0.56, 0.05, steps=(100, 250)))
+    t = bench.ckpt_table(trials, steps=300, ckpt_every=100)
+    assert t["overhead_excl_saves_pct"] == pytest.approx(2.0)
+    assert t["overhead_incl_saves_pct"] == pytest.approx(12.0)
+    for name in ("excl_saves", "incl_saves"):
+        lo, hi = t[f"overhead_{name}_pct_ci95"]
+        assert lo <= t[f"overhead_{name}_pct"] <= hi
+        assert len(t[f"overhead_{name}_pct_per_job"]) == 2
+    assert t["ratios_excl_saves_by_job"] == [pytest.approx([1.02, 1.02]), pytest.approx([1.02])]
+    assert (t["rounds"], t["jobs"]) == (3, 2)
+    assert t["saves_pct_of_baseline_median"] == pytest.approx(10.0)
+    # Recorded, not required: where the checkpoints landed.
+    assert t["checkpoint_steps_expected"] == [100, 200]
+    assert t["checkpoint_steps_per_run"] == [[100, 200], [100, 200], [100, 250]]
+    assert t["checkpoints_per_run"] == [2, 2, 2]
+    assert t["runs_on_multiples"] == 2
+
+
+def test_ckpt_overhead_skips_unpaired_rounds_and_needs_one(bench):
+    trials = _ckpt_round(0, 0, 1.0, 1.1, 0.05)
+    trials.append({"job": 0, "round": 1, "mode": "k=0:ckpt100", "loop_s": 9.0, "saves_s": 0.0,
+                   "checkpoint_steps": []})  # its baseline never ran
+    t = bench.ckpt_table(trials, steps=200, ckpt_every=100)
+    assert t["rounds"] == 1
+    assert t["overhead_excl_saves_pct"] == pytest.approx(5.0)
+    assert t["checkpoint_steps_expected"] == [100]
+    with pytest.raises(ValueError, match="both trials"):
+        bench.ckpt_table(trials[:1], steps=200, ckpt_every=100)
+
+
+def test_checkpoint_times_sum_a_ranks_records(load_script):
+    times = load_script("overhead_job").checkpoint_times
+    recs = [{"step": 100, "exposed_s": 0.01, "write_s": 0.2, "bytes": 8, "committed": True},
+            {"step": 200, "exposed_s": 0.03, "write_s": None, "bytes": 8, "committed": False}]
+    got = times(recs)
+    assert got["steps"] == [100, 200]
+    assert got["committed"] == 1
+    assert got["exposed_s"] == pytest.approx(0.04)
+    assert got["write_s"] == pytest.approx(0.2)  # an unfinished write adds nothing
+    assert times([]) == {"steps": [], "committed": 0, "exposed_s": 0.0, "write_s": 0.0}

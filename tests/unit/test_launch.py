@@ -146,6 +146,76 @@ def test_bad_setting_fails_before_launch(capsys, tmp_path):
     assert "segment_steps must be >= 1" in capsys.readouterr().err
 
 
+def _dry_run_env(line: str) -> tuple[dict[str, str], list[str]]:
+    words = shlex.split(line)
+    assign = [w for w in words if "=" in w and w.split("=")[0].isupper()]
+    return dict(w.split("=", 1) for w in assign), [w for w in words if w not in assign]
+
+
+def test_conflicting_flags_fail_before_launch_with_one_error(capsys, tmp_path):
+    script = tmp_path / "x.py"
+    script.write_text("")
+    code = main(["run", "-n", "2", "--dry-run", "--mtbf", "1h", "--ckpt-every", "5", str(script)])
+    assert code == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no command printed, nothing launched
+    assert err.count("conflict") == 1 and err.count("error") == 1
+    assert err.startswith("ulfmpy run: error: --mtbf and --ckpt-every conflict: --mtbf lets the "
+                          "interval policy choose when to checkpoint; give one of them")
+
+
+def test_dry_run_names_the_flags_given(capsys, tmp_path, monkeypatch):
+    script = tmp_path / "app.py"
+    script.write_text("")
+    # A list inherited from the caller's environment never counts.
+    monkeypatch.setenv("ULFMPY_FLAGS", "seed")
+    code = main(["run", "-n", "2", "--dry-run", "--mtbf", "1h", "--segment-steps", "7",
+                 "--run-dir", str(tmp_path / "r"), str(script)])
+    assert code == 0
+    env, cmd = _dry_run_env(capsys.readouterr().out.strip())
+    assert env["ULFMPY_FLAGS"].split(",") == ["run_dir", "segment_steps", "spares", "mtbf"]
+    assert env["ULFMPY_MTBF"] == "1h" and env["ULFMPY_SEGMENT_STEPS"] == "7"
+    info = detect_mpi(find_mpirun())
+    if info.implementation == "openmpi":
+        assert cmd[cmd.index("ULFMPY_FLAGS") - 1] == "-x"
+    # What the ranks see: the flags win over the app's keywords.
+    from ulfmpy.config import Config
+
+    c, overrides = Config.load_with_sources(environ=env, segment_steps=3, mtbf="2h", seed=5)
+    assert (c.segment_steps, c.mtbf, c.seed) == (7, 3600.0, 5)
+    assert [o["setting"] for o in overrides] == ["segment_steps", "mtbf"]
+
+
+def test_dry_run_without_settings_still_sets_the_flags_list(capsys, tmp_path, monkeypatch):
+    script = tmp_path / "app.py"
+    script.write_text("")
+    monkeypatch.setenv("ULFMPY_FLAGS", "seed")
+    monkeypatch.setenv("ULFMPY_SEED", "3")
+    assert main(["run", "-n", "2", "--dry-run", str(script)]) == 0
+    env, _ = _dry_run_env(capsys.readouterr().out.strip())
+    assert env["ULFMPY_FLAGS"] == "spares"  # the launcher's own --spares (0) only
+    assert "ULFMPY_RUN_DIR" in env and "run_dir" not in env["ULFMPY_FLAGS"]
+
+
+def test_relaunch_names_resume_a_flag(tmp_path, monkeypatch, capsys):
+    from ulfmpy import launch
+
+    script = tmp_path / "app.py"
+    script.write_text("")
+    seen: list[dict[str, str]] = []
+
+    def fake_launch(argv, env_add):
+        seen.append(dict(env_add))
+        return 75 if len(seen) == 1 else 0
+
+    monkeypatch.setattr(launch, "_launch", fake_launch)
+    assert main(["run", "-n", "2", "--max-restarts", "1", "--seed", "3", "--run-dir",
+                 str(tmp_path / "r"), str(script)]) == 0
+    assert seen[0]["ULFMPY_FLAGS"] == "run_dir,seed,spares"
+    assert seen[1]["ULFMPY_FLAGS"] == "run_dir,seed,spares,resume"
+    assert seen[1]["ULFMPY_RESUME"] == "auto"
+
+
 def test_bad_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "-n", "2", "--rollback", "sideways", "a.py"])

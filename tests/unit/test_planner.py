@@ -1,0 +1,153 @@
+"""The boundary planner (DESIGN §8): where segments end and when to save. Pure."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ulfmpy.planner import BoundaryPlanner, Schedule
+from ulfmpy.policy import IntervalPolicy
+
+
+def drive(planner: BoundaryPlanner, start: int, *, seed: int = 0, step_time: float = 1e-3,
+          boundary_s: float = 1e-3, write_boundaries: int = 2, delta: float = 0.01,
+          jitter: float = 0.0):
+    """Run the planner as rank 0's runtime does; returns (segments, saves, boundaries).
+
+    A save's δ reaches the planner at the next boundary (the agreement's
+    maximum), and its write commits ``write_boundaries`` boundaries later.
+    """
+    rng = random.Random(seed)
+    now = 0.0
+    step, end = start, planner.start(start, now)
+    segments, saves, bounds = [], [], []
+    delta_due = False
+    commit_in = None
+    steps = planner.schedule.steps
+    while step < steps:
+        assert step < end <= steps, (step, end)
+        n = end - step
+        t = n * step_time * (1 + jitter * rng.uniform(-1, 1))
+        now += t
+        planner.observe_segment(t, n, clean=True, log_bytes=100 * n, state_bytes=10_000)
+        planner.observe_boundary(boundary_s)
+        b = planner.boundary(end, now)
+        bounds.append(b)
+        segments.append((step, end))
+        if delta_due:
+            planner.observe_save(delta)
+            delta_due = False
+        if commit_in is not None:
+            commit_in -= 1
+            if commit_in <= 0:
+                planner.observe_write(0.02)
+                commit_in = None
+        if b.save:
+            saves.append(end)
+            delta_due = True
+            if planner.schedule.async_writes:
+                commit_in = write_boundaries
+        step, end = end, b.next_end
+    return segments, saves, bounds
+
+
+@given(every=st.integers(1, 120), steps=st.integers(1, 1500), start=st.integers(0, 300),
+       fixed=st.sampled_from([0, 1, 3, 10, 37, 500]), seed=st.integers(0, 10**6))
+@settings(max_examples=300, deadline=None)
+def test_ckpt_every_saves_exactly_at_its_multiples(every, steps, start, fixed, seed):
+    start = min(start, steps)
+    p = BoundaryPlanner(Schedule(steps=steps, segment_steps=fixed, ckpt_every=every,
+                                 checkpoints=True))
+    segs, saves, _ = drive(p, start, seed=seed, jitter=0.5)
+    assert saves == [s for s in range(start + 1, steps) if s % every == 0]
+    # the segments tile the run, none longer than the policy's length
+    assert [a for a, _ in segs] == [start] + [b for _, b in segs[:-1]] if segs else start == steps
+    if fixed:
+        assert all(b - a <= fixed for a, b in segs)
+
+
+def test_default_length_grows_but_still_lands_on_every_multiple():
+    p = BoundaryPlanner(Schedule(steps=10_000, ckpt_every=50, checkpoints=True))
+    segs, saves, bounds = drive(p, 0, step_time=1e-3, boundary_s=1e-3)  # ideal k = 400
+    assert saves == list(range(50, 10_000, 50))
+    assert p.k > 50, "the automatic length grew past the checkpoint interval"
+    # Learning goes on at boundaries that save: k was proposed more than once.
+    decisions = [e for b in bounds for e in b.events if e[0] == "segment_decision"]
+    assert decisions and any(b.save for b in bounds)
+
+
+def test_without_checkpoints_the_length_is_the_policy_s():
+    p = BoundaryPlanner(Schedule(steps=5000, segment_steps=0))
+    segs, saves, _ = drive(p, 0)
+    assert not saves
+    assert segs[0] == (0, 10) and max(b - a for a, b in segs) > 100
+
+
+@given(steps=st.integers(50, 4000), mtbf=st.floats(0.5, 50.0), delta=st.floats(1e-4, 0.05),
+       step_time=st.floats(1e-4, 5e-3), jitter=st.sampled_from([0.0, 0.3, 0.9]),
+       fixed=st.sampled_from([0, 5, 10, 100]), model=st.sampled_from(["exact", "young", "daly",
+                                                                       "saxena"]),
+       seed=st.integers(0, 10**6))
+@settings(max_examples=200, deadline=None)
+def test_mtbf_checkpoints_land_on_each_decision(steps, mtbf, delta, step_time, jitter, fixed,
+                                                model, seed):
+    pol = IntervalPolicy(mtbf=mtbf, model=model, recovery_estimate=1.0)
+    p = BoundaryPlanner(Schedule(steps=steps, segment_steps=fixed, checkpoints=True,
+                                 interval=pol))
+    _, saves, bounds = drive(p, 0, seed=seed, step_time=step_time, delta=delta, jitter=jitter)
+    decisions = [f for b in bounds for name, f in b.events if name == "interval_decision"]
+    revised = {d["revises"] for d in decisions if "revises" in d}
+    for d in decisions:
+        # τ (in steps through the measured step time) from the last save,
+        # or the boundary itself when the decision came late.
+        assert d["next_step"] == max(d["last_save_step"] + d["steps"], d["at_step"])
+        if d["next_step"] < steps and d["next_step"] not in revised:
+            assert d["next_step"] in saves, (d, saves)
+    # Every save after the first (which measures δ) is where a decision said.
+    assert set(saves[1:]) <= {d["next_step"] for d in decisions}
+
+
+def test_mtbf_first_save_waits_for_a_measured_step_time():
+    pol = IntervalPolicy(mtbf=10.0)
+    p = BoundaryPlanner(Schedule(steps=1000, segment_steps=10, checkpoints=True, interval=pol))
+    _, saves, bounds = drive(p, 0)
+    # Segment 0-10 is the warm-up (its time is not used); 10-20 gives the step time.
+    assert saves[0] == 20
+    first = next(f for b in bounds for n, f in b.events if n == "interval_decision")
+    assert first["step_time"] == pytest.approx(1e-3)
+
+
+def test_ckpt_seconds_become_steps_through_the_step_time():
+    p = BoundaryPlanner(Schedule(steps=3000, ckpt_seconds=0.5, checkpoints=True))
+    _, saves, _ = drive(p, 0, step_time=1e-3)
+    gaps = [b - a for a, b in zip(saves, saves[1:])]
+    assert gaps and all(abs(g - 500) <= 1 for g in gaps)
+
+
+@given(steps=st.integers(20, 3000), halt=st.integers(1, 2999), fixed=st.sampled_from([0, 7]))
+@settings(max_examples=100, deadline=None)
+def test_a_halt_step_ends_a_segment(steps, halt, fixed):
+    p = BoundaryPlanner(Schedule(steps=steps, segment_steps=fixed))
+    p.request_halt(halt)
+    segs, _, bounds = drive(p, 0)
+    if halt < steps:
+        assert halt in [b for _, b in segs]
+        assert [b.step for b in bounds if b.halt] == [halt]
+
+
+def test_pending_write_shortens_segments_until_it_commits():
+    p = BoundaryPlanner(Schedule(steps=100_000, ckpt_every=20_000, checkpoints=True))
+    segs, saves, _ = drive(p, 0, write_boundaries=3)
+    after = [b - a for a, b in segs if saves[0] <= a < saves[0] + 200]
+    assert after and max(after[:2]) <= 10  # polled soon after the save
+    assert max(b - a for a, b in segs) > 100  # and long again once committed
+
+
+def test_start_is_the_same_everywhere():
+    sched = Schedule(steps=500, ckpt_every=7, checkpoints=True)
+    a, b = BoundaryPlanner(sched), BoundaryPlanner(sched)
+    drive(a, 0)  # a has measurements, b none: the first segment still agrees
+    assert a.start(43, 1.0) == b.start(43, 99.0) == 49

@@ -1,0 +1,102 @@
+"""Fault-injection hooks of a running rank: one object, a no-op when nothing is planned.
+
+The runtime calls the hooks at fixed points (after each step, at each kill
+phase, while a spare waits); :func:`hooks_for` returns :class:`NoFaults`
+when the plan is empty, so a fault-free run pays one method call that
+returns at once. Injected flips of the current segment are kept in
+``flips`` (steps of first executions) for the segment protocol to count
+and to classify as cured or escaped at the commit. Local.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+from ulfmpy.inject import FaultPlan, kill_self
+
+__all__ = ["FaultHooks", "NoFaults", "hooks_for"]
+
+
+class NoFaults:
+    """The hooks of a rank with no planned fault: each returns at once."""
+
+    active = False
+
+    def __init__(self) -> None:
+        self.flips: list[int] = []
+
+    def after_step(self, step: int, state: Mapping[str, Any], *, replay: bool,
+                   logical: int | None) -> None:
+        pass
+
+    def kill_point(self, phase: str, step: int) -> None:
+        pass
+
+    def timed_kill(self, step: int | None) -> None:
+        pass
+
+
+class FaultHooks(NoFaults):
+    """The hooks of a rank with a fault plan (``--inject``).
+
+    Args:
+        plan: the rank's :class:`~ulfmpy.inject.FaultPlan`.
+        events: the rank's event log.
+        uid: the process's uid (recorded in fired markers).
+        size: compute ranks (``kill:mtbf`` picks its victim among them).
+        host: this node's name (``kill:node=HOST``).
+        t0: the process's start (``perf_counter``) for timed kills.
+    """
+
+    active = True
+
+    def __init__(self, plan: FaultPlan, events: Any, *, uid: int, size: int, host: str,
+                 t0: float) -> None:
+        super().__init__()
+        self.plan, self.events, self.uid, self.host, self.t0 = plan, events, uid, host, t0
+        self._mtbf_kill = plan.mtbf_kill(size)
+
+    def _fire(self, f: Any, step: int | None, phase: str, **extra: Any) -> None:
+        self.plan.mark_fired(f, step=step, phase=phase, uid=self.uid, **extra)
+        self.events.log("inject", kind="kill", spec=f.spec, step=step, phase=phase)
+        self.events.close()
+        kill_self()
+
+    def kill_point(self, phase: str, step: int) -> None:
+        f = self.plan.kill_due(step, phase, host=self.host)
+        if f is not None:
+            self._fire(f, step, phase)
+
+    def timed_kill(self, step: int | None) -> None:
+        f = self.plan.timed_kill_due(time.perf_counter() - self.t0)
+        if f is not None:
+            self._fire(f, step, "at")
+
+    def after_step(self, step: int, state: Mapping[str, Any], *, replay: bool,
+                   logical: int | None) -> None:
+        if not replay:
+            self.kill_point("compute", step)
+            self.timed_kill(step)
+            if self._mtbf_kill is not None and self._mtbf_kill[1] == logical:
+                f, _, at = self._mtbf_kill
+                if self.plan.fired(f):
+                    # Another process held this logical rank and was the victim.
+                    self._mtbf_kill = None
+                elif time.perf_counter() - self.t0 >= at:
+                    self._mtbf_kill = None
+                    self._fire(f, step, "mtbf", at_s=at)
+        else:
+            self.kill_point("rollback", step)
+        for rec in self.plan.flips_after_step(step, state, replay=replay):
+            self.events.log("inject", **rec)
+            if rec["execution"] == 1:
+                self.flips.append(step)
+
+
+def hooks_for(plan: FaultPlan, events: Any, *, uid: int, size: int, host: str,
+              t0: float) -> NoFaults:
+    """The hooks for ``plan``: :class:`NoFaults` when it plans nothing. Local."""
+    if not plan.faults:
+        return NoFaults()
+    return FaultHooks(plan, events, uid=uid, size=size, host=host, t0=t0)

@@ -1,0 +1,176 @@
+"""In-job repair after a dead rank (DESIGN §5): revoke → shrink → agree → plan →
+policy → restore.
+
+Each step is a small function; the policy comes from a name → function
+table (:data:`POLICIES`), tried in the configured order by the pure planner
+:func:`ulfmpy.recovery.plan_repair`. A failure during a repair starts the
+repair again (at most :data:`MAX_REPAIRS` times). Phases are timed by one
+:class:`PhaseTimer` and recorded with the recovery.
+
+Collective over the live processes of the job (spares included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterator
+
+from mpi4py import MPI
+
+from ulfmpy import recovery as _rec
+from ulfmpy import respawn as _respawn
+from ulfmpy.errors import ProcessFailure, RecoveryFailed, StillSpare, translate_mpi_error
+from ulfmpy.spares import translate
+
+__all__ = ["Repairer", "PhaseTimer", "POLICIES", "MAX_REPAIRS"]
+
+MAX_REPAIRS = 8
+
+
+class PhaseTimer:
+    """Times named phases: ``with timer("shrink"): ...``. Local."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
+
+
+def _keep(world: MPI.Comm, plan: Any, ctx: "Repairer", timer: PhaseTimer,
+          target: int | None, respawns: int) -> tuple[MPI.Comm, Any, int]:
+    """spares and shrink: the surviving processes are the job (the split assigns them)."""
+    return world, plan, respawns
+
+
+def _respawn_policy(world: MPI.Comm, plan: Any, ctx: "Repairer", timer: PhaseTimer,
+                    target: int | None, respawns: int) -> tuple[MPI.Comm, Any, int]:
+    with timer("respawn"):
+        merged, plan, times = _respawn.spawn_replacements(
+            world, plan, target=target, respawns=respawns + 1, zygote_name=ctx.zygote_name,
+            run_dir=ctx.run_dir, config=ctx.config)
+    ctx.events.log("respawn_timing", **times)
+    return merged, plan, respawns + 1
+
+
+#: Recovery policies by name: ``fn(world, plan, repairer, timer, target, respawns)``
+#: returns the world to split, the completed plan and the respawn count.
+POLICIES: dict[str, Callable[..., tuple[MPI.Comm, Any, int]]] = {
+    "spares": _keep,
+    "respawn": _respawn_policy,
+    "shrink": _keep,
+}
+
+
+class Repairer:
+    """Repairs the job's communicators for one process. Local object.
+
+    Args:
+        config: the run's settings; ``recovery`` is the policy order.
+        events: the process's event log.
+        hooks: fault-injection hooks (kills in the recovery phase).
+        run_dir: the run directory (respawned processes are told it).
+        ft: ULFM is available.
+        zygote_name: the node's zygote, for warm respawns.
+    """
+
+    def __init__(self, config: Any, events: Any, hooks: Any, run_dir: str, *, ft: bool,
+                 zygote_name: str | None) -> None:
+        self.config, self.events, self.hooks, self.run_dir = config, events, hooks, run_dir
+        self.ft, self.zygote_name = ft, zygote_name
+        self.recoveries: list[dict[str, Any]] = []
+
+    def repair(self, me: Any, *, t_detect: float, step: int, cur_step: int,
+               known_ckpt: Callable[[], int | None],
+               restore: Callable[[Any, Any, int | None, int | None], int]) -> tuple[Any, int]:
+        """Repair and restore; returns the new identity and the step to resume from.
+
+        ``known_ckpt()`` is this process's newest committed checkpoint step;
+        ``restore(me, plan, target, old_logical)`` restores the application
+        (collective over the new compute communicator) and returns the step.
+
+        Raises:
+            StillSpare: this process is still a spare after the repair.
+            RecoveryFailed: no policy applies, or repairs kept failing.
+        """
+        timer = PhaseTimer()
+        for attempt in range(MAX_REPAIRS):
+            try:
+                return self._once(me, timer, t_detect, step, cur_step, attempt, known_ckpt,
+                                  restore)
+            except (ProcessFailure, MPI.Exception) as again:
+                self.events.log("failure_during_recovery", attempt=attempt, error=str(again))
+        raise RecoveryFailed(f"{MAX_REPAIRS} repairs in a row failed")
+
+    def _once(self, me: Any, timer: PhaseTimer, t_detect: float, step: int, cur_step: int,
+              attempt: int, known_ckpt: Callable[[], int | None],
+              restore: Callable[..., int]) -> tuple[Any, int]:
+        with timer("revoke"):
+            # Every rank stops using the broken communicators at once.
+            for c in (me.compute, me.world, me.replay):
+                if c is not None:
+                    _rec.revoke(c)
+        # A recovery kill fires in the first recovery at or after its step.
+        self.hooks.kill_point("recovery", max(step, cur_step))
+        world, timer.phases["shrink"] = _rec.shrink(me.world)
+        me = me.replace(world=world, replay=None)
+        with timer("agree"):
+            # Who is alive, which checkpoint each holds, how many respawns
+            # happened: the plan must be the same on every process.
+            mine = (_rec.Member(me.uid, me.logical, known_ckpt()), me.respawns)
+            members = sorted(translate(world.allgather, mine), key=lambda m: m[0].uid)
+            respawns = max(r for _, r in members)
+            live = [m for m, _ in members]
+            plan = _rec.plan_repair(live, size=me.size, policies=self.config.recovery,
+                                    spawn_ok=True)
+        if plan is None:
+            raise RecoveryFailed(
+                f"no recovery policy of {','.join(self.config.recovery)} applies "
+                f"({sum(m.logical is None for m in live)} live spares, "
+                f"{len(live)} live processes)")
+        held = [m.ckpt_step for m in live if m.logical is not None and m.ckpt_step is not None]
+        target = max(held) if held else None
+        world, plan, respawns = POLICIES[plan.policy](world, plan, self, timer, target, respawns)
+        old_logical = me.logical
+        with timer("spares" if plan.policy == "spares" else "split"):
+            logical = plan.assign[me.uid]
+            compute = world.Split(0 if logical is not None else 1,
+                                  logical if logical is not None else me.uid)
+            compute.Set_errhandler(MPI.ERRORS_RETURN)
+        role = me.role
+        if logical is not None and old_logical is None:
+            role = _rec.Role.RECOVERED
+        elif logical is not None and role == _rec.Role.INITIAL:
+            role = _rec.Role.SURVIVOR
+        me = me.replace(world=world, compute=compute, replay=None, logical=logical,
+                        size=plan.size, role=role, respawns=respawns)
+        rec = {"policy": plan.policy, "failed_ranks": list(plan.failed), "attempt": attempt,
+               "detected_at_step": step, "replaced": plan.replaced, "size": plan.size}
+        if logical is None:
+            self.events.log("recovery_spare_idle", **rec)
+            raise StillSpare(target, identity=me)
+        replay = compute.Dup()
+        replay.Set_errhandler(MPI.ERRORS_RETURN)
+        me = me.replace(replay=replay)
+        with timer("restore"):
+            resumed = restore(me, plan, target, old_logical)
+        seconds = time.perf_counter() - t_detect
+        rec.update({"seconds": seconds, "phases": dict(timer.phases), "resumed_step": resumed,
+                    "lost_steps": max(0, step - resumed), "role": role.value})
+        self.recoveries.append(rec)
+        self.events.log("recovery", **rec)
+        return me, resumed
+
+
+def as_failure(exc: BaseException, ft: bool) -> BaseException:
+    """An MPI error as :class:`ProcessFailure` when it is one; else the error itself."""
+    if isinstance(exc, MPI.Exception):
+        err = translate_mpi_error(exc, "runtime", failure_suspected=ft)
+        return err if isinstance(err, ProcessFailure) else exc
+    return exc

@@ -1,0 +1,131 @@
+"""The respawn policy (DESIGN §5): spawn replacements, merge, hand them who they are;
+and the node's zygote that lets a replacement start warm.
+
+Open MPI's spawn with ULFM is fragile (finalize crashes unless the
+intercommunicators are disconnected), so every intercommunicator is
+disconnected as soon as the merge is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from mpi4py import MPI
+
+__all__ = ["spawn_replacements", "join_job", "start_zygote", "stop_zygote", "UID_STRIDE"]
+
+#: A respawned process's uid: ``UID_STRIDE * n + k`` for the k-th of the n-th respawn.
+UID_STRIDE = 100_000
+
+# Read by a replacement to report its start-up (the zygote resets both in the fork).
+_IMPORTED_AT = time.time()
+_WARM = False
+# The node's zygote this process started (one for all its Runtimes).
+_ZYGOTE: dict[str, Any] = {"job": None, "name": None, "proc": None, "atexit": False}
+
+
+def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respawns: int,
+                       zygote_name: str | None, run_dir: str,
+                       config: Any) -> tuple[MPI.Comm, Any, dict[str, float]]:
+    """Spawn replacements for the dead ranks and merge them in.
+
+    Collective over the live processes of ``world``. Returns the merged
+    world, the plan completed with the replacements' uids, and the spawn
+    and merge times. The old ``world`` is freed.
+    """
+    from ulfmpy import zygote
+
+    n = len(plan.failed)
+    command, args = zygote.spawn_command(zygote_name, ["-m", "mpi4py", *sys.argv])
+    t0 = time.perf_counter()
+    inter = world.Spawn(command, args=args, maxprocs=n, root=0)
+    inter.Set_errhandler(MPI.ERRORS_RETURN)
+    t1 = time.perf_counter()
+    merged = inter.Merge(high=False)
+    merged.Set_errhandler(MPI.ERRORS_RETURN)
+    times = {"spawn_s": t1 - t0, "merge_s": time.perf_counter() - t1}
+    new_uids = [UID_STRIDE * respawns + k for k in range(n)]
+    assign = dict(plan.assign)
+    replaced = {}
+    for r, uid in zip(plan.failed, new_uids):
+        assign[uid] = r
+        replaced[r] = uid
+    info = {"new_uids": new_uids, "assign": assign, "size": plan.size, "target": target,
+            "run_dir": run_dir, "config": config.as_dict(), "respawns": respawns,
+            "zygote": zygote_name}
+    merged.bcast(info if merged.Get_rank() == 0 else None, root=0)
+    inter.Disconnect()
+    try:
+        world.Free()
+    except MPI.Exception:
+        pass
+    return merged, dataclasses.replace(plan, assign=assign, replaced=replaced), times
+
+
+def join_job(parent: MPI.Comm) -> tuple[MPI.Comm, dict[str, Any], dict[str, Any]]:
+    """A spawned replacement joins the job. Collective with the parents' repair.
+
+    Returns the merged world, what the parents sent (uids, assignment,
+    size, target step, run dir, config) and the join's timestamps.
+    """
+    t_merge = time.time()
+    merged = parent.Merge(high=True)
+    merged.Set_errhandler(MPI.ERRORS_RETURN)
+    info = merged.bcast(None, root=0)
+    joined = {"imported_at": _IMPORTED_AT, "warm": _WARM, "merge_called_at": t_merge,
+              "merged_at": time.time()}
+    # Keeping the intercommunicator open was seen to crash Open MPI's finalize.
+    parent.Disconnect()
+    return merged, info, joined
+
+
+def start_zygote(world: MPI.Comm, *, run_dir: str, events: Any, wanted: bool) -> str | None:
+    """Make sure the node's zygote (:mod:`ulfmpy.zygote`) runs; return its name.
+
+    With respawn in the recovery chain (``wanted``), the lowest rank of each
+    node starts it: one per process for all its Runtimes, stopped at
+    interpreter exit. Collective over ``world``.
+    """
+    from ulfmpy import zygote
+
+    if not (wanted and zygote.available()):
+        return None
+    if world.Get_rank() == 0 and _ZYGOTE["job"] is None:
+        _ZYGOTE["job"] = f"{os.getpid()}-{time.time_ns() % 10**12}"
+    name = zygote.name_for(world.bcast(_ZYGOTE["job"], root=0))
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    leader = local.Get_rank() == 0
+    local.Free()
+    proc = _ZYGOTE["proc"]
+    if leader and (proc is None or proc.poll() is not None or _ZYGOTE["name"] != name):
+        stop_zygote()
+        log = os.path.join(run_dir, f"zygote-{socket.gethostname()}.log")
+        proc = zygote.start(name, watch=os.getppid(), log=log)
+        _ZYGOTE.update(proc=proc, name=name)
+        events.log("zygote", name=name, pid=getattr(proc, "pid", None))
+        if not _ZYGOTE["atexit"]:
+            import atexit
+
+            atexit.register(stop_zygote)
+            _ZYGOTE["atexit"] = True
+    return name
+
+
+def stop_zygote() -> None:
+    """Ask the zygote this process started to leave. Local; at exit."""
+    proc, name = _ZYGOTE["proc"], _ZYGOTE["name"]
+    _ZYGOTE.update(proc=None, name=None)
+    if proc is None or proc.poll() is not None:
+        return
+    from ulfmpy import zygote
+
+    zygote.stop(name)  # it leaves once its children (replacements) have
+    try:
+        proc.wait(timeout=0.05)
+    except Exception:  # not yet: it also leaves on its own once the launcher's daemon has
+        pass

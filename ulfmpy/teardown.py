@@ -1,0 +1,230 @@
+"""The end of a run: the summary, the exit code, and leaving without a hang.
+
+* :func:`finish` gathers the global fingerprint and the run's history and
+  writes ``summary.json`` (rank 0) from a frozen :class:`Summary`.
+* :func:`exit_code_for` is the exit status as a pure function of what
+  happened (like mpi4py ``run.py``'s ``set_abort_status``).
+* :func:`end_job` ends a rank whose run failed so that the whole job ends;
+  :func:`guard_finalize` lets a process that lived through a failure leave
+  without ``MPI_Finalize``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpi4py import MPI
+
+from ulfmpy.errors import (EXIT_RELAUNCH, EXIT_UNRECOVERABLE, FaultSignal, RecoveryFailed)
+from ulfmpy.events import write_json_atomic
+from ulfmpy.state import fingerprint
+
+__all__ = ["Summary", "History", "finish", "exit_code_for", "end_job", "guard_finalize",
+           "abort_marker"]
+
+_HISTORY_TAG = 7302
+
+
+@dataclass(frozen=True)
+class History:
+    """What one process saw of the run (rank 0's summary takes the longest-lived one's)."""
+
+    segments: int = 0
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    reexecuted_rank_steps: int = 0
+    global_rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    restored_from: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """``summary.json``: the run's outcome. Frozen; :meth:`as_dict` is the file."""
+
+    ranks: int
+    steps: int
+    wall_s: float
+    fingerprint: str | None
+    resilience: bool = True
+    segment_steps: int | None = None
+    segment_length: int | None = None
+    history: History = field(default_factory=History)
+    injected_faults: int = 0
+    escaped_faults: int = 0
+    run_dir: str = ""
+    spares_lost: int | None = None
+    incomplete: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.incomplete:
+            return {"ranks": self.ranks, "steps": self.steps, "wall_s": self.wall_s,
+                    "fingerprint": None, "incomplete": True}
+        h = self.history
+        out = {"ranks": self.ranks, "steps": self.steps, "wall_s": self.wall_s,
+               "fingerprint": self.fingerprint, "resilience": self.resilience,
+               "segment_steps": self.segment_steps, "segment_length": self.segment_length,
+               "segments": h.segments, "rollbacks": h.rollbacks,
+               "reexecuted_rank_steps": h.reexecuted_rank_steps,
+               "injected_faults": self.injected_faults, "escaped_faults": self.escaped_faults,
+               "global_rollbacks": h.global_rollbacks, "checkpoints": h.checkpoints,
+               "failures": len(h.recoveries), "recoveries": h.recoveries,
+               "run_dir": self.run_dir}
+        if h.restored_from is not None:
+            out["restored_from"] = h.restored_from
+        if self.spares_lost is not None:
+            out["spares_lost"] = self.spares_lost
+        return out
+
+
+def finish(comm: MPI.Comm, rank: int, state: dict[str, Any], *, history: History,
+           counters: dict[str, int], wall: float, lost: int, survivor: bool, events: Any,
+           base: Summary) -> tuple[Summary, bool]:
+    """Gather the fingerprint and the history; rank 0 writes ``summary.json``.
+
+    Collective over ``comm`` (the compute ranks). ``base`` holds the local
+    fields (ranks, steps, settings); ``lost`` is rank 0's count of spares
+    that died waiting. Returns the summary and whether a process was lost.
+    """
+    try:
+        fp = fingerprint(comm, state)
+        counts = comm.allgather((counters["injected_faults"], counters["escaped_faults"],
+                                 len(history.recoveries), counters["segments"], wall, lost))
+    except MPI.Exception as exc:
+        if rank == 0 or not survivor:
+            raise
+        # A peer died at the very end (the barrier below keeps the living
+        # from leaving early). Rank 0 writes the summary; this rank has
+        # nothing left to learn.
+        events.log("finish_peer_gone", error=str(exc))
+        return dataclasses.replace(base, wall_s=wall, fingerprint=None, incomplete=True), False
+    wall = max(c[4] for c in counts)
+    lost = counts[0][5]
+    # The history of the run is best known to the process that lived through
+    # all of it: a spare or respawned rank 0 joined late.
+    keeper = max(range(len(counts)), key=lambda r: (counts[r][2], counts[r][3], -r))
+    kept = history
+    if keeper != 0:
+        if rank == keeper:
+            comm.send(history, dest=0, tag=_HISTORY_TAG)
+        elif rank == 0:
+            kept = comm.recv(source=keeper, tag=_HISTORY_TAG)
+    # Nobody leaves before everybody has read what it was sent above. A
+    # process that lived through a failure exits without MPI_Finalize, and a
+    # peer still reading that process's last message was seen to read
+    # garbage (an UnpicklingError in the allgather, exit 76). Past the
+    # barrier only the barrier's own messages are in flight, and they carry
+    # no data.
+    try:
+        comm.Barrier()
+    except MPI.Exception as exc:
+        if not survivor:
+            raise
+        events.log("finish_peer_gone", error=str(exc), at="barrier")
+    if rank != 0:
+        kept = dataclasses.replace(history, checkpoints=[])
+    summary = dataclasses.replace(
+        base, wall_s=wall, fingerprint=fp, history=kept,
+        injected_faults=sum(c[0] for c in counts), escaped_faults=sum(c[1] for c in counts),
+        spares_lost=lost if base.spares_lost is not None else None)
+    events.log("finish", fingerprint=fp, wall_s=wall)
+    if rank == 0:
+        write_json_atomic(os.path.join(base.run_dir, "summary.json"), summary.as_dict())
+    return summary, bool(lost)
+
+
+def abort_marker(run_dir: str) -> str | None:
+    """The first abort marker a rank left in ``run_dir``, or None. Local."""
+    found = sorted(glob.glob(os.path.join(run_dir, "abort-rank-*.json")))
+    return os.path.basename(found[0]) if found else None
+
+
+def exit_code_for(exc: BaseException, marker: str | None) -> int | None:
+    """The exit status of a rank whose run ended on ``exc``. Pure.
+
+    EXIT_RELAUNCH for a hard failure with no in-job recovery left (the
+    newest committed checkpoint resumes the job); EXIT_UNRECOVERABLE for a
+    failure caused by another rank's own error (``marker``); None for this
+    rank's own error, which ends the job through :func:`end_job`'s abort path.
+    """
+    if isinstance(exc, (FaultSignal, RecoveryFailed)) and not marker:
+        return EXIT_RELAUNCH
+    if marker and isinstance(exc, FaultSignal):
+        return EXIT_UNRECOVERABLE
+    return None
+
+
+def end_job(exc: BaseException, *, uid: int, run_dir: str, events: Any,
+            comms: tuple[Any, ...]) -> None:
+    """End this rank so the whole job ends (never a hang). Does not return.
+
+    Under ULFM a rank that calls ``MPI_Abort`` (what ``python -m mpi4py``
+    does on an uncaught exception) was seen to hang the job, so ranks end
+    themselves instead: a rank whose own code failed leaves an abort
+    marker, revokes and SIGKILLs itself (SIGKILL is reliably detected); the
+    others see the failure, find the marker and exit with EXIT_UNRECOVERABLE.
+    """
+    marker = abort_marker(run_dir)
+    code = exit_code_for(exc, marker)
+    if code is not None:
+        events.log("job_end", code=code, reason=repr(exc), abort_marker=marker)
+        events.close()
+        print(f"ulfmpy: rank {uid}: {exc}; "
+              + (f"another rank stopped on an error ({marker})" if marker else
+                 "no in-job recovery: exiting for relaunch from the last checkpoint"),
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    write_json_atomic(os.path.join(run_dir, f"abort-rank-{uid:04d}.json"),
+                      {"rank": uid, "error": repr(exc)})
+    events.log("job_end", code=EXIT_UNRECOVERABLE, reason=repr(exc))
+    events.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for c in comms:
+        if c is not None:
+            try:
+                c.Revoke()
+            except MPI.Exception:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FINALIZE_SKIPPED = False
+
+
+def guard_finalize() -> None:
+    """After surviving a failure, leave without ``MPI_Finalize``.
+
+    Open MPI 5 with ULFM was seen to hang in ``MPI_Finalize`` now and then
+    after a failure (every survivor sleeping in ``ompi_mpi_finalize``, most
+    likely a runtime fence that waits on the dead process), and a watchdog
+    thread cannot help: finalize holds the GIL. A job whose processes all
+    leave with ``os._exit`` ends normally under ``--with-ft ulfm`` (mpirun
+    exits 0), so once the run completed, a process that saw a failure exits
+    at interpreter exit with status 0 without finalizing. The run's results
+    are already on disk; only a ``sys.exit(n)`` status after the run is lost.
+    """
+    global _FINALIZE_SKIPPED
+    if _FINALIZE_SKIPPED:
+        return
+    _FINALIZE_SKIPPED = True
+    import atexit
+
+    from ulfmpy.respawn import stop_zygote
+
+    def leave() -> None:
+        stop_zygote()  # the atexit handler that would have is skipped by _exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    atexit.register(leave)
