@@ -148,6 +148,11 @@ def main() -> int:
                         "parts; K:ckptN with global checkpoints every N steps")
     args = p.parse_args()
     world = MPI.COMM_WORLD
+    # Every trial's Runtime gets a run directory of its own (below): here the
+    # keyword must win over the launcher's --run-dir, which would otherwise
+    # put every trial's events and checkpoints in one directory.
+    flags = os.environ.get("ULFMPY_FLAGS", "").split(",")
+    os.environ["ULFMPY_FLAGS"] = ",".join(f for f in flags if f and f != "run_dir")
     ks = [_case(x) for x in args.k.split(",")]
     base_dir = world.bcast(tempfile.mkdtemp(prefix="overhead-") if world.Get_rank() == 0 else None)
     trials: list[dict[str, object]] = []

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from ulfmpy.errors import UnsupportedCall
-
-if TYPE_CHECKING:
-    from ulfmpy.comm import ResilientComm
 
 __all__ = ["Request"]
 
@@ -22,7 +19,7 @@ class Request:
 
     __slots__ = ("_comm", "_req", "_done", "_on_complete", "_value", "_call")
 
-    def __init__(self, comm: "ResilientComm", req: Any, call: str,
+    def __init__(self, comm: Any, req: Any, call: str,  # the ResilientComm (no import: no cycle)
                  on_complete: Any = None, value: Any = None) -> None:
         self._comm = comm
         self._req = req

@@ -246,6 +246,15 @@ class RestoreContext:
     partner_source: int | None = None
     state: Any = None
 
+    @classmethod
+    def after(cls, plan: Any, target: int | None, *, old_logical: int | None,
+              logical: int | None) -> "RestoreContext":
+        """The context after a repair by ``plan`` (None: a respawned process joining)."""
+        policy = plan.policy if plan is not None else None
+        return cls(target=target, policy=policy,
+                   same_layout=policy in ("spares", "respawn") and old_logical == logical,
+                   replacement=old_logical is None)
+
 
 def _from_memory(ctx: RestoreContext, comm: Any, ck: Checkpoints) -> bool:
     """Survivors keeping their place: their in-memory copy, no file I/O."""

@@ -91,7 +91,7 @@ class Config:
         repeat=True))
     seed: int = field(default=0, metadata=_opt(int, "seed of randomized fault plans"))
     ckpt_every: int = field(default=0, metadata=_opt(
-        int, "global checkpoint every N steps (rounded to segment boundaries; 0 = off unless --ckpt-seconds or --mtbf)"))
+        int, "global checkpoint at every multiple of N steps (a segment ends there; 0 = off unless --ckpt-seconds or --mtbf)"))
     ckpt_seconds: float = field(default=0.0, metadata=_opt(
         _duration, "global checkpoint every S seconds of run time"))
     ckpt_keep: int = field(default=2, metadata=_opt(int, "committed checkpoints to keep (>= 2)"))

@@ -14,7 +14,7 @@ from typing import Any
 
 from ulfmpy.recovery import Role
 
-__all__ = ["Identity", "Work"]
+__all__ = ["Identity", "Work", "build_work", "with_replay"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +66,36 @@ class Work:
     state: dict[str, Any]
     view: Any
     snap: Any
+
+
+class _AppView:
+    """The app as detectors see it, with a ``Runtime(invariant=...)`` override."""
+
+    def __init__(self, app: Any, invariant: Any) -> None:
+        self._app, self._invariant = app, invariant
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "invariant" and self._invariant is not None:
+            return lambda: self._invariant(self._app)
+        return getattr(self._app, name)
+
+
+def build_work(factory: Any, comm: Any, *, invariant: Any = None, snapshot: bool = True) -> Work:
+    """Run the app's factory on ``comm`` and wrap what it built. Local (the
+    factory may communicate: then collective, as the app's own set-up is)."""
+    from ulfmpy.segment import Snapshot
+    from ulfmpy.state import normalize_state
+
+    app = factory(comm)
+    state = normalize_state(app.state)
+    return Work(app, state, _AppView(app, invariant), Snapshot(state) if snapshot else None)
+
+
+def with_replay(me: Identity) -> Identity:
+    """A duplicate of the compute communicator for replay traffic, so it never
+    matches a message of the live run (DESIGN §2). Collective over ``me.compute``."""
+    from mpi4py import MPI
+
+    replay = me.compute.Dup()
+    replay.Set_errhandler(MPI.ERRORS_RETURN)
+    return me.replace(replay=replay)

@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 from ulfmpy import recovery as _rec
 from ulfmpy import respawn as _respawn
+from ulfmpy.identity import with_replay
 from ulfmpy.errors import ProcessFailure, RecoveryFailed, StillSpare, translate_mpi_error
 from ulfmpy.spares import translate
 
@@ -85,6 +86,26 @@ class Repairer:
         self.config, self.events, self.hooks, self.run_dir = config, events, hooks, run_dir
         self.ft, self.zygote_name = ft, zygote_name
         self.recoveries: list[dict[str, Any]] = []
+
+    def recover(self, me: Any, exc: BaseException, *, step: int, comm: Any,
+                **repair_args: Any) -> tuple[Any, int]:
+        """A communication call failed at segment ``step``: repair if it is a dead rank.
+
+        Re-raises what is not a process failure, and a failure with no
+        in-job recovery (no ULFM, ``--recovery ""``, or another rank stopped
+        on its own error: its abort marker is in the run directory).
+        Collective over the live processes. ``repair_args`` go to :meth:`repair`.
+        """
+        from ulfmpy.teardown import abort_marker
+
+        err = as_failure(exc, self.ft)
+        if not isinstance(err, ProcessFailure):
+            raise exc
+        self.events.log("failure", step=step, error=str(err))
+        if not self.ft or not self.config.recovery or abort_marker(self.run_dir):
+            raise err
+        comm.end_segment()
+        return self.repair(me, t_detect=time.perf_counter(), step=step, **repair_args)
 
     def repair(self, me: Any, *, t_detect: float, step: int, cur_step: int,
                known_ckpt: Callable[[], int | None],
@@ -155,9 +176,7 @@ class Repairer:
         if logical is None:
             self.events.log("recovery_spare_idle", **rec)
             raise StillSpare(target, identity=me)
-        replay = compute.Dup()
-        replay.Set_errhandler(MPI.ERRORS_RETURN)
-        me = me.replace(replay=replay)
+        me = with_replay(me)
         with timer("restore"):
             resumed = restore(me, plan, target, old_logical)
         seconds = time.perf_counter() - t_detect

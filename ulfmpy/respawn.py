@@ -17,7 +17,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-__all__ = ["spawn_replacements", "join_job", "start_zygote", "stop_zygote", "UID_STRIDE"]
+__all__ = ["spawn_replacements", "join_job", "joined_identity", "start_zygote", "stop_zygote", "UID_STRIDE"]
 
 #: A respawned process's uid: ``UID_STRIDE * n + k`` for the k-th of the n-th respawn.
 UID_STRIDE = 100_000
@@ -129,3 +129,22 @@ def stop_zygote() -> None:
         proc.wait(timeout=0.05)
     except Exception:  # not yet: it also leaves on its own once the launcher's daemon has
         pass
+
+
+def joined_identity(parent: MPI.Comm, spawn_rank: int) -> tuple[Any, dict[str, Any]]:
+    """A spawned replacement joins the job: its identity and what it was told.
+
+    Collective with the parents' repair (:func:`spawn_replacements`): the
+    merge, the parents' broadcast, then the split of the compute ranks.
+    """
+    from ulfmpy.identity import Identity
+    from ulfmpy.recovery import Role
+
+    world, info, joined = join_job(parent)
+    uid = info["new_uids"][spawn_rank]
+    logical = info["assign"][uid]
+    compute = world.Split(0, logical)
+    compute.Set_errhandler(MPI.ERRORS_RETURN)
+    me = Identity(world, compute, None, uid, logical, info["size"], role=Role.RECOVERED,
+                  respawns=info["respawns"])
+    return me, dict(info, joined=joined)

@@ -35,28 +35,16 @@ from ulfmpy.detect import get_detector
 from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure
 from ulfmpy.events import EventLog
 from ulfmpy.faults import hooks_for
-from ulfmpy.identity import Identity, Work
+from ulfmpy.identity import Identity, Work, build_work, with_replay
 from ulfmpy.inject import FaultPlan
-from ulfmpy.planner import BoundaryPlanner, Schedule
-from ulfmpy.repair import Repairer, as_failure
-from ulfmpy.segment import Snapshot
+from ulfmpy.boundary import Boundaries, make_planner
+from ulfmpy.planner import BoundaryPlanner
+from ulfmpy.repair import Repairer
 from ulfmpy.segments import SegmentRunner, SegmentTiming
-from ulfmpy.spares import release_spares, wait_as_spare
-from ulfmpy.state import normalize_state, state_nbytes
+from ulfmpy.spares import wait_as_spare
+from ulfmpy.state import state_nbytes
 
 __all__ = ["Runtime"]
-
-
-class _AppView:
-    """The app as detectors see it, with a ``Runtime(invariant=...)`` override."""
-
-    def __init__(self, app: Any, invariant: Callable[[Any], bool] | None) -> None:
-        self._app, self._invariant = app, invariant
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "invariant" and self._invariant is not None:
-            return lambda: self._invariant(self._app)
-        return getattr(self._app, name)
 
 
 class Runtime:
@@ -96,19 +84,10 @@ class Runtime:
         self.planner: BoundaryPlanner | None = None
         self._join: dict[str, Any] | None = None
         self._saw_failure = False
-        self._boundary_from: float | None = None
 
-    @property
-    def rank(self) -> int:
-        return self.me.rank
-
-    @property
-    def is_spare(self) -> bool:
-        return self.me.is_spare
-
-    @property
-    def role(self) -> _rec.Role:
-        return self.me.role
+    rank = property(lambda self: self.me.rank, doc="The logical rank (-1 on a spare).")
+    is_spare = property(lambda self: self.me.is_spare)
+    role = property(lambda self: self.me.role)
 
     # -- context ------------------------------------------------------------------
     def __enter__(self) -> "Runtime":
@@ -140,20 +119,13 @@ class Runtime:
 
     def _enter_respawned(self) -> "Runtime":
         """A process spawned to replace a dead rank joins the job (respawn policy)."""
-        world, info, joined = _respawn.join_job(self._parent)
+        me, self._join = _respawn.joined_identity(self._parent, self.uid)
         self._parent = None
-        uid = info["new_uids"][self.uid]
         self.config = Config(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in info["config"].items()})
-        self.run_dir, self.size = info["run_dir"], info["size"]
-        self.events = EventLog(self.run_dir, uid)
-        logical = info["assign"][uid]
-        compute = world.Split(0, logical)
-        compute.Set_errhandler(MPI.ERRORS_RETURN)
-        self._join = dict(info, joined=joined)
-        self._setup(Identity(world, compute, None, uid, logical, self.size,
-                             role=_rec.Role.RECOVERED, respawns=info["respawns"]),
-                    info.get("zygote"))
+                                for k, v in self._join["config"].items()})
+        self.run_dir, self.size = self._join["run_dir"], me.size
+        self.events = EventLog(self.run_dir, me.uid)
+        self._setup(me, self._join.get("zygote"))
         return self
 
     def _setup(self, me: Identity, zygote: str | None) -> None:
@@ -182,49 +154,26 @@ class Runtime:
         self.events.log("exit", error=None if exc is None else repr(exc))
         self.ckpts.close()
         me = self.me
-        comms = (me.replay, me.compute, me.world)
         if exc is not None:
             if self.ft:
                 _td.end_job(exc, uid=me.uid, run_dir=self.run_dir, events=self.events,
-                            comms=comms)
+                            comms=(me.replay, me.compute, me.world))
             return
         saw = self._saw_failure or getattr(self.comm, "failure", None) is not None
-        # A spawned process must finalize: its runtime reports an exit without
-        # finalize as an error (prterun then exits 1).
-        spawned = me.uid >= _respawn.UID_STRIDE
-        if (self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw) and not spawned:
-            _td.guard_finalize()
-        self.events.close()
-        for c in comms:
-            if c is not None:
-                try:
-                    c.Free()
-                except MPI.Exception:
-                    pass
+        _td.leave(me, self.events,
+                  failed=bool(self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw))
 
     # -- building the app ----------------------------------------------------------
     def _build(self) -> Work:
-        app = self._factory(self.comm)
-        state = normalize_state(app.state)
-        snap = Snapshot(state) if self.config.resilience else None
-        return Work(app, state, _AppView(app, self._invariant), snap)
+        return build_work(self._factory, self.comm, invariant=self._invariant,
+                          snapshot=self.config.resilience)
 
-    def _make_planner(self) -> BoundaryPlanner:
+    def _make_planner(self) -> None:
         """Rank 0's planner decides; the others' only plan the first segment. Local."""
-        cfg, interval = self.config, None
-        if cfg.mtbf > 0 or cfg.node_mtbf > 0:
-            from ulfmpy.policy import IntervalPolicy
-
-            interval = IntervalPolicy(
-                mtbf=cfg.mtbf or None, node_mtbf=cfg.node_mtbf or None,
-                nodes=len(set(self._hosts)), model=cfg.interval_model,
-                recovery_estimate=cfg.recovery_estimate)
-        return BoundaryPlanner(Schedule(
-            steps=self._steps, segment_steps=cfg.segment_steps,
-            segment_budget=cfg.segment_budget, soft_mtbf=cfg.soft_mtbf,
-            ckpt_every=cfg.ckpt_every, ckpt_seconds=cfg.ckpt_seconds,
-            checkpoints=self.ckpts.store is not None, interval=interval,
-            interval_model=cfg.interval_model, async_writes=cfg.ckpt_mode == "async"))
+        planner = make_planner(self.config, self._steps, nodes=len(set(self._hosts)),
+                               checkpoints=self.ckpts.store is not None)
+        self.planner = planner
+        self.bounds = Boundaries(planner, self.ckpts, self.segments, self.events)
 
     # -- the loop ------------------------------------------------------------------
     def loop(self, factory: Callable[[Any], Any], steps: int, *,
@@ -259,9 +208,10 @@ class Runtime:
         global_rollbacks = 0
         while step < steps:
             try:
-                agreed = yield from self.segments.run(self.me, self.work, step, end,
-                                                      self._plan_slots)
-                step, end = agreed.timing.end, self._boundary(agreed)
+                agreed = yield from self.segments.run(self.me, self.work, step, end, self._slots)
+                step = agreed.timing.end
+                end = self.bounds.apply(agreed, self.me, self.comm.mpi_comm, self.work.state,
+                                        self._hosts)
             except GlobalRollback as gr:
                 global_rollbacks += 1
                 self.segments.abandon()
@@ -279,9 +229,7 @@ class Runtime:
     def _begin(self, start: int) -> int | None:
         """Where this process's loop starts: fresh or resumed, as a replacement, or a spare."""
         if self._join is not None:
-            replay = self.me.compute.Dup()
-            replay.Set_errhandler(MPI.ERRORS_RETURN)
-            step = self._restore(self.me.replace(replay=replay), None, self._join["target"], None)
+            step = self._restore(with_replay(self.me), None, self._join["target"], None)
             self.events.log("recovery", policy="respawn", role="recovered", resumed_step=step,
                             uid=self.me.uid, logical=self.me.logical, restored_at=time.time(),
                             **self._join["joined"])
@@ -294,79 +242,23 @@ class Runtime:
         step = self.ckpts.resume(self.comm.mpi_comm, self.work.state, start)
         self.ckpts.open(self.comm.mpi_comm, self.work.state, wait=True)
         self._hosts = self.comm.mpi_comm.allgather(self._host)
-        self.planner = self._make_planner()
-        replay = self.me.compute.Dup()
-        replay.Set_errhandler(MPI.ERRORS_RETURN)
-        self.me = self.me.replace(replay=replay)
+        self._make_planner()
+        self.me = with_replay(self.me)
         return step
 
     def _restart(self, step: int) -> int:
-        """The planner starts over at ``step``; the first segment's end (same on every rank)."""
-        self._boundary_from = None
-        return self.planner.start(step, time.perf_counter())
+        return self.bounds.restart(step)
 
-    # -- one boundary ------------------------------------------------------------------
-    def _plan_slots(self, t: SegmentTiming) -> np.ndarray:
-        """This rank's contribution to the end-of-segment vector (rank 0 plans). Local."""
-        delta, unfinished = self.ckpts.plan_slots()
-        if self.me.rank != 0:
-            return np.array((0, 0, 0, delta, unfinished))
-        p = self.planner
-        if self._boundary_from is not None:
-            # From the last step of the previous segment to this one's first,
-            # checkpoint work subtracted: what one boundary costs.
-            p.observe_boundary(t.t_start - self._boundary_from)
-        p.observe_snapshot(t.snapshot_s)
-        p.observe_segment(t.t_steps_end - t.t_start, t.end - t.first, clean=t.clean,
-                          log_bytes=self.comm.log.nbytes,
-                          state_bytes=state_nbytes(self.work.state))
-        b = p.boundary(t.end, time.perf_counter())
-        for name, fields in b.events:
-            self.events.log(name, **fields)
-        return np.array((int(b.save), b.next_end, p.k, delta, unfinished))
-
-    def _boundary(self, agreed: Any) -> int:
-        """After the commit: checkpoint work, then the next segment's end. Collective."""
-        if self._k != agreed.k:
-            if self._k:
-                self.events.log("segment_length", old=self._k, new=agreed.k,
-                                at_step=agreed.timing.end)
-            self._k = agreed.k
-        rank0, p = self.me.rank == 0, self.planner
-        if rank0 and agreed.delta_ns:
-            p.observe_save(agreed.delta_ns / 1e9)
-        rollbacks = len(self.segments.rollbacks)
-        t = time.perf_counter()
-        committed, saved = self.ckpts.at_boundary(
-            self.comm.mpi_comm, self.me, agreed.timing.end, self.work.state, save=agreed.save,
-            writes_ready=agreed.writes_ready, hosts=self._hosts)
-        ckpt_s = time.perf_counter() - t
-        if rank0 and committed is not None and committed.write_s is not None:
-            p.observe_write(committed.write_s)
-        if rank0 and agreed.save and not saved:
-            p.save_skipped()
-        clean = agreed.timing.clean and rollbacks == self._rollbacks_seen
-        self._rollbacks_seen = len(self.segments.rollbacks)
-        self._boundary_from = agreed.timing.t_steps_end + ckpt_s if clean else None
-        return agreed.next_end
-
-    _k = 0
-    _rollbacks_seen = 0
+    def _slots(self, t: SegmentTiming) -> np.ndarray:
+        return self.bounds.slots(self.me.rank, self.comm, self.work, t)
 
     # -- hard failures ---------------------------------------------------------------
     def _recover(self, exc: BaseException, step: int) -> int:
         """Repair after a dead rank; the step to resume from. Collective over the
         live processes of the job (spares included)."""
-        err = as_failure(exc, self.ft)
-        if not isinstance(err, ProcessFailure):
-            raise exc
         self._saw_failure = True
-        self.events.log("failure", step=step, error=str(err))
-        if not self.ft or not self.config.recovery or _td.abort_marker(self.run_dir):
-            raise err
-        self.comm.end_segment()
-        self.me, resumed = self.repairer.repair(
-            self.me, t_detect=time.perf_counter(), step=step, cur_step=self.segments.cur_step,
+        self.me, resumed = self.repairer.recover(
+            self.me, exc, step=step, comm=self.comm, cur_step=self.segments.cur_step,
             known_ckpt=self.ckpts.last_committed_step, restore=self._restore)
         self.planner.observe_recovery(self.repairer.recoveries[-1]["seconds"])
         return resumed
@@ -382,15 +274,12 @@ class Runtime:
         self.me = me
         self.comm.reset(me.compute)
         t0 = time.perf_counter()
-        ctx = RestoreContext(target=target, policy=plan.policy if plan is not None else None,
-                             same_layout=(plan is not None and plan.policy in ("spares", "respawn")
-                                          and old_logical == me.logical),
-                             replacement=old_logical is None)
+        ctx = RestoreContext.after(plan, target, old_logical=old_logical, logical=me.logical)
         self.work, how = self.ckpts.restore_after_repair(self.comm.mpi_comm, me, ctx,
                                                          self._build, self.work)
         self._hosts = self.comm.mpi_comm.allgather(self._host)
         if self.planner is None:
-            self.planner = self._make_planner()
+            self._make_planner()
         self.events.log("restore_after_repair", how=how, step=target,
                         seconds=time.perf_counter() - t0)
         return target if target is not None else self._step0
@@ -401,30 +290,8 @@ class Runtime:
         self.ckpts.drain()
         # Loop time only, like the --no-resilience baseline (setup excluded).
         wall = time.perf_counter() - getattr(self, "_t_loop", self._t0)
-        survivor = self._saw_failure or self.me.role != _rec.Role.INITIAL
-        # Spares are released before the last collective, so that every rank
-        # learns whether one died while waiting: then nobody may finalize
-        # (Open MPI's finalize fence was seen to wait on the dead spare).
-        lost = 0
-        if self.me.rank == 0 and self.config.spares:
-            lost = release_spares(self.me, self.events, ft=self.ft,
-                                  failed=bool(self.repairer.recoveries or self._saw_failure))
-        seg = self.segments
-        store = self.ckpts.store
-        history = _td.History(
-            segments=seg.counters["segments"], rollbacks=seg.rollbacks,
-            reexecuted_rank_steps=seg.counters["reexecuted_rank_steps"],
-            global_rollbacks=self.ckpts.global_rollbacks,
-            checkpoints=[r.as_dict() for r in store.records] if store is not None else [],
-            recoveries=self.repairer.recoveries, restored_from=self.ckpts.restored_from)
-        cfg = self.config
-        base = _td.Summary(ranks=self.me.size, steps=steps, wall_s=wall, fingerprint=None,
-                           resilience=cfg.resilience,
-                           segment_steps=cfg.segment_steps if cfg.resilience else None,
-                           segment_length=self._k or None if cfg.resilience else None,
-                           run_dir=self.run_dir, spares_lost=0 if cfg.spares else None)
-        summary, lost_any = _td.finish(comm, self.me.rank, self.work.state, history=history,
-                                       counters=seg.counters, wall=wall, lost=lost,
-                                       survivor=survivor, events=self.events, base=base)
-        self._saw_failure |= lost_any
-        self.summary = summary.as_dict()
+        self.summary, self._saw_failure = _td.close_run(
+            comm, self.me, self.work.state, config=self.config, steps=steps, wall=wall,
+            segments=self.segments, ckpts=self.ckpts, repairer=self.repairer, events=self.events,
+            run_dir=self.run_dir, ft=self.ft, saw_failure=self._saw_failure,
+            k=self.bounds.k if self.planner is not None else 0)

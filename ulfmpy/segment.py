@@ -1,6 +1,6 @@
 """Restartable segments: snapshot, the agreement, and the contamination closure.
 
-The protocol (DESIGN §2) is driven by ``Runtime.loop``; this module holds its
+The protocol (DESIGN §2) is run by :mod:`ulfmpy.segments`; this module holds its
 pieces that do not need the generator: the preallocated snapshot, the
 per-rank report exchanged at each agreement, and the rule that grows the set
 S of ranks that must re-execute.
@@ -57,8 +57,6 @@ class Report:
     diverged: str | None = None
     repaired_steps: int = 0  # steps re-executed alone after a per-step detection
     repair_s: float = 0.0    # seconds those re-executions took
-    ckpt_due: bool = False   # rank 0's decides whether to checkpoint at this boundary
-    next_k: int = 0          # rank 0's proposes the next segment length (--soft-mtbf)
 
 
 def closure(S: Iterable[int], reports: Sequence[Report], size: int) -> frozenset[int]:

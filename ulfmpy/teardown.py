@@ -26,7 +26,7 @@ from ulfmpy.errors import (EXIT_RELAUNCH, EXIT_UNRECOVERABLE, FaultSignal, Recov
 from ulfmpy.events import write_json_atomic
 from ulfmpy.state import fingerprint
 
-__all__ = ["Summary", "History", "finish", "exit_code_for", "end_job", "guard_finalize",
+__all__ = ["Summary", "History", "finish", "close_run", "exit_code_for", "end_job", "guard_finalize",
            "abort_marker"]
 
 _HISTORY_TAG = 7302
@@ -228,3 +228,59 @@ def guard_finalize() -> None:
         os._exit(0)
 
     atexit.register(leave)
+
+
+def close_run(comm: MPI.Comm, me: Any, state: dict[str, Any], *, config: Any, steps: int,
+              wall: float, segments: Any, ckpts: Any, repairer: Any, events: Any, run_dir: str,
+              ft: bool, saw_failure: bool, k: int) -> tuple[dict[str, Any], bool]:
+    """The end of a loop: release the spares, then :func:`finish`. Collective.
+
+    Returns ``summary.json``'s content and whether this process saw a
+    failure (a spare lost at the end counts).
+    """
+    from ulfmpy.recovery import Role
+    from ulfmpy.spares import release_spares
+
+    survivor = saw_failure or me.role != Role.INITIAL
+    # Spares are released before the last collective, so that every rank
+    # learns whether one died while waiting: then nobody may finalize (Open
+    # MPI's finalize fence was seen to wait on the dead spare).
+    lost = 0
+    if me.rank == 0 and config.spares:
+        lost = release_spares(me, events, ft=ft, failed=bool(repairer.recoveries or saw_failure))
+    store = ckpts.store
+    history = History(
+        segments=segments.counters["segments"], rollbacks=segments.rollbacks,
+        reexecuted_rank_steps=segments.counters["reexecuted_rank_steps"],
+        global_rollbacks=ckpts.global_rollbacks,
+        checkpoints=[r.as_dict() for r in store.records] if store is not None else [],
+        recoveries=repairer.recoveries, restored_from=ckpts.restored_from)
+    on = config.resilience
+    base = Summary(ranks=me.size, steps=steps, wall_s=wall, fingerprint=None, resilience=on,
+                   segment_steps=config.segment_steps if on else None,
+                   segment_length=(k or None) if on else None, run_dir=run_dir,
+                   spares_lost=0 if config.spares else None)
+    summary, lost_any = finish(comm, me.rank, state, history=history, counters=segments.counters,
+                               wall=wall, lost=lost, survivor=survivor, events=events, base=base)
+    return summary.as_dict(), saw_failure or lost_any
+
+
+def leave(me: Any, events: Any, *, failed: bool) -> None:
+    """A rank leaves the runtime after a completed run. Local.
+
+    ``failed``: this process lived through a failure (or replaced a dead
+    rank): it will leave without ``MPI_Finalize`` (:func:`guard_finalize`).
+    A spawned process must finalize: its runtime reports an exit without
+    finalize as an error (prterun then exits 1).
+    """
+    from ulfmpy.respawn import UID_STRIDE
+
+    if failed and me.uid < UID_STRIDE:
+        guard_finalize()
+    events.close()
+    for c in (me.replay, me.compute, me.world):
+        if c is not None:
+            try:
+                c.Free()
+            except MPI.Exception:
+                pass

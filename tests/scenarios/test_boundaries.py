@@ -1,0 +1,104 @@
+"""Where segments end, at the default segment length (DESIGN §8, the boundary planner).
+
+Users run the default (``--segment-steps auto``): the segment length grows to
+hundreds of steps, and a checkpoint schedule must still land exactly where
+it says. Each test here runs at the default; where a pinned length shows the
+same behaviour more plainly, its twin pins it too.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import APPS, TEST_APPS
+
+pytestmark = pytest.mark.scenario
+
+STENCIL = str(APPS / "stencil.py")
+RING = str(TEST_APPS / "ring.py")
+GRID = ["--nx", "600", "--ny", "500"]
+
+
+def committed_steps(res) -> list[int]:
+    return [c["step"] for c in res.summary["checkpoints"] if c["committed"]]
+
+
+def fingerprint_of(ulfmpy_run, name: str, app_args: list[str], ranks: int = 4) -> str:
+    r = ulfmpy_run(["-n", str(ranks), "--no-resilience", *app_args], name=name)
+    assert r.returncode == 0, str(r)
+    return r.summary["fingerprint"]
+
+
+@pytest.mark.parametrize("pinned", [[], ["--segment-steps", "7"]], ids=["default", "k7"])
+def test_ckpt_every_lands_on_every_multiple(ulfmpy_run, pinned):
+    app = [STENCIL, *GRID, "--steps", "240", "--quiet"]
+    r = ulfmpy_run(["-n", "4", *pinned, "--ckpt-every", "20", *app], name="ckpt20")
+    assert r.returncode == 0, str(r)
+    s = r.summary
+    assert committed_steps(r) == list(range(20, 240, 20))
+    if not pinned:
+        # The automatic length kept learning at boundaries that saved: it grew
+        # past the checkpoint interval (segments between saves are cut short).
+        lengths = [e["steps"] for e in r.events("segment_decision") if e["rank"] == 0]
+        assert lengths and max(lengths) > 20, lengths
+        assert s["segment_length"] > 20
+    assert s["fingerprint"] == fingerprint_of(ulfmpy_run, "plain", app)
+
+
+def test_readme_command_checkpoints_every_50(ulfmpy_run):
+    """The README's ``ulfmpy run -n 4 --ckpt-every 50 apps/stencil.py`` as is."""
+    r = ulfmpy_run(["-n", "4", "--ckpt-every", "50", STENCIL, "--quiet"], name="readme")
+    assert r.returncode == 0, str(r)
+    assert committed_steps(r) == [50, 100, 150]  # 200 steps by default; none at the end
+
+
+def test_ckpt_every_on_another_app(ulfmpy_run):
+    """An app with collectives every step and a random partner (not a stencil)."""
+    app = [RING, "--n", "96", "--steps", "300"]
+    r = ulfmpy_run(["-n", "4", "--ckpt-every", "25", *app], name="ring")
+    assert r.returncode == 0, str(r)
+    assert committed_steps(r) == list(range(25, 300, 25))
+    assert r.summary["fingerprint"] == fingerprint_of(ulfmpy_run, "ring-plain", app)
+
+
+def test_mtbf_checkpoints_where_each_decision_says(ulfmpy_run):
+    r = ulfmpy_run(["-n", "4", "--mtbf", "30s", STENCIL, *GRID, "--steps", "3000", "--quiet"],
+                   name="mtbf")
+    assert r.returncode == 0, str(r)
+    s = r.summary
+    ckpts = committed_steps(r)
+    decisions = [e for e in r.events("interval_decision") if e["rank"] == 0]
+    assert len(ckpts) >= 2 and decisions, (ckpts, decisions)
+    revised = {d["revises"] for d in decisions if "revises" in d}
+    for d in decisions:
+        assert d["next_step"] == max(d["last_save_step"] + d["steps"], d["at_step"])
+        if d["next_step"] < s["steps"] and d["next_step"] not in revised:
+            assert d["next_step"] in ckpts, (d, ckpts)
+    # The first save measures δ; every later one is where a decision said.
+    assert set(ckpts[1:]) <= {d["next_step"] for d in decisions}
+    # The step time the decisions used is the loop's, not a start-up sample's
+    # (that was 13-36x too long): within a factor 2 of (loop - saves) / steps.
+    saves = sum(c["exposed_s"] for c in s["checkpoints"])
+    honest = (s["wall_s"] - saves) / s["steps"]
+    last = decisions[-1]["step_time"]
+    assert honest / 2 < last < honest * 2, (last, honest)
+
+
+@pytest.mark.parametrize("pinned", [[], ["--segment-steps", "5"]], ids=["default", "k5"])
+def test_kill_resumes_from_the_checkpoint_that_landed(ulfmpy_run, pinned):
+    """A dead rank at the default length: the job goes back to a checkpoint
+    that really is a multiple of --ckpt-every, and ends exact."""
+    from conftest import require_ulfm
+
+    require_ulfm()
+    app = [STENCIL, *GRID, "--steps", "240", "--quiet"]
+    r = ulfmpy_run(["-n", "4", *pinned, "--recovery", "shrink", "--ckpt-every", "40",
+                    "--inject", "kill:rank=2,step=130", *app], name="kill")
+    assert r.returncode == 0, str(r)
+    [rec] = r.summary["recoveries"]
+    # 120 committed unless its write was still in flight at 130; then 80.
+    assert rec["resumed_step"] in (80, 120) and rec["failed_ranks"] == [2]
+    before = [e["step"] for e in r.events("checkpoint_committed")
+              if e["rank"] == 0 and e["t"] < min(x["t"] for x in r.events("recovery"))]
+    assert rec["resumed_step"] == max(before)
+    assert set(committed_steps(r)) >= {160, 200}
+    assert r.summary["fingerprint"] == fingerprint_of(ulfmpy_run, "plain", app, ranks=3)
