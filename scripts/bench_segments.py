@@ -296,7 +296,7 @@ def ckpt_table(trials: list[dict[str, Any]], steps: int, ckpt_every: int) -> dic
     ``trials`` carry ``job``, ``round``, ``mode`` ("baseline" or the
     checkpointing case), ``loop_s`` and, for the checkpointing case,
     ``saves_s`` (the loop time spent in saves: the sum of its checkpoints'
-    exposed times) and ``checkpoint_steps``. Per round of each job two
+    exposed times and of the partner copies they made) and ``checkpoint_steps``. Per round of each job two
     ratios to that round's baseline: excluding the saves ((loop - saves) /
     baseline) and including them (loop / baseline). Each is reported like
     the default's figure (median over all rounds, quartiles, each job's

@@ -99,3 +99,12 @@ def run_segment(runner: SegmentRunner, me: Identity, work: Any, first: int, end:
 def free(me: Identity) -> None:
     me.replay.Free()
     me.compute.Free()
+
+
+def reference(base: Any, steps: int, k: int = 10) -> np.ndarray:
+    """The fault-free state after ``steps`` steps in segments of ``k``. Collective."""
+    runner, me, work, _ = setup(base)
+    for first in range(0, steps, k):
+        run_segment(runner, me, work, first, min(first + k, steps))
+    free(me)
+    return work.state["u"].copy()

@@ -37,10 +37,13 @@ from ulfmpy.seglength import DEFAULT_BUDGET, K_MIN, K_START, SegmentBudget
 
 __all__ = ["Boundary", "BoundaryPlanner", "Schedule"]
 
-# Polls of an unfinished async write per expected write time: the write
-# phase is agreed within about one write's duration after it ends, and the
-# commit (rank 0's manifest) at the boundary after that.
-_POLLS_PER_WRITE = 1
+# While an async write is in flight the first boundary comes after about
+# one expected write time (the last write's, measured), each later one after
+# twice the previous wait: a write that takes longer than expected costs a
+# few boundaries, not one every few steps, and a commit (write agreed, then
+# rank 0's manifest) lands within about twice the write's time of its end.
+# A segment that ends within _PENDING_REACH such waits, or at a save, is not cut.
+_PENDING_REACH = 4
 # The step time is taken over the newest fault-free segments that cover at
 # least this many steps (at most _STEP_WINDOW segments).
 _STEP_SPAN = 200
@@ -119,6 +122,7 @@ class BoundaryPlanner:
     _last_save_step: int = 0
     _last_save_time: float = 0.0
     _pending: bool = False
+    _pending_polls: int = 0
     _write_s: float | None = None
     _snapshot_s: float | None = None
     _next_ckpt: int | None = None       # held --mtbf decision (absolute step)
@@ -250,6 +254,7 @@ class BoundaryPlanner:
             self._next_ckpt = None
             self._decided_step_time = None
             self._pending = self.schedule.async_writes
+            self._pending_polls = 0
             self._awaiting_delta = True
         nxt = self._end(step, now, first=False, events=events)
         return Boundary(step=step, save=save, halt=halt, next_end=nxt, events=tuple(events))
@@ -333,28 +338,31 @@ class BoundaryPlanner:
              events: list[tuple[str, dict[str, Any]]] | None = None) -> int:
         s = self.schedule
         end = min(step + self.k, s.steps)
-        if s.checkpoints and not first:
-            if s.ckpt_every:
-                end = min(end, (step // s.ckpt_every + 1) * s.ckpt_every)
-            elif s.ckpt_seconds:
-                nxt = self._seconds_next(step, now)
-                if nxt is not None:
-                    end = min(end, nxt)
-            elif s.interval is not None:
-                nxt = self._interval_next(step, events if events is not None else [])
-                if nxt is not None and nxt > step:
-                    end = min(end, nxt)
-            if self._pending or self._awaiting_delta:
-                end = min(end, step + self._pending_k())
-        elif s.checkpoints and s.ckpt_every:
-            end = min(end, (step // s.ckpt_every + 1) * s.ckpt_every)
+        save_at: int | None = None
+        if s.checkpoints and s.ckpt_every:
+            save_at = (step // s.ckpt_every + 1) * s.ckpt_every
+        elif s.checkpoints and not first and s.ckpt_seconds:
+            save_at = self._seconds_next(step, now)
+        elif s.checkpoints and not first and s.interval is not None:
+            nxt = self._interval_next(step, events if events is not None else [])
+            save_at = nxt if nxt is not None and nxt > step else None
+        if save_at is not None:
+            end = min(end, save_at)
+        busy = self._pending or (self._awaiting_delta and s.interval is not None)
+        if busy and not first and end != save_at:
+            # A segment that ends at a save needs no poll on the way: the save
+            # commits the write first. Another is cut only when it would run
+            # on well past the write's expected end.
+            k_pending = self._pending_k()
+            if end - step > _PENDING_REACH * k_pending:
+                end = step + k_pending
+                self._pending_polls += 1
         if self._halt_at is not None and self._halt_at > step:
             end = min(end, self._halt_at)
         return max(end, min(step + 1, s.steps))
 
     def _pending_k(self) -> int:
-        """Segment length while a write is in flight: a few polls per expected write."""
+        """Segment length while a write is in flight (see the comment at the top)."""
         st = self.step_time
-        if self._write_s is None or st is None:
-            return min(self.k, K_START)
-        return max(K_MIN, min(self.k, math.ceil(self._write_s / st / _POLLS_PER_WRITE)))
+        first = K_START if self._write_s is None or st is None else math.ceil(self._write_s / st)
+        return max(K_MIN, min(self.k, first << min(self._pending_polls, 20)))

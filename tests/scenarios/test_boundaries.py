@@ -83,22 +83,50 @@ def test_mtbf_checkpoints_where_each_decision_says(ulfmpy_run):
     assert honest / 2 < last < honest * 2, (last, honest)
 
 
-@pytest.mark.parametrize("pinned", [[], ["--segment-steps", "5"]], ids=["default", "k5"])
-def test_kill_resumes_from_the_checkpoint_that_landed(ulfmpy_run, pinned):
+POLICY_ARGS = {"shrink": ["-n", "4"], "spares": ["-n", "4", "--spares", "1"],
+               "respawn": ["-n", "4"]}
+
+
+@pytest.mark.parametrize("policy,pinned", [("shrink", []), ("shrink", ["--segment-steps", "5"]),
+                                           ("spares", []), ("respawn", [])],
+                         ids=["shrink-default", "shrink-k5", "spares-default", "respawn-default"])
+def test_kill_resumes_from_the_checkpoint_that_landed(ulfmpy_run, policy, pinned):
     """A dead rank at the default length: the job goes back to a checkpoint
     that really is a multiple of --ckpt-every, and ends exact."""
     from conftest import require_ulfm
 
     require_ulfm()
     app = [STENCIL, *GRID, "--steps", "240", "--quiet"]
-    r = ulfmpy_run(["-n", "4", *pinned, "--recovery", "shrink", "--ckpt-every", "40",
+    r = ulfmpy_run([*POLICY_ARGS[policy], *pinned, "--recovery", policy, "--ckpt-every", "40",
                     "--inject", "kill:rank=2,step=130", *app], name="kill")
     assert r.returncode == 0, str(r)
     [rec] = r.summary["recoveries"]
+    assert rec["policy"] == policy
     # 120 committed unless its write was still in flight at 130; then 80.
     assert rec["resumed_step"] in (80, 120) and rec["failed_ranks"] == [2]
     before = [e["step"] for e in r.events("checkpoint_committed")
               if e["rank"] == 0 and e["t"] < min(x["t"] for x in r.events("recovery"))]
     assert rec["resumed_step"] == max(before)
     assert set(committed_steps(r)) >= {160, 200}
-    assert r.summary["fingerprint"] == fingerprint_of(ulfmpy_run, "plain", app, ranks=3)
+    assert r.summary["fingerprint"] == fingerprint_of(ulfmpy_run, "plain", app)
+
+
+@pytest.mark.parametrize("ranks", [4, 3])
+def test_resume_at_the_default_length(ulfmpy_run, tmp_path, ranks):
+    """A run that stopped (here: it ended at step 240) resumes from its newest
+    checkpoint, on any rank count, and continues to exactly the fault-free state."""
+    from conftest import run_ulfmpy
+
+    run_dir = tmp_path / "job"
+    first = run_ulfmpy(["-n", "4", "--ckpt-every", "50", STENCIL, *GRID, "--steps", "240",
+                        "--quiet"], run_dir)
+    assert first.returncode == 0, str(first)
+    assert committed_steps(first) == [50, 100, 150, 200]
+    again = run_ulfmpy(["-n", str(ranks), "--ckpt-every", "50", "--resume", "auto", STENCIL, *GRID,
+                        "--steps", "400", "--quiet"], run_dir)
+    assert again.returncode == 0, str(again)
+    s = again.summary
+    assert s["restored_from"]["step"] == 200
+    assert committed_steps(again) == [250, 300, 350]
+    assert s["fingerprint"] == fingerprint_of(ulfmpy_run, "plain400",
+                                              [STENCIL, *GRID, "--steps", "400", "--quiet"])

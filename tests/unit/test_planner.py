@@ -142,8 +142,21 @@ def test_pending_write_shortens_segments_until_it_commits():
     p = BoundaryPlanner(Schedule(steps=100_000, ckpt_every=20_000, checkpoints=True))
     segs, saves, _ = drive(p, 0, write_boundaries=3)
     after = [b - a for a, b in segs if saves[0] <= a < saves[0] + 200]
-    assert after and max(after[:2]) <= 10  # polled soon after the save
+    # Polled soon after the save (no write time known yet: 10 steps), each
+    # wait twice the last while the write is unfinished; the commit came at
+    # the third boundary, so the fourth segment was still planned short.
+    assert after[:4] == [10, 20, 40, 80]
     assert max(b - a for a, b in segs) > 100  # and long again once committed
+
+
+def test_a_save_soon_after_is_not_cut_for_the_write():
+    """The next checkpoint comes within a few write times: its segment runs whole
+    (the save commits the write first), so no extra boundaries are paid."""
+    p = BoundaryPlanner(Schedule(steps=3000, ckpt_every=100, checkpoints=True))
+    segs, saves, _ = drive(p, 0, write_boundaries=1)
+    assert saves == list(range(100, 3000, 100))
+    late = [b - a for a, b in segs if a >= 1000]
+    assert set(late) == {100}
 
 
 def test_start_is_the_same_everywhere():

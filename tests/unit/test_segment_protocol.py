@@ -4,16 +4,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from tests.segment_app import Corrupt, free, run_segment, setup
+from tests.segment_app import Corrupt, free, reference, run_segment, setup
 from ulfmpy.errors import GlobalRollback
-
-
-def reference(steps: int) -> np.ndarray:
-    runner, me, work, _ = setup(MPI.COMM_SELF)
-    for first in range(0, steps, 10):
-        run_segment(runner, me, work, first, min(first + 10, steps))
-    free(me)
-    return work.state["u"].copy()
 
 
 def test_clean_segment_passes_the_plan_through_the_agreement():
@@ -36,7 +28,7 @@ def test_detected_corruption_is_re_executed_and_the_state_is_exact():
     assert rb["step"] == 10 and rb["reexecuted_ranks"] == [0] and rb["reexecuted_rank_steps"] == 10
     assert agreed.timing.clean
     assert runner.counters["injected_faults"] == 1 and runner.counters["escaped_faults"] == 0
-    assert np.array_equal(work.state["u"], reference(30))
+    assert np.array_equal(work.state["u"], reference(MPI.COMM_SELF, 30))
     free(me)
 
 
@@ -55,5 +47,5 @@ def test_per_step_detection_catches_up_alone():
     [c] = events.of("catch_up")
     assert (c["first"], c["last"]) == (0, 2) and not c["detected_again"]
     assert runner.rollbacks[0]["reexecuted_rank_steps"] == 3
-    assert np.array_equal(work.state["u"], reference(10))
+    assert np.array_equal(work.state["u"], reference(MPI.COMM_SELF, 10))
     free(me)

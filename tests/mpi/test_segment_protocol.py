@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from tests.segment_app import Corrupt, free, run_segment, setup
+from tests.segment_app import Corrupt, free, reference, run_segment, setup
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
@@ -15,14 +15,6 @@ pytestmark = pytest.mark.mpi(min_size=4)
 def all_true(comm, ok, what=""):
     flags = comm.allgather(bool(ok))
     assert all(flags), f"{what}: check failed on ranks {[r for r, f in enumerate(flags) if not f]}"
-
-
-def reference(steps: int) -> np.ndarray:
-    runner, me, work, _ = setup(MPI.COMM_WORLD)
-    for first in range(0, steps, 10):
-        run_segment(runner, me, work, first, min(first + 10, steps))
-    free(me)
-    return work.state["u"].copy()
 
 
 @pytest.mark.parametrize("step,index,expect", [(15, 3, [1]), (19, 0, [1]), (18, 0, [1, 2])],
@@ -35,7 +27,7 @@ def test_rollback_reaches_only_the_contaminated_ranks(step, index, expect):
     rbs = runner.rollbacks
     all_true(world, len(rbs) == 1 and rbs[0]["step"] == 10, "one rollback of segment 10")
     all_true(world, rbs[0]["reexecuted_ranks"] == expect, f"S == {expect}")
-    all_true(world, np.array_equal(work.state["u"], reference(30)), "exact final state")
+    all_true(world, np.array_equal(work.state["u"], reference(MPI.COMM_WORLD, 30)), "exact final state")
     free(me)
 
 
