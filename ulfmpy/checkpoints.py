@@ -43,6 +43,7 @@ class Checkpoints:
         self.global_rollbacks: list[dict[str, Any]] = []
         self.restored_from: dict[str, Any] | None = None
         self._delta_ns = 0  # the last save's exposed time, reported once
+        self._reported: int | None = None  # the last commit reported to the planner
 
     # -- open and resume ------------------------------------------------------------
     def open(self, comm: Any, state: dict[str, Any], *, wait: bool = False) -> None:
@@ -100,14 +101,14 @@ class Checkpoints:
         store = self.store
         if store is None:
             return None, False
-        committed = store.poll(ready=writes_ready)
+        store.poll(ready=writes_ready)
         if not save:
-            return committed, False
+            return self._newly_committed(), False
         if any(r.step == step and r.committed for r in store.records):
             # Re-running after a rollback: this step is already safe on disk
             # (replay is deterministic), and re-saving would first delete it.
             self.events.log("checkpoint_skipped", step=step, reason="already committed")
-            return committed, False
+            return self._newly_committed(), False
         if store.mode == "sync":
             self.hooks.kill_point("checkpoint", step)
         rec = store.save(step, state)
@@ -123,7 +124,16 @@ class Checkpoints:
             self.events.log("partner_copy", step=step, holder=self.partners.holder,
                             wards=self.partners.wards, bytes=got,
                             seconds=time.perf_counter() - t0)
-        return (committed if committed is not None else (rec if rec.committed else None)), True
+        return self._newly_committed(), True
+
+    def _newly_committed(self) -> Any:
+        """The newest checkpoint committed since the last call (by a poll, or
+        inside a save that first committed the write before it), or None."""
+        last = self.store.last_committed
+        if last is None or last.step == self._reported:
+            return None
+        self._reported = last.step
+        return last
 
     def drain(self) -> None:
         """End of run: wait for the outstanding write and commit it. Collective."""

@@ -42,7 +42,8 @@ __all__ = ["Boundary", "BoundaryPlanner", "Schedule"]
 # twice the previous wait: a write that takes longer than expected costs a
 # few boundaries, not one every few steps, and a commit (write agreed, then
 # rank 0's manifest) lands within about twice the write's time of its end.
-# A segment that ends within _PENDING_REACH such waits, or at a save, is not cut.
+# A segment that ends within _PENDING_REACH such waits is not cut; one that
+# ends at a save is cut once, for the write to commit before the save.
 _PENDING_REACH = 4
 # The step time is taken over the newest fault-free segments that cover at
 # least this many steps (at most _STEP_WINDOW segments).
@@ -349,12 +350,17 @@ class BoundaryPlanner:
         if save_at is not None:
             end = min(end, save_at)
         busy = self._pending or (self._awaiting_delta and s.interval is not None)
-        if busy and not first and end != save_at:
-            # A segment that ends at a save needs no poll on the way: the save
-            # commits the write first. Another is cut only when it would run
-            # on well past the write's expected end.
+        if busy and not first:
             k_pending = self._pending_k()
-            if end - step > _PENDING_REACH * k_pending:
+            if end == save_at:
+                # One poll on the way to the next save, once the write should
+                # be done: the commit then starts in the background and the
+                # save finds it finished instead of waiting for it.
+                cut = self._pending_polls == 0 and end - step > 2 * k_pending
+            else:
+                # Cut only a segment that would run on well past the write.
+                cut = end - step > _PENDING_REACH * k_pending
+            if cut:
                 end = step + k_pending
                 self._pending_polls += 1
         if self._halt_at is not None and self._halt_at > step:

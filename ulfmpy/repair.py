@@ -121,10 +121,13 @@ class Repairer:
             RecoveryFailed: no policy applies, or repairs kept failing.
         """
         timer = PhaseTimer()
+        # A failure during a repair repairs again from where this one got:
+        # the communicators it last made (a shrunk or merged world).
+        self._current = me
         for attempt in range(MAX_REPAIRS):
             try:
-                return self._once(me, timer, t_detect, step, cur_step, attempt, known_ckpt,
-                                  restore)
+                return self._once(self._current, timer, t_detect, step, cur_step, attempt,
+                                  known_ckpt, restore)
             except (ProcessFailure, MPI.Exception) as again:
                 self.events.log("failure_during_recovery", attempt=attempt, error=str(again))
         raise RecoveryFailed(f"{MAX_REPAIRS} repairs in a row failed")
@@ -139,8 +142,9 @@ class Repairer:
                     _rec.revoke(c)
         # A recovery kill fires in the first recovery at or after its step.
         self.hooks.kill_point("recovery", max(step, cur_step))
-        world, timer.phases["shrink"] = _rec.shrink(me.world)
-        me = me.replace(world=world, replay=None)
+        world, shrink_s = _rec.shrink(me.world)
+        timer.phases["shrink"] = timer.phases.get("shrink", 0.0) + shrink_s
+        me = self._current = me.replace(world=world, replay=None)
         with timer("agree"):
             # Who is alive, which checkpoint each holds, how many respawns
             # happened: the plan must be the same on every process.
@@ -150,6 +154,10 @@ class Repairer:
             live = [m for m, _ in members]
             plan = _rec.plan_repair(live, size=me.size, policies=self.config.recovery,
                                     spawn_ok=True)
+            # A real agreement: the allgather may have completed on some
+            # processes and failed on others (a death during it); ULFM's
+            # fault-tolerant Agree fails on all of them alike, and all repair again.
+            _rec.agree(world, 1)
         if plan is None:
             raise RecoveryFailed(
                 f"no recovery policy of {','.join(self.config.recovery)} applies "
@@ -158,6 +166,7 @@ class Repairer:
         held = [m.ckpt_step for m in live if m.logical is not None and m.ckpt_step is not None]
         target = max(held) if held else None
         world, plan, respawns = POLICIES[plan.policy](world, plan, self, timer, target, respawns)
+        me = self._current = me.replace(world=world)
         old_logical = me.logical
         with timer("spares" if plan.policy == "spares" else "split"):
             logical = plan.assign[me.uid]
@@ -169,8 +178,9 @@ class Repairer:
             role = _rec.Role.RECOVERED
         elif logical is not None and role == _rec.Role.INITIAL:
             role = _rec.Role.SURVIVOR
-        me = me.replace(world=world, compute=compute, replay=None, logical=logical,
-                        size=plan.size, role=role, respawns=respawns)
+        me = self._current = me.replace(world=world, compute=compute, replay=None,
+                                        logical=logical, size=plan.size, role=role,
+                                        respawns=respawns)
         rec = {"policy": plan.policy, "failed_ranks": list(plan.failed), "attempt": attempt,
                "detected_at_step": step, "replaced": plan.replaced, "size": plan.size}
         if logical is None:
