@@ -14,7 +14,7 @@ from typing import Any
 
 from ulfmpy.recovery import Role
 
-__all__ = ["Identity", "Work", "build_work", "with_replay"]
+__all__ = ["Identity", "Work", "build_work", "with_replay", "open_world", "initial_identity"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,39 @@ def with_replay(me: Identity) -> Identity:
     replay = me.compute.Dup()
     replay.Set_errhandler(MPI.ERRORS_RETURN)
     return me.replace(replay=replay)
+
+
+def open_world(user_comm: Any, config: Any) -> tuple[Any, str]:
+    """The runtime's duplicate of the job's communicator, and the run directory.
+
+    Collective over ``user_comm``: errors are returned (ULFM needs it), the
+    settings are checked equal on every rank, rank 0 picks the run
+    directory when none is set and creates it before anyone uses it.
+    """
+    import os
+
+    from mpi4py import MPI
+
+    world = user_comm.Dup()
+    world.Set_errhandler(MPI.ERRORS_RETURN)
+    run_dir = config.run_dir
+    if run_dir is None:
+        from ulfmpy.launch import default_run_dir
+
+        run_dir = world.bcast(default_run_dir() if world.Get_rank() == 0 else None, root=0)
+    config.check_uniform(world)
+    if world.Get_rank() == 0:
+        os.makedirs(os.path.abspath(run_dir), exist_ok=True)
+    world.Barrier()
+    return world, os.path.abspath(run_dir)
+
+
+def initial_identity(world: Any, size: int) -> Identity:
+    """At the start: world ranks below ``size`` compute, the rest are spares. Collective."""
+    from mpi4py import MPI
+
+    uid = world.Get_rank()
+    logical = uid if uid < size else None
+    compute = world.Split(0 if logical is not None else 1, uid)
+    compute.Set_errhandler(MPI.ERRORS_RETURN)
+    return Identity(world, compute, None, uid, logical, size)

@@ -320,6 +320,9 @@ class BoundaryPlanner:
         # The earliest boundary still ahead is this one: a late decision saves now.
         nxt = max(self._last_save_step + d.steps, step)
         revised = self._next_ckpt
+        if revised == nxt:  # the new step time lands on the same step: nothing to say
+            self._decided_step_time = st
+            return nxt
         self._next_ckpt, self._decided_step_time = nxt, st
         rec = dict(d.as_dict(), at_step=step, next_step=nxt, last_save_step=self._last_save_step)
         if revised is not None:

@@ -6,13 +6,11 @@
         for step, app in rt.loop(lambda comm: MyApp(comm), steps=1000):
             app.step()
 
-The loop is a generator and a façade over the mechanisms of DESIGN §8:
-plan the boundary (:mod:`ulfmpy.planner`) → run the segment
-(:mod:`ulfmpy.segments`) → checkpoint or not (:mod:`ulfmpy.checkpoints`) →
-on a global rollback, roll back → on a process failure, repair
-(:mod:`ulfmpy.repair`, :mod:`ulfmpy.spares`, :mod:`ulfmpy.respawn`) →
-finish (:mod:`ulfmpy.teardown`). What a rank is travels as one
-:class:`~ulfmpy.identity.Identity`; the loop body never sees a fault.
+A façade over the mechanisms of ``docs/architecture.md``: plan the boundary
+(:mod:`~ulfmpy.boundary`) → run the segment (:mod:`~ulfmpy.segments`) →
+checkpoint or not (:mod:`~ulfmpy.checkpoints`) → on a global rollback, roll
+back → on a process failure, repair (:mod:`~ulfmpy.repair`) → finish
+(:mod:`~ulfmpy.teardown`). The loop body never sees a fault.
 """
 
 from __future__ import annotations
@@ -35,10 +33,10 @@ from ulfmpy.detect import get_detector
 from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure
 from ulfmpy.events import EventLog
 from ulfmpy.faults import hooks_for
-from ulfmpy.identity import Identity, Work, build_work, with_replay
+from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_world,
+                             with_replay)
 from ulfmpy.inject import FaultPlan
 from ulfmpy.boundary import Boundaries, make_planner
-from ulfmpy.planner import BoundaryPlanner
 from ulfmpy.repair import Repairer
 from ulfmpy.segments import SegmentRunner, SegmentTiming
 from ulfmpy.spares import wait_as_spare
@@ -67,13 +65,22 @@ class Runtime:
 
     def __init__(self, comm: MPI.Comm, *, invariant: Callable[[Any], bool] | None = None,
                  **settings: Any) -> None:
-        self.config, self._overrides = Config.load_with_sources(**settings)
-        self._user_comm, self._invariant = comm, invariant
         parent = MPI.Comm.Get_parent()
         self._parent = parent if parent != MPI.COMM_NULL else None
-        nspares = 0 if self._parent is not None else self.config.spares
-        if nspares >= comm.Get_size():
-            raise ConfigError(f"{nspares} spares leave no compute rank out of {comm.Get_size()}")
+        error = None
+        try:
+            self.config, self._overrides = Config.load_with_sources(**settings)
+            nspares = 0 if self._parent is not None else self.config.spares
+            if nspares >= comm.Get_size():
+                raise ConfigError(f"{nspares} spares leave no compute rank out of "
+                                  f"{comm.Get_size()}")
+            for name in self.config.detect:
+                get_detector(name)  # unknown names fail before any work
+        except ConfigError as exc:
+            error = exc
+        if comm.allreduce(error is not None, op=MPI.LOR):
+            _td.refuse_settings(comm, error)  # every rank, once: no abort, no hang
+        self._user_comm, self._invariant = comm, invariant
         self.size = comm.Get_size() - nspares
         self.uid = comm.Get_rank()
         self.ft = os.environ.get("ULFMPY_FT", "ulfm") == "ulfm" and _rec.ulfm_available(comm)
@@ -81,40 +88,22 @@ class Runtime:
         self.comm: ResilientComm | MPI.Comm
         self.me: Identity
         self.work: Work | None = None
-        self.planner: BoundaryPlanner | None = None
+        self.planner: Any = None  # a BoundaryPlanner once the loop starts
         self._join: dict[str, Any] | None = None
         self._saw_failure = False
 
     rank = property(lambda self: self.me.rank, doc="The logical rank (-1 on a spare).")
-    is_spare = property(lambda self: self.me.is_spare)
-    role = property(lambda self: self.me.role)
+    is_spare, role = property(lambda self: self.me.is_spare), property(lambda self: self.me.role)
 
-    # -- context ------------------------------------------------------------------
     def __enter__(self) -> "Runtime":
-        for name in self.config.detect:
-            get_detector(name)  # unknown names fail before any work
         if self._parent is not None:
             return self._enter_respawned()
-        world = self._user_comm.Dup()
-        world.Set_errhandler(MPI.ERRORS_RETURN)
-        run_dir = self.config.run_dir
-        if run_dir is None:
-            from ulfmpy.launch import default_run_dir
-
-            run_dir = world.bcast(default_run_dir() if self.uid == 0 else None, root=0)
-        self.run_dir = os.path.abspath(run_dir)
-        self.config.check_uniform(world)
-        if self.uid == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-        world.Barrier()
+        world, self.run_dir = open_world(self._user_comm, self.config)
         self.events = EventLog(self.run_dir, self.uid)
         cfg = self.config
         zygote = _respawn.start_zygote(world, run_dir=self.run_dir, events=self.events,
                                        wanted=self.ft and cfg.zygote and "respawn" in cfg.recovery)
-        logical = self.uid if self.uid < self.size else None
-        compute = world.Split(0 if logical is not None else 1, self.uid)
-        compute.Set_errhandler(MPI.ERRORS_RETURN)
-        self._setup(Identity(world, compute, None, self.uid, logical, self.size), zygote)
+        self._setup(initial_identity(world, self.size), zygote)
         return self
 
     def _enter_respawned(self) -> "Runtime":

@@ -26,7 +26,7 @@ from ulfmpy.errors import (EXIT_RELAUNCH, EXIT_UNRECOVERABLE, FaultSignal, Recov
 from ulfmpy.events import write_json_atomic
 from ulfmpy.state import fingerprint
 
-__all__ = ["Summary", "History", "finish", "close_run", "exit_code_for", "end_job", "guard_finalize",
+__all__ = ["Summary", "History", "finish", "close_run", "refuse_settings", "exit_code_for", "end_job", "guard_finalize",
            "abort_marker"]
 
 _HISTORY_TAG = 7302
@@ -284,3 +284,21 @@ def leave(me: Any, events: Any, *, failed: bool) -> None:
                 c.Free()
             except MPI.Exception:
                 pass
+
+
+def refuse_settings(comm: Any, error: BaseException | None) -> None:
+    """Settings refused on some rank: say so once and end the job. Collective; does not return.
+
+    ``error`` is this rank's :class:`~ulfmpy.errors.ConfigError` or None.
+    Raising it instead would end in ``python -m mpi4py``'s ``MPI_Abort``,
+    which was seen to hang a ULFM job; every rank is here together (the
+    caller's agreement), so each finalizes and leaves with EXIT_UNRECOVERABLE.
+    """
+    errors = comm.allgather(None if error is None else str(error))
+    first = next((r, e) for r, e in enumerate(errors) if e is not None)
+    if comm.Get_rank() == 0:
+        where = "" if all(e == first[1] for e in errors) else f" (rank {first[0]})"
+        print(f"ulfmpy: bad settings{where}: {first[1]}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    MPI.Finalize()
+    os._exit(EXIT_UNRECOVERABLE)

@@ -130,3 +130,32 @@ def test_resume_at_the_default_length(ulfmpy_run, tmp_path, ranks):
     assert committed_steps(again) == [250, 300, 350]
     assert s["fingerprint"] == fingerprint_of(ulfmpy_run, "plain400",
                                               [STENCIL, *GRID, "--steps", "400", "--quiet"])
+
+
+KEYWORD_APP = str(TEST_APPS / "keyword_app.py")
+
+
+def segment_lengths(res) -> set[int]:
+    return {e["end"] - e["step"] for e in res.events("segment") if e["rank"] == 0}
+
+
+def test_the_launcher_flag_wins_over_a_keyword_and_says_so(ulfmpy_run):
+    kept = ulfmpy_run(["-n", "2", KEYWORD_APP], name="keyword")
+    assert kept.returncode == 0, str(kept)
+    assert segment_lengths(kept) == {5} and not kept.events("config_override")
+    won = ulfmpy_run(["-n", "2", "--segment-steps", "8", KEYWORD_APP], name="flag")
+    assert won.returncode == 0, str(won)
+    assert segment_lengths(won) == {8}
+    overrides = [e for e in won.events("config_override") if e["rank"] == 0]
+    assert [(o["setting"], o["keyword"], o["flag"]) for o in overrides] == \
+        [("segment_steps", 5, 8)]
+
+
+def test_a_flag_that_contradicts_a_keyword_is_a_clear_error(ulfmpy_run):
+    """Every rank refuses the settings; the job says so once and ends (76), never hangs
+    (an exception there would end in MPI_Abort, seen to hang under ULFM)."""
+    for ranks in ("2", "4"):
+        r = ulfmpy_run(["-n", ranks, "--soft-mtbf", "1h", KEYWORD_APP], timeout=60)
+        assert r.returncode == 76, str(r)
+        assert r.stderr.count("conflict") == 1, str(r)
+        assert "--segment-steps" in r.stderr and "--soft-mtbf" in r.stderr, str(r)
