@@ -101,7 +101,7 @@ class Boundaries:
                                                   writes_ready=agreed.writes_ready, hosts=hosts)
         ckpt_s = time.perf_counter() - t
         if rank0 and committed is not None and committed.write_s is not None:
-            p.observe_write(committed.write_s)
+            p.observe_write(committed.write_s, committed.step)
         if rank0 and agreed.save and not saved:
             p.save_skipped()
         # A boundary after a rollback measures the rollback, not the boundary.

@@ -219,9 +219,14 @@ class BoundaryPlanner:
         if pol is not None:
             pol.observe_save(max(exposed_s, 0.0))
 
-    def observe_write(self, write_s: float | None) -> None:
-        """The last asynchronous write committed; it took ``write_s`` (max over ranks)."""
-        self._pending = False
+    def observe_write(self, write_s: float | None, step: int | None = None) -> None:
+        """Checkpoint ``step``'s write committed; it took ``write_s`` (max over ranks).
+
+        The write in flight is done only if it was the newest save's (a save
+        commits the write before it first: that one is not the new one).
+        """
+        if step is None or step >= self._last_save_step:
+            self._pending = False
         if write_s is not None and math.isfinite(write_s) and write_s >= 0:
             self._write_s = write_s
 

@@ -175,3 +175,16 @@ def test_bench_planner_counts_landed_and_revised_decisions(load_script):
     assert (got["revised"], got["due_in_run"], got["held"], got["held_and_landed"]) == (1, 3, 2, 2)
     assert got["checkpoints_off_decision"] == []
     assert bench.decisions_landed(decisions, [20, 170], steps=800)["checkpoints_off_decision"] == [170]
+
+
+def test_a_commit_inside_the_next_save_leaves_that_save_pending():
+    """A save first commits the write before it: that commit is not the new write's."""
+    p = BoundaryPlanner(Schedule(steps=10_000, ckpt_every=100, checkpoints=True))
+    drive(p, 0, write_boundaries=1)  # measurements: step time, a write time
+    p.start(0, 0.0)
+    b = p.boundary(100, 0.0)
+    assert b.save and p._pending
+    p.observe_write(0.02, step=0)  # the save at 100 committed an older write
+    assert p._pending
+    p.observe_write(0.02, step=100)
+    assert not p._pending
