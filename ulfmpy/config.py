@@ -31,12 +31,14 @@ from ulfmpy.errors import ConfigError
 from ulfmpy.seglength import DEFAULT_BUDGET
 
 __all__ = ["Config", "add_config_arguments", "config_env_from_args", "ENV_PREFIX", "FLAGS_ENV",
-           "CONFLICTS", "flag_name"]
+           "CONFLICTS", "flag_name", "RECOVERY_POLICIES"]
 
 ENV_PREFIX = "ULFMPY_"
 #: Set by ``ulfmpy run``: the comma-separated setting names given on its
 #: command line. Those settings win over ``Runtime(...)`` keywords. Not a setting.
 FLAGS_ENV = ENV_PREFIX + "FLAGS"
+#: The in-job recovery policies (``ulfmpy.repair.POLICIES`` implements each).
+RECOVERY_POLICIES = ("spares", "respawn", "shrink")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -139,9 +141,26 @@ class Config:
         for name in ("ckpt_every", "spares"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self._check_names()
         # Built directly (not by load): a value other than the default counts as given.
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         _check_conflicts(values, {f.name for f in fields(self) if values[f.name] != f.default})
+
+    def _check_names(self) -> None:
+        """Names the runtime would only trip on later: policies, fault specs, resume."""
+        bad = [p for p in self.recovery if p not in RECOVERY_POLICIES]
+        if bad or not self.recovery:
+            raise ConfigError(f"recovery: unknown policy {', '.join(map(repr, bad)) or '(none)'}; "
+                              f"give one or more of {', '.join(RECOVERY_POLICIES)}, comma-separated")
+        if self.inject:
+            from ulfmpy.inject import parse_fault
+
+            for spec in self.inject:
+                parse_fault(spec)
+        if self.resume not in ("none", "auto") and not os.path.exists(self.resume):
+            raise ConfigError(f"resume: {self.resume!r} does not exist; give none, auto (the "
+                              "newest committed checkpoint in the run directory) or the path of "
+                              "a run directory, its ckpt/ directory or one checkpoint")
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> "Config":

@@ -9,8 +9,13 @@ What it adds to a plain ``mpirun``:
 * ``--with-ft ulfm`` when the MPI is Open MPI >= 5 built with ULFM, so a dead
   rank is reported to the survivors instead of aborting the job; a warning
   (in-job recovery off) otherwise.
-* ranks run under ``python -m mpi4py``, so an uncaught exception on one rank
-  aborts the job instead of hanging the others.
+* ranks run under ``python -m ulfmpy._rank`` (``python -m mpi4py`` plus job
+  ownership): an error on one rank, inside the runtime or not, ends the job
+  within seconds instead of hanging the others, printed once; the ranks die
+  with the launcher (even when it is SIGKILLed); the run directory is
+  locked for the job's life (:mod:`ulfmpy.jobctl`).
+* settings and fault specs are checked before ``mpirun`` starts (and under
+  ``--dry-run``): a bad one is one line and exit status 2.
 * ``--oversubscribe`` when ranks exceed cores (or when asked);
   ``OMPI_ALLOW_RUN_AS_ROOT*`` only when running as root.
 * on one node with Open MPI, ``--mca btl ^ofi`` (see :func:`single_node`):
@@ -30,20 +35,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from ulfmpy import _launch_checks as _checks
+from ulfmpy import jobctl
+from ulfmpy._launch_job import (LAUNCH_RETRIES, LAUNCHER_FLAKES, _launch,  # noqa: F401
+                                _recovered_spawned_death, _with_forwarded)
 from ulfmpy.config import ENV_PREFIX, FLAGS_ENV, add_config_arguments, config_env_from_args
 from ulfmpy.errors import EXIT_UNRECOVERABLE, LaunchError
 
@@ -223,7 +228,8 @@ def build_command(*, ranks: int, program: list[str], info: MPIInfo, spares: int 
         if names:
             argv += ["-genvlist", names]
     argv += list(extra_mpirun_args or [])
-    argv += [python or sys.executable, "-m", "mpi4py", *program]
+    # Like ``python -m mpi4py``, plus the job ownership of ulfmpy.jobctl.
+    argv += [python or sys.executable, "-m", "ulfmpy._rank", *program]
     return argv, env_add
 
 
@@ -286,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
     env.setdefault("ULFMPY_RUN_DIR", os.environ.get("ULFMPY_RUN_DIR") or default_run_dir())
     mpirun = find_mpirun(args.mpirun)
     info = detect_mpi(mpirun)
+    _checks.check_settings(env, ranks=args.ranks, spares=args.spares, ft=args.ft, ulfm=info.ulfm,
+                           relaunch_ranks=args.relaunch_ranks)
     argv, env_add = build_command(ranks=args.ranks, program=program, info=info,
                                   spares=args.spares, oversubscribe=args.oversubscribe,
                                   env=env, ft=args.ft, extra_mpirun_args=args.mpirun_arg)
@@ -297,7 +305,18 @@ def run(args: argparse.Namespace) -> int:
               f"{'.'.join(map(str, info.version))}) has no ULFM: in-job recovery from dead "
               "ranks is off; a failure ends the job and --max-restarts relaunches it",
               file=sys.stderr)
-    print(f"ulfmpy run: run directory {env_add['ULFMPY_RUN_DIR']}", file=sys.stderr)
+    run_dir = env_add["ULFMPY_RUN_DIR"]
+    _checks.check_run_dir(run_dir)
+    lock = jobctl.lock_run_dir(run_dir, say=lambda m: print(m, file=sys.stderr))
+    try:
+        print(f"ulfmpy run: run directory {run_dir}", file=sys.stderr)
+        return _launches(args, argv, env_add)
+    finally:
+        lock.release()
+
+
+def _launches(args: argparse.Namespace, argv: list[str], env_add: dict[str, str]) -> int:
+    """The first launch and the relaunches ``--max-restarts`` allows."""
     status = _launch(argv, env_add)
     restarts = 0
     while status not in (0, EXIT_UNRECOVERABLE) and restarts < args.max_restarts:
@@ -318,134 +337,3 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-# mpirun's own start-up failing before any rank ran: transient, seen about once
-# in 400 launches here (also in others' CI, lfortran/lfortran#8610). Nothing
-# ran, so launching again is safe.
-LAUNCHER_FLAKES = ("The PMIx server's listener thread failed to start",)
-LAUNCH_RETRIES = 2
-
-
-def _launch(argv: list[str], env_add: dict[str, str]) -> int:
-    """``_run_once``, again (up to LAUNCH_RETRIES times) when mpirun itself
-    failed to start with one of LAUNCHER_FLAKES."""
-    for attempt in range(LAUNCH_RETRIES + 1):
-        flaked: list[str] = []
-        status = _run_once(argv, env_add, flakes=flaked)
-        if status == 0 or not flaked or attempt == LAUNCH_RETRIES:
-            return status
-        print(f"ulfmpy run: mpirun failed to start ({flaked[0]!r}) before any rank ran; "
-              f"launching again ({attempt + 1}/{LAUNCH_RETRIES})", file=sys.stderr)
-    return status
-
-
-def _with_forwarded(argv: list[str], names: list[str]) -> list[str]:
-    out = list(argv)
-    at = out.index("-x")
-    for name in names:
-        if name not in out:
-            out[at:at] = ["-x", name]
-    return out
-
-
-def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 20.0,
-              flakes: list[str] | None = None) -> int:
-    """Run mpirun in its own process group; return its status.
-
-    Backstop against hangs: when a rank left an abort marker in the run
-    directory and the job is still alive ``grace`` seconds later, the whole
-    process group is killed. mpirun's stderr is passed through line by line;
-    a line matching LAUNCHER_FLAKES is appended to ``flakes``.
-    """
-    env = {**os.environ, **env_add}
-    run_dir = env_add.get("ULFMPY_RUN_DIR")
-    started = time.time()
-    proc = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.PIPE)
-    tee = threading.Thread(target=_tee_stderr, args=(proc.stderr, flakes), daemon=True)
-    tee.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    seen: float | None = None
-    try:
-        while True:
-            try:
-                status = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if run_dir and seen is None and any(Path(run_dir).glob("abort-rank-*.json")):
-                seen = time.monotonic()
-            if seen is not None and time.monotonic() - seen > grace:
-                print(f"ulfmpy run: a rank stopped on an error and the job did not end within "
-                      f"{grace:.0f} s; killing it", file=sys.stderr)
-                _killpg(proc)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        tee.join(timeout=5)
-    if run_dir and any(Path(run_dir).glob("abort-rank-*.json")):
-        return EXIT_UNRECOVERABLE
-    status = status if status >= 0 else 128 - status
-    if status > 128 and run_dir and _recovered_spawned_death(run_dir, started):
-        print(f"ulfmpy run: mpirun exited with status {status} after the run completed: a "
-              "respawned rank was killed and the job recovered from it in-job (Open MPI "
-              "counts a dead spawned process in mpirun's status); reporting 0",
-              file=sys.stderr)
-        return 0
-    return status
-
-
-def _recovered_spawned_death(run_dir: str, started: float) -> bool:
-    """The run finished during this launch (rank 0 wrote ``summary.json``)
-    and a respawned rank died before it: the survivors recovered from it.
-
-    Open MPI runs respawned ranks as a child job, which ``--with-ft ulfm``
-    does not cover: the death of one, though the job repaired it, makes
-    mpirun exit 128+signal at the end. Without this check a completed run
-    would report failure, and ``--max-restarts`` would run it again.
-    """
-    try:
-        if (Path(run_dir) / "summary.json").stat().st_mtime < started:
-            return False
-        for path in (Path(run_dir) / "events").glob("rank-*.jsonl"):
-            uid = int(path.stem.split("-", 1)[1])
-            if uid < 100_000 or path.stat().st_mtime < started:
-                continue  # not a respawned rank of this launch
-            lines = path.read_text(encoding="utf-8").strip().splitlines()
-            if lines and json.loads(lines[-1]).get("event") != "exit":
-                return True  # it died: its log stops short of its exit
-    except (OSError, ValueError):
-        return False
-    return False
-
-
-def _tee_stderr(stream: Any, flakes: list[str] | None) -> None:
-    out = getattr(sys.stderr, "buffer", None)
-    for line in iter(stream.readline, b""):
-        if out is not None:
-            out.write(line)
-            out.flush()
-        else:
-            sys.stderr.write(line.decode(errors="replace"))
-        if flakes is not None:
-            text = line.decode(errors="replace")
-            flakes.extend(f for f in LAUNCHER_FLAKES if f in text)
-    stream.close()
-
-
-def _killpg(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue

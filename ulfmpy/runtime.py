@@ -35,6 +35,7 @@ from ulfmpy.events import EventLog
 from ulfmpy.faults import hooks_for
 from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_world,
                              with_replay)
+from ulfmpy import jobctl as _jobctl
 from ulfmpy.inject import FaultPlan
 from ulfmpy.boundary import Boundaries, make_planner
 from ulfmpy.repair import Repairer
@@ -120,6 +121,9 @@ class Runtime:
     def _setup(self, me: Identity, zygote: str | None) -> None:
         cfg = self.config
         self.me, self.uid = me, me.uid
+        # A replacement (not started by ulfmpy._rank) dies with the launcher too.
+        _jobctl.watch_launcher()
+        _jobctl.hold_job_lock(self.run_dir)
         self._t0 = time.perf_counter()
         self._host = socket.gethostname()
         plan = FaultPlan(cfg.inject, me.uid, cfg.seed,

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import signal
 import sys
@@ -141,9 +140,11 @@ def finish(comm: MPI.Comm, rank: int, state: dict[str, Any], *, history: History
 
 
 def abort_marker(run_dir: str) -> str | None:
-    """The first abort marker a rank left in ``run_dir``, or None. Local."""
-    found = sorted(glob.glob(os.path.join(run_dir, "abort-rank-*.json")))
-    return os.path.basename(found[0]) if found else None
+    """The first abort marker a rank of this launch left in ``run_dir``, or None. Local."""
+    from ulfmpy.jobctl import abort_markers
+
+    found = abort_markers(run_dir)
+    return found[0]["file"] if found else None
 
 
 def exit_code_for(exc: BaseException, marker: str | None) -> int | None:
@@ -182,9 +183,14 @@ def end_job(exc: BaseException, *, uid: int, run_dir: str, events: Any,
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(code)
-    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    write_json_atomic(os.path.join(run_dir, f"abort-rank-{uid:04d}.json"),
-                      {"rank": uid, "error": repr(exc)})
+    from ulfmpy import jobctl
+
+    # Printed once per launch: the same error on every rank is one report.
+    first = jobctl.claim_first_error(run_dir)
+    if first:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    line = (traceback.format_exception_only(type(exc), exc) or [repr(exc)])[-1].strip()
+    jobctl.write_abort_marker(run_dir, uid, code=EXIT_UNRECOVERABLE, error=line, first=first)
     events.log("job_end", code=EXIT_UNRECOVERABLE, reason=repr(exc))
     events.close()
     sys.stdout.flush()

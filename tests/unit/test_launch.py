@@ -15,12 +15,12 @@ OMPI4 = MPIInfo("/opt/mpi/bin/mpirun", "openmpi", (4, 1, 6), ulfm=False)
 MPICH = MPIInfo("/usr/bin/mpirun", "mpich", (), ulfm=False)
 
 
-def test_ulfm_job_runs_ranks_under_mpi4py_with_ft():
+def test_ulfm_job_runs_ranks_under_ulfmpy_rank_with_ft():
     argv, env = build_command(ranks=4, program=["app.py", "--steps", "3"], info=OMPI,
                               cores=8, root=False, python="/py")
     assert argv[:3] == ["/opt/mpi/bin/mpirun", "-n", "4"]
     assert argv[argv.index("--with-ft") + 1] == "ulfm"
-    assert argv[-6:] == ["/py", "-m", "mpi4py", "app.py", "--steps", "3"]
+    assert argv[-6:] == ["/py", "-m", "ulfmpy._rank", "app.py", "--steps", "3"]
     assert "--oversubscribe" not in argv
     assert env["ULFMPY_FT"] == "ulfm"
     assert "OMPI_ALLOW_RUN_AS_ROOT" not in env
@@ -107,7 +107,7 @@ def test_without_ulfm_no_ft_flag():
 def test_module_program():
     argv, _ = build_command(ranks=1, program=["-m", "pkg.app", "x"], info=OMPI, cores=2, root=False,
                             python="/py")
-    assert argv[-6:] == ["/py", "-m", "mpi4py", "-m", "pkg.app", "x"]
+    assert argv[-6:] == ["/py", "-m", "ulfmpy._rank", "-m", "pkg.app", "x"]
 
 
 @pytest.mark.parametrize("kw,msg", [({"ranks": 0}, "-n must be >= 1"),
@@ -133,7 +133,7 @@ def test_dry_run_prints_exact_command(capsys, tmp_path, monkeypatch):
     assert env["ULFMPY_RUN_DIR"] == str(tmp_path / "r")
     cmd = [w for w in words if not ("=" in w and w.split("=")[0].isupper())]
     assert cmd[0] == mpirun and cmd[1:3] == ["-n", "3"]
-    assert cmd[-5:] == ["-m", "mpi4py", str(script), "--x", "1"]
+    assert cmd[-5:] == ["-m", "ulfmpy._rank", str(script), "--x", "1"]
     if detect_mpi(mpirun).ulfm:
         assert "--with-ft" in cmd
 

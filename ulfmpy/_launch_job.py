@@ -1,0 +1,209 @@
+"""Running one ``mpirun`` of a job for ``ulfmpy run``: launch retries, the
+backstop against hangs, the job's process tree (:mod:`ulfmpy.jobctl`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ulfmpy import jobctl
+from ulfmpy.errors import EXIT_UNRECOVERABLE, LaunchError
+
+__all__ = ["LAUNCHER_FLAKES", "LAUNCH_RETRIES"]
+
+
+# mpirun's own start-up failing before any rank ran: transient, seen about once
+# in 400 launches here (also in others' CI, lfortran/lfortran#8610). Nothing
+# ran, so launching again is safe.
+LAUNCHER_FLAKES = ("The PMIx server's listener thread failed to start",)
+LAUNCH_RETRIES = 2
+
+
+def _launch(argv: list[str], env_add: dict[str, str]) -> int:
+    """``_run_once``, again (up to LAUNCH_RETRIES times) when mpirun itself
+    failed to start with one of LAUNCHER_FLAKES."""
+    for attempt in range(LAUNCH_RETRIES + 1):
+        flaked: list[str] = []
+        status = _run_once(argv, env_add, flakes=flaked)
+        if status == 0 or not flaked or attempt == LAUNCH_RETRIES:
+            return status
+        print(f"ulfmpy run: mpirun failed to start ({flaked[0]!r}) before any rank ran; "
+              f"launching again ({attempt + 1}/{LAUNCH_RETRIES})", file=sys.stderr)
+    return status
+
+
+def _with_forwarded(argv: list[str], names: list[str]) -> list[str]:
+    out = list(argv)
+    at = out.index("-x")
+    for name in names:
+        if name not in out:
+            out[at:at] = ["-x", name]
+    return out
+
+
+def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
+              flakes: list[str] | None = None) -> int:
+    """Run mpirun in its own process group; return its status.
+
+    The launcher owns the job (:mod:`ulfmpy.jobctl`): earlier launches'
+    abort markers are archived first; mpirun dies with this process
+    (``PR_SET_PDEATHSIG``) and the ranks watch it; processes of the job
+    still holding the job lock after mpirun exits are ended. Backstop
+    against hangs: when a rank of this launch left an abort marker and the
+    job is still alive ``grace`` seconds later, the whole job is killed and
+    the status is the marker's. A SIGINT or SIGTERM is passed to mpirun's
+    group, and the job killed 10 s later if still alive. mpirun's stderr is
+    passed through line by line; a line matching LAUNCHER_FLAKES is
+    appended to ``flakes``.
+    """
+    run_dir = env_add.get("ULFMPY_RUN_DIR")
+    launch = f"{os.getpid()}.{time.time_ns()}"
+    env_add = {**env_add, jobctl.LAUNCH_ID_ENV: launch, jobctl.LAUNCHER_PID_ENV: str(os.getpid()),
+               jobctl.LAUNCHER_HOST_ENV: jobctl.host_token()}
+    if "-x" in argv:
+        argv = _with_forwarded(argv, [jobctl.LAUNCH_ID_ENV, jobctl.LAUNCHER_PID_ENV,
+                                      jobctl.LAUNCHER_HOST_ENV])
+    if run_dir:
+        jobctl.archive_markers(run_dir)
+        _wait_for_earlier_job(run_dir)
+    env = {**os.environ, **env_add}
+    started = time.time()
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.PIPE,
+                            preexec_fn=jobctl.die_with_parent)
+    tee = threading.Thread(target=_tee_stderr, args=(proc.stderr, flakes), daemon=True)
+    tee.start()
+    asked: list[float] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        asked.append(time.monotonic())
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen: float | None = None
+    markers: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                status = proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if run_dir and seen is None:
+                markers = jobctl.abort_markers(run_dir, launch)
+                seen = time.monotonic() if markers else None
+            if seen is not None and time.monotonic() - seen > grace:
+                print(f"ulfmpy run: a rank stopped on an error ({_first_error(markers)}) and the "
+                      f"job did not end within {grace:.0f} s; ending it", file=sys.stderr)
+                _end_job(proc, run_dir)
+            elif asked and time.monotonic() - asked[0] > 10:
+                print("ulfmpy run: the job did not end within 10 s of the signal; killing it",
+                      file=sys.stderr)
+                _end_job(proc, run_dir)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if run_dir:
+            jobctl.end_processes(jobctl.job_lock_holders(run_dir))
+        tee.join(timeout=5)
+    markers = jobctl.abort_markers(run_dir, launch) if run_dir else []
+    if markers:
+        code = int(min(markers, key=lambda m: m.get("t", 0)).get("code", EXIT_UNRECOVERABLE))
+        print(f"ulfmpy run: the job ended on an error ({_first_error(markers)}); exit status "
+              f"{code}", file=sys.stderr)
+        return code
+    status = status if status >= 0 else 128 - status
+    if status > 128 and run_dir and _recovered_spawned_death(run_dir, started):
+        print(f"ulfmpy run: mpirun exited with status {status} after the run completed: a "
+              "respawned rank was killed and the job recovered from it in-job (Open MPI "
+              "counts a dead spawned process in mpirun's status); reporting 0",
+              file=sys.stderr)
+        return 0
+    return status
+
+
+def _first_error(markers: list[dict[str, Any]]) -> str:
+    first = next((m for m in markers if m.get("first")), markers[0] if markers else {})
+    return f"rank {first.get('rank')}: {first.get('error', '?')}"
+
+
+def _wait_for_earlier_job(run_dir: str, patience: float = 10.0) -> None:
+    """Wait for processes of an earlier job in ``run_dir`` to end, or refuse."""
+    deadline = time.monotonic() + patience
+    holders = jobctl.job_lock_holders(run_dir)
+    if holders:
+        print(f"ulfmpy run: waiting for processes of an earlier job in {run_dir} to end "
+              f"(pids {', '.join(map(str, holders))})", file=sys.stderr)
+    while holders and time.monotonic() < deadline:
+        time.sleep(0.2)
+        holders = jobctl.job_lock_holders(run_dir)
+    if holders:
+        raise LaunchError(f"processes of another job still use run directory {run_dir} (pids "
+                          f"{', '.join(map(str, holders))}); end them or choose another --run-dir")
+
+
+def _end_job(proc: subprocess.Popen, run_dir: str | None) -> None:
+    _killpg(proc)
+    if run_dir:
+        jobctl.end_processes(jobctl.job_lock_holders(run_dir), grace=1.0)
+
+
+def _recovered_spawned_death(run_dir: str, started: float) -> bool:
+    """The run finished during this launch (rank 0 wrote ``summary.json``)
+    and a respawned rank died before it: the survivors recovered from it.
+
+    Open MPI runs respawned ranks as a child job, which ``--with-ft ulfm``
+    does not cover: the death of one, though the job repaired it, makes
+    mpirun exit 128+signal at the end. Without this check a completed run
+    would report failure, and ``--max-restarts`` would run it again.
+    """
+    try:
+        if (Path(run_dir) / "summary.json").stat().st_mtime < started:
+            return False
+        for path in (Path(run_dir) / "events").glob("rank-*.jsonl"):
+            uid = int(path.stem.split("-", 1)[1])
+            if uid < 100_000 or path.stat().st_mtime < started:
+                continue  # not a respawned rank of this launch
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+            if lines and json.loads(lines[-1]).get("event") != "exit":
+                return True  # it died: its log stops short of its exit
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _tee_stderr(stream: Any, flakes: list[str] | None) -> None:
+    out = getattr(sys.stderr, "buffer", None)
+    for line in iter(stream.readline, b""):
+        if out is not None:
+            out.write(line)
+            out.flush()
+        else:
+            sys.stderr.write(line.decode(errors="replace"))
+        if flakes is not None:
+            text = line.decode(errors="replace")
+            flakes.extend(f for f in LAUNCHER_FLAKES if f in text)
+    stream.close()
+
+
+def _killpg(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
