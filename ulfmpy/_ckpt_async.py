@@ -30,13 +30,7 @@ __all__ = ["Buffer", "HelperProcess", "layout_key", "specs_of", "sweep_orphans"]
 _ALIGN = 64
 
 
-def _shm_prefix() -> str:
-    """Name prefix of this PID namespace's staging segments (pids mean nothing elsewhere)."""
-    try:
-        ns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        ns = 0
-    return f"ulfmpy-ckpt-{ns}-"
+_shm_prefix = _ckpt_helper.shm_prefix
 
 
 def _alive(pid: int) -> bool:
@@ -77,6 +71,28 @@ def sweep_orphans() -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def _untracked_shm(name: str, size: int) -> _shm.SharedMemory:
+    """A new segment the multiprocessing resource tracker does not own.
+
+    The tracker outlives a SIGKILLed rank and warns of "leaked shared_memory
+    objects" after every injected kill; the segment's name carries its
+    creator's pid instead, and :func:`sweep_orphans` (the next store on the
+    node, and ``ulfmpy run`` after each launch) unlinks it.
+    """
+    try:
+        return _shm.SharedMemory(name=name, create=True, size=size, track=False)  # 3.13+
+    except TypeError:
+        pass
+    seg = _shm.SharedMemory(name=name, create=True, size=size)
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError):
+        pass
+    return seg
 
 
 def layout_key(entries: Mapping[str, StateValue]) -> tuple[Any, ...]:
@@ -121,7 +137,7 @@ class Buffer:
                 f"buffer (two per rank) but /dev/shm has {avail} free; enlarge /dev/shm "
                 "or use ckpt_mode='sync'")
         name = f"{_shm_prefix()}{os.getpid()}-{secrets.token_hex(6)}"
-        self.shm = _shm.SharedMemory(name=name, create=True, size=self.size)
+        self.shm = _untracked_shm(name, self.size)
         fd = getattr(self.shm, "_fd", -1)
         if fd >= 0 and hasattr(os, "posix_fallocate"):
             try:  # ENOSPC now rather than SIGBUS when the copy touches the pages
@@ -145,7 +161,8 @@ class Buffer:
             except BufferError:  # a caller still holds a memory_copy() view; the map stays
                 pass
             try:
-                self.shm.unlink()
+                # Not shm.unlink(): it would also tell the tracker, which never had it.
+                os.unlink(f"/dev/shm/{self.shm.name}")
             except FileNotFoundError:
                 pass
             self.shm = None

@@ -35,7 +35,10 @@ if __name__ == "__main__":
         try:
             import ctypes
 
-            ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+            # PR_SET_PDEATHSIG, SIGTERM: until _watch_parent installs its
+            # handler that kills like SIGKILL; then it unlinks the dead
+            # rank's staging segments first (nothing left in /dev/shm).
+            ctypes.CDLL(None).prctl(1, 15)
         except (OSError, AttributeError):
             pass
     if len(sys.argv) > 3 and os.getppid() != int(sys.argv[3]):
@@ -94,20 +97,44 @@ __all__ = ["commit_checkpoint", "crc32_hex", "fsync_dir", "fsync_path", "remove_
 # The helper process: child side
 
 
+def shm_prefix() -> str:
+    """Name prefix of this PID namespace's staging segments (pids mean nothing elsewhere)."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"ulfmpy-ckpt-{ns}-"
+
+
+def _orphaned(ppid: int) -> None:
+    """The parent rank died: unlink its staging segments and leave at once."""
+    prefix = f"{shm_prefix()}{ppid}-"
+    try:
+        for name in os.listdir("/dev/shm"):
+            if name.startswith(prefix):
+                try:
+                    os.unlink(f"/dev/shm/{name}")
+                except OSError:
+                    pass
+    finally:
+        os._exit(3)
+
+
 def _watch_parent(ppid: int) -> None:
     """Die with the parent rank: no orphan may keep writing.
 
-    On Linux ``PR_SET_PDEATHSIG`` (set first thing at startup) kills the
-    helper with its parent; this watchdog covers other systems.
+    On Linux ``PR_SET_PDEATHSIG`` (set first thing at startup) signals the
+    helper when its parent dies; this watchdog covers other systems.
     """
     if os.getppid() != ppid:  # the parent died before we got here
-        os._exit(3)
+        _orphaned(ppid)
+    signal.signal(signal.SIGTERM, lambda *_: _orphaned(ppid))
 
     def watchdog() -> None:
         while True:
             time.sleep(0.5)
             if os.getppid() != ppid:
-                os._exit(3)
+                _orphaned(ppid)
 
     threading.Thread(target=watchdog, daemon=True).start()
 

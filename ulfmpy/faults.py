@@ -11,7 +11,7 @@ and to classify as cured or escaped at the commit. Local.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ulfmpy.inject import FaultPlan, kill_self
 
@@ -47,29 +47,33 @@ class FaultHooks(NoFaults):
         size: compute ranks (``kill:mtbf`` picks its victim among them).
         host: this node's name (``kill:node=HOST``).
         t0: the process's start (``perf_counter``) for timed kills.
+        whoami: the logical rank this process computes as now (``n + j``
+            for the j-th spare while it waits): faults address logical ranks.
     """
 
     active = True
 
     def __init__(self, plan: FaultPlan, events: Any, *, uid: int, size: int, host: str,
-                 t0: float) -> None:
+                 t0: float, whoami: Callable[[], int] | None = None) -> None:
         super().__init__()
         self.plan, self.events, self.uid, self.host, self.t0 = plan, events, uid, host, t0
+        self.whoami = whoami or (lambda: plan.rank)
         self._mtbf_kill = plan.mtbf_kill(size)
 
     def _fire(self, f: Any, step: int | None, phase: str, **extra: Any) -> None:
         self.plan.mark_fired(f, step=step, phase=phase, uid=self.uid, **extra)
-        self.events.log("inject", kind="kill", spec=f.spec, step=step, phase=phase)
+        self.events.log("inject", kind="kill", spec=f.spec, step=step, phase=phase,
+                        logical=self.whoami(), execution=1)
         self.events.close()
         kill_self()
 
     def kill_point(self, phase: str, step: int) -> None:
-        f = self.plan.kill_due(step, phase, host=self.host)
+        f = self.plan.kill_due(step, phase, host=self.host, rank=self.whoami())
         if f is not None:
             self._fire(f, step, phase)
 
     def timed_kill(self, step: int | None) -> None:
-        f = self.plan.timed_kill_due(time.perf_counter() - self.t0)
+        f = self.plan.timed_kill_due(time.perf_counter() - self.t0, self.whoami())
         if f is not None:
             self._fire(f, step, "at")
 
@@ -88,15 +92,15 @@ class FaultHooks(NoFaults):
                     self._fire(f, step, "mtbf", at_s=at)
         else:
             self.kill_point("rollback", step)
-        for rec in self.plan.flips_after_step(step, state, replay=replay):
+        for rec in self.plan.flips_after_step(step, state, replay=replay, rank=self.whoami()):
             self.events.log("inject", **rec)
             if rec["execution"] == 1:
                 self.flips.append(step)
 
 
 def hooks_for(plan: FaultPlan, events: Any, *, uid: int, size: int, host: str,
-              t0: float) -> NoFaults:
+              t0: float, whoami: Callable[[], int] | None = None) -> NoFaults:
     """The hooks for ``plan``: :class:`NoFaults` when it plans nothing. Local."""
     if not plan.faults:
         return NoFaults()
-    return FaultHooks(plan, events, uid=uid, size=size, host=host, t0=t0)
+    return FaultHooks(plan, events, uid=uid, size=size, host=host, t0=t0, whoami=whoami)

@@ -15,7 +15,10 @@ Specs (``--inject``, repeatable, or ``ULFMPY_INJECT`` separated by ``;``):
 * ``bitflip:rate=P[,seed=N][,bit=B][,array=NAME]`` — each rank-step flips
   with probability P.
 * ``kill:rank=R,step=S[,phase=compute|agreement|rollback|checkpoint|recovery]``
-  — SIGKILL rank R (its logical rank at start) when it reaches that point:
+  — SIGKILL logical rank R (whichever process computes as rank R when the
+  fault is due: after a spare or a replacement took rank R's place, that
+  one; ranks ``n .. n+spares-1`` name the spares while they wait, in start
+  order) when it reaches that point:
   after step S's body (compute), at the agreement ending the segment that
   holds S (agreement), re-executing S (rollback), at the first checkpoint
   save at or after S (checkpoint), in the first recovery at or after S
@@ -192,7 +195,8 @@ class FaultPlan:
 
     Args:
         specs: fault specs as given on the command line.
-        rank: this rank's logical rank at start.
+        rank: this process's logical rank at start (the spares: ``n + j``);
+            the queries take the current one.
         seed: default seed for randomized faults.
     """
 
@@ -215,24 +219,25 @@ class FaultPlan:
         return [f for f in self.faults if isinstance(f, Kill)]
 
     def flips_after_step(self, step: int, state: Mapping[str, Any], *,
-                         replay: bool) -> list[dict[str, Any]]:
+                         replay: bool, rank: int | None = None) -> list[dict[str, Any]]:
         """Apply the bit flips due on this rank after ``step``; return their records.
 
         A transient flip strikes the first execution of its step only, a
         ``repeat=N`` one the first N, a persistent one every execution.
         """
+        rank = self.rank if rank is None else rank
         out = []
         for i, f in enumerate(self.faults):
             if not isinstance(f, BitFlip):
                 continue
-            if not f.rate and (f.rank != self.rank or f.step != step):
+            if not f.rate and (f.rank != rank or f.step != step):
                 continue
             hits = self._hits.get((i, step), 0)
             if not f.persistent and hits >= f.repeat:
                 continue
             self._hits[(i, step)] = hits + 1
             seed = f.seed if f.seed else self.seed
-            rng = np.random.default_rng([seed, self.rank, step, 0x5eed])
+            rng = np.random.default_rng([seed, rank, step, 0x5eed])
             if f.rate and rng.random() >= f.rate:
                 continue
             rec = self._flip(f, step, state, rng)
@@ -286,16 +291,18 @@ class FaultPlan:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def kill_due(self, step: int, phase: str, *, host: str | None = None) -> Kill | None:
+    def kill_due(self, step: int, phase: str, *, host: str | None = None,
+                 rank: int | None = None) -> Kill | None:
         """The kill fault due on this rank at (step, phase), if any.
 
         ``checkpoint`` and ``recovery`` kills fire at the first such phase at
         or after their step; the others at their step exactly.
         """
+        rank = self.rank if rank is None else rank
         for f in self.kills:
             if f.mtbf or f.at or f.phase != phase:
                 continue
-            target = (f.node is not None and f.node == host) or (f.node is None and f.rank == self.rank)
+            target = (f.node is not None and f.node == host) or (f.node is None and f.rank == rank)
             if not target:
                 continue
             hit = f.step <= step if phase in ("checkpoint", "recovery") else f.step == step
@@ -303,10 +310,11 @@ class FaultPlan:
                 return f
         return None
 
-    def timed_kill_due(self, elapsed: float) -> Kill | None:
+    def timed_kill_due(self, elapsed: float, rank: int | None = None) -> Kill | None:
         """The ``at=`` kill due on this rank after ``elapsed`` seconds, if any."""
+        rank = self.rank if rank is None else rank
         for f in self.kills:
-            if f.at and f.rank == self.rank and elapsed >= f.at and not self.fired(f):
+            if f.at and f.rank == rank and elapsed >= f.at and not self.fired(f):
                 return f
         return None
 
@@ -317,6 +325,17 @@ class FaultPlan:
                 rng = np.random.default_rng([f.seed or self.seed, 0xdead])
                 return f, int(rng.integers(size)), float(rng.exponential(f.mtbf))
         return None
+
+
+def cannot_fire(specs: tuple[str, ...], steps: int) -> str | None:
+    """Why a fault of ``specs`` can never fire in a loop of ``steps`` steps, or None. Pure."""
+    for spec in specs:
+        f = parse_fault(spec)
+        step = getattr(f, "step", None)
+        if step is not None and step >= steps:
+            return (f"fault {spec!r} cannot fire: step {step} is past the end of the loop "
+                    f"(steps 0..{steps - 1})")
+    return None
 
 
 def kill_self() -> None:

@@ -236,6 +236,18 @@ def _watch(pid: int, fd: int | None) -> None:
 
 
 def _die(_why: str) -> None:
+    # The job's shared memory (MPI's segments, 16 MB each, and the staging
+    # buffers): every rank dies now, and nobody would be left to unlink it.
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            for path in {ln.split()[-1] for ln in fh
+                         if "/dev/shm/sm_segment." in ln or "/dev/shm/ulfmpy-ckpt-" in ln}:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+    except OSError:
+        pass
     os.kill(os.getpid(), signal.SIGKILL)
 
 

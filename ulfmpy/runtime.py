@@ -36,7 +36,7 @@ from ulfmpy.faults import hooks_for
 from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_world,
                              with_replay)
 from ulfmpy import jobctl as _jobctl
-from ulfmpy.inject import FaultPlan
+from ulfmpy.inject import FaultPlan, cannot_fire
 from ulfmpy.boundary import Boundaries, make_planner
 from ulfmpy.repair import Repairer
 from ulfmpy.segments import SegmentRunner, SegmentTiming
@@ -129,7 +129,7 @@ class Runtime:
         plan = FaultPlan(cfg.inject, me.uid, cfg.seed,
                          marker_dir=os.path.join(self.run_dir, "injected"))
         self.hooks = hooks_for(plan, self.events, uid=me.uid, size=self.size, host=self._host,
-                               t0=self._t0)
+                               t0=self._t0, whoami=self._whoami)
         self.comm = ResilientComm(me.compute, ft=self.ft) if cfg.resilience else me.compute
         self.segments = SegmentRunner(cfg, self.comm, self.events, self.hooks)
         self.ckpts = Checkpoints(cfg, self.run_dir, self.events, self.hooks)
@@ -138,6 +138,7 @@ class Runtime:
         self.events.log("start", size=self.size, spares=cfg.spares, logical=me.logical,
                         ft=self.ft, host=self._host, pid=os.getpid(), config=cfg.as_dict(),
                         relaunch=int(os.environ.get("ULFMPY_RELAUNCH", "0")),
+                        launch=_jobctl.launch_id(),
                         mpi=MPI.Get_library_version().splitlines()[0],
                         respawned=self._join is not None)
         for o in self._overrides:
@@ -155,6 +156,11 @@ class Runtime:
         saw = self._saw_failure or getattr(self.comm, "failure", None) is not None
         _td.leave(me, self.events,
                   failed=bool(self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw))
+
+    def _whoami(self) -> int:
+        """The logical rank faults address: this one's, or ``n + j`` on the j-th waiting spare."""
+        me = self.me
+        return me.logical if me.logical is not None else me.uid
 
     # -- building the app ----------------------------------------------------------
     def _build(self) -> Work:
@@ -181,6 +187,8 @@ class Runtime:
         fingerprint) is written and kept in ``rt.summary``.
         """
         self._factory, self._steps, self._step0 = factory, steps, start
+        if self._join is None:
+            self._check_loop(steps, start)
         if not self.config.resilience:
             self.work = self._build()
             step = self.ckpts.resume(self.comm, self.work.state, start)
@@ -218,6 +226,19 @@ class Runtime:
                 # different ranks and the agreement meets a halo exchange.
                 end = self._restart(step)
         self._finish(steps)
+
+    def _check_loop(self, steps: int, start: int) -> None:
+        """Refuse a loop or a fault that cannot work, once, before any step. Every
+        process of the job is here with the same arguments, so all refuse alike."""
+        problem = None
+        if not isinstance(steps, (int, np.integer)) or steps < 0:
+            problem = f"rt.loop(steps={steps!r}): steps must be a whole number >= 0"
+        elif not 0 <= start <= steps:
+            problem = f"rt.loop(start={start!r}): start must be in 0..steps ({steps})"
+        else:
+            problem = cannot_fire(self.config.inject, int(steps))
+        if problem is not None:
+            _td.refuse_settings(self._user_comm, ConfigError(problem))
 
     def _begin(self, start: int) -> int | None:
         """Where this process's loop starts: fresh or resumed, as a replacement, or a spare."""

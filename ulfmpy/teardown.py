@@ -61,6 +61,10 @@ class Summary:
     run_dir: str = ""
     spares_lost: int | None = None
     incomplete: bool = False
+    failures: int | None = None
+    launches: int = 1
+    unfired_faults: tuple[str, ...] = ()
+    faults: tuple[str, ...] = ()     # the run's fault specs (not in the file)
 
     def as_dict(self) -> dict[str, Any]:
         if self.incomplete:
@@ -74,8 +78,11 @@ class Summary:
                "reexecuted_rank_steps": h.reexecuted_rank_steps,
                "injected_faults": self.injected_faults, "escaped_faults": self.escaped_faults,
                "global_rollbacks": h.global_rollbacks, "checkpoints": h.checkpoints,
-               "failures": len(h.recoveries), "recoveries": h.recoveries,
+               "failures": len(h.recoveries) if self.failures is None else self.failures,
+               "recoveries": h.recoveries, "launches": self.launches,
                "run_dir": self.run_dir}
+        if self.unfired_faults:
+            out["unfired_faults"] = list(self.unfired_faults)
         if h.restored_from is not None:
             out["restored_from"] = h.restored_from
         if self.spares_lost is not None:
@@ -135,8 +142,37 @@ def finish(comm: MPI.Comm, rank: int, state: dict[str, Any], *, history: History
         spares_lost=lost if base.spares_lost is not None else None)
     events.log("finish", fingerprint=fp, wall_s=wall)
     if rank == 0:
+        summary = _durable_counts(summary, lost)
         write_json_atomic(os.path.join(base.run_dir, "summary.json"), summary.as_dict())
+        if summary.escaped_faults:
+            print(f"ulfmpy: warning: {summary.escaped_faults} injected bit flip(s) escaped "
+                  "detection: the result may differ from a fault-free run (escaped_faults in "
+                  "summary.json)", file=sys.stderr, flush=True)
+        if summary.unfired_faults:
+            print(f"ulfmpy: warning: {len(summary.unfired_faults)} injected fault(s) never "
+                  f"fired: {'; '.join(summary.unfired_faults)} (their point was never reached)",
+                  file=sys.stderr, flush=True)
     return summary, bool(lost)
+
+
+def _durable_counts(summary: Summary, lost: int) -> Summary:
+    """Faults, escapes and deaths from every process's log of every launch (rank 0).
+
+    The in-memory counters above miss what died with a process (an escaped
+    flip on a rank killed later) and what earlier launches saw.
+    """
+    from ulfmpy.tally import current_launch, tally, unfired
+
+    t = tally(summary.run_dir, launch=current_launch())
+    now = sum(len(r.get("failed_ranks", ())) for r in summary.history.recoveries) + lost
+    specs = summary.faults
+    return dataclasses.replace(
+        summary, injected_faults=max(t.injected_faults, summary.injected_faults),
+        escaped_faults=max(t.escaped_faults, summary.escaped_faults),
+        # A launch that lost a process ended (no ULFM: mpirun killed the rest),
+        # so each counts once, unless more kills than that were injected.
+        failures=max(t.injected_kills, t.failed_launches + now), launches=max(1, t.launches),
+        unfired_faults=tuple(unfired(specs, t.fired_specs)))
 
 
 def abort_marker(run_dir: str) -> str | None:
@@ -265,7 +301,7 @@ def close_run(comm: MPI.Comm, me: Any, state: dict[str, Any], *, config: Any, st
     base = Summary(ranks=me.size, steps=steps, wall_s=wall, fingerprint=None, resilience=on,
                    segment_steps=config.segment_steps if on else None,
                    segment_length=(k or None) if on else None, run_dir=run_dir,
-                   spares_lost=0 if config.spares else None)
+                   spares_lost=0 if config.spares else None, faults=tuple(config.inject))
     summary, lost_any = finish(comm, me.rank, state, history=history, counters=segments.counters,
                                wall=wall, lost=lost, survivor=survivor, events=events, base=base)
     return summary.as_dict(), saw_failure or lost_any
