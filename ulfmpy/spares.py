@@ -43,13 +43,20 @@ def wait_as_spare(me: Any, events: Any, hooks: Any,
     # critical path of the recovery this spare may join.
     import ulfmpy.checkpoint  # noqa: F401
     saw = False
+    req = None
     while True:
         try:
             # Poll rather than block, so a timed kill can strike a waiting spare.
-            req = translate(me.world.irecv, None, MPI.ANY_SOURCE, SPARE_TAG)
+            # A receive from ANY_SOURCE that failed "pending" (another spare
+            # died) stays posted and still matches the release: keep it. A
+            # second one would leave the release to the first, never tested
+            # again (a hang at the end of the run, found by a campaign).
+            if not req:
+                req = translate(me.world.irecv, None, MPI.ANY_SOURCE, SPARE_TAG)
             while True:
                 done, msg = translate(req.test)
                 if done:
+                    req = None
                     break
                 hooks.timed_kill(None)
                 time.sleep(0.002)
@@ -67,6 +74,7 @@ def wait_as_spare(me: Any, events: Any, hooks: Any,
                     pass
                 time.sleep(0.01)
                 continue
+            req = None  # the world is revoked: the repair makes a new one
             try:
                 events.log("failure", step=None, error=str(exc))
                 me, step = repair(me)
