@@ -38,8 +38,17 @@ def check_settings(env: Mapping[str, str], *, ranks: int, spares: int, ft: bool,
                           "--spares, or run with an Open MPI >= 5 built with ULFM and without --no-ft")
     if relaunch_ranks is not None and relaunch_ranks < 1:
         raise LaunchError(f"--relaunch-n must be >= 1, got {relaunch_ranks}")
+    nodes: tuple[str, ...] = ()
+    if cfg.virtual_nodes:
+        from ulfmpy.nodes import node_names
+
+        total = min(ranks, relaunch_ranks or ranks) + spares
+        if cfg.virtual_nodes > total:
+            raise LaunchError(f"--virtual-nodes {cfg.virtual_nodes}: more nodes than the "
+                              f"{total} processes of the job")
+        nodes = node_names(cfg.virtual_nodes)
     check_faults(cfg.inject, ranks=ranks, spares=spares,
-                 relaunch_ranks=relaunch_ranks)
+                 relaunch_ranks=relaunch_ranks, nodes=nodes)
     return cfg
 
 

@@ -120,6 +120,10 @@ class Config:
         str, "checkpoint interval model", choices=("exact", "young", "daly", "saxena")))
     recovery_estimate: float = field(default=5.0, metadata=_opt(
         _duration, "recovery time assumed until one is measured"))
+    virtual_nodes: int = field(default=0, metadata=_opt(
+        int, "group the processes into K named nodes node0..node{K-1} on one machine (node kills, "
+        "partner copies on another node, a zygote per node); 0 = the real hosts, which also "
+        "win when the ranks run on several"))
 
     def __post_init__(self) -> None:
         if self.segment_steps < 0:
@@ -138,7 +142,7 @@ class Config:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(
                     f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("ckpt_every", "spares"):
+        for name in ("ckpt_every", "spares", "virtual_nodes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         self._check_names()

@@ -61,7 +61,7 @@ class FaultHooks(NoFaults):
         self._mtbf_kill = plan.mtbf_kill(size)
 
     def _fire(self, f: Any, step: int | None, phase: str, **extra: Any) -> None:
-        self.plan.mark_fired(f, step=step, phase=phase, uid=self.uid, **extra)
+        self.plan.mark_fired(f, self.whoami(), step=step, phase=phase, uid=self.uid, **extra)
         self.events.log("inject", kind="kill", spec=f.spec, step=step, phase=phase,
                         logical=self.whoami(), execution=1)
         self.events.close()

@@ -267,20 +267,25 @@ class FaultPlan:
                 "index": index, "bit": bit, "before": before, "after": after,
                 "persistent": f.persistent}
 
-    def _marker(self, f: Fault) -> str | None:
+    def _marker(self, f: Fault, rank: int | None = None) -> str | None:
         if self.marker_dir is None:
             return None
         i = self.faults.index(f)
+        if isinstance(f, Kill) and f.node is not None:
+            # A node kill strikes every logical rank on the node, once each
+            # (a replacement placed on the node again is not struck again).
+            return os.path.join(self.marker_dir,
+                                f"fault-{i}-{self.rank if rank is None else rank}.json")
         return os.path.join(self.marker_dir, f"fault-{i}.json")
 
-    def fired(self, f: Fault) -> bool:
+    def fired(self, f: Fault, rank: int | None = None) -> bool:
         """True when this kill already happened (in this run or before a relaunch)."""
-        m = self._marker(f)
+        m = self._marker(f, rank)
         return m is not None and os.path.exists(m)
 
-    def mark_fired(self, f: Fault, **record: Any) -> None:
+    def mark_fired(self, f: Fault, rank: int | None = None, **record: Any) -> None:
         """Record the ground truth of a kill before it happens."""
-        m = self._marker(f)
+        m = self._marker(f, rank)
         if m is None:
             return
         os.makedirs(os.path.dirname(m), exist_ok=True)
@@ -306,7 +311,7 @@ class FaultPlan:
             if not target:
                 continue
             hit = f.step <= step if phase in ("checkpoint", "recovery") else f.step == step
-            if hit and not self.fired(f):
+            if hit and not self.fired(f, rank):
                 return f
         return None
 

@@ -84,12 +84,14 @@ def join_job(parent: MPI.Comm) -> tuple[MPI.Comm, dict[str, Any], dict[str, Any]
     return merged, info, joined
 
 
-def start_zygote(world: MPI.Comm, *, run_dir: str, events: Any, wanted: bool) -> str | None:
+def start_zygote(world: MPI.Comm, *, run_dir: str, events: Any, wanted: bool,
+                 node: str | None = None) -> str | None:
     """Make sure the node's zygote (:mod:`ulfmpy.zygote`) runs; return its name.
 
     With respawn in the recovery chain (``wanted``), the lowest rank of each
     node starts it: one per process for all its Runtimes, stopped at
-    interpreter exit. Collective over ``world``.
+    interpreter exit. ``node``: this process's virtual node (``--virtual-nodes``),
+    which then has a zygote of its own. Collective over ``world``.
     """
     from ulfmpy import zygote
 
@@ -98,13 +100,18 @@ def start_zygote(world: MPI.Comm, *, run_dir: str, events: Any, wanted: bool) ->
     if world.Get_rank() == 0 and _ZYGOTE["job"] is None:
         _ZYGOTE["job"] = f"{os.getpid()}-{time.time_ns() % 10**12}"
     name = zygote.name_for(world.bcast(_ZYGOTE["job"], root=0))
-    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    if node is None:
+        local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    else:
+        # Abstract socket names are per machine: each virtual node's differs.
+        name = f"{name}-{node}"
+        local = world.Split(int(node.removeprefix("node")), world.Get_rank())
     leader = local.Get_rank() == 0
     local.Free()
     proc = _ZYGOTE["proc"]
     if leader and (proc is None or proc.poll() is not None or _ZYGOTE["name"] != name):
         stop_zygote()
-        log = os.path.join(run_dir, f"zygote-{socket.gethostname()}.log")
+        log = os.path.join(run_dir, f"zygote-{node or socket.gethostname()}.log")
         proc = zygote.start(name, watch=os.getppid(), log=log)
         _ZYGOTE.update(proc=proc, name=name)
         events.log("zygote", name=name, pid=getattr(proc, "pid", None))

@@ -37,6 +37,7 @@ from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_
                              with_replay)
 from ulfmpy import jobctl as _jobctl
 from ulfmpy.inject import FaultPlan, cannot_fire
+from ulfmpy.nodes import node_of
 from ulfmpy.boundary import Boundaries, make_planner
 from ulfmpy.repair import Repairer
 from ulfmpy.segments import SegmentRunner, SegmentTiming
@@ -91,6 +92,8 @@ class Runtime:
         self.work: Work | None = None
         self.planner: Any = None  # a BoundaryPlanner once the loop starts
         self._join: dict[str, Any] | None = None
+        self._node: str | None = None  # set on entry (a replacement computes its own)
+        self._virtual = False
         self._saw_failure = False
 
     rank = property(lambda self: self.me.rank, doc="The logical rank (-1 on a spare).")
@@ -102,8 +105,10 @@ class Runtime:
         world, self.run_dir = open_world(self._user_comm, self.config)
         self.events = EventLog(self.run_dir, self.uid)
         cfg = self.config
+        self._node = self._place(world)
         zygote = _respawn.start_zygote(world, run_dir=self.run_dir, events=self.events,
-                                       wanted=self.ft and cfg.zygote and "respawn" in cfg.recovery)
+                                       wanted=self.ft and cfg.zygote and "respawn" in cfg.recovery,
+                                       node=self._node if self._virtual else None)
         self._setup(initial_identity(world, self.size), zygote)
         return self
 
@@ -125,7 +130,9 @@ class Runtime:
         _jobctl.watch_launcher()
         _jobctl.hold_job_lock(self.run_dir)
         self._t0 = time.perf_counter()
-        self._host = socket.gethostname()
+        self._host = self._node or node_of(
+            uid=me.uid, logical=me.logical, total=self.size + cfg.spares,
+            k=cfg.virtual_nodes, host=socket.gethostname(), stride=_respawn.UID_STRIDE)
         plan = FaultPlan(cfg.inject, me.uid, cfg.seed,
                          marker_dir=os.path.join(self.run_dir, "injected"))
         self.hooks = hooks_for(plan, self.events, uid=me.uid, size=self.size, host=self._host,
@@ -156,6 +163,21 @@ class Runtime:
         saw = self._saw_failure or getattr(self.comm, "failure", None) is not None
         _td.leave(me, self.events,
                   failed=bool(self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw))
+
+    def _place(self, world: MPI.Comm) -> str:
+        """This process's node (``--virtual-nodes``, unless the job spans real
+        hosts). Collective over ``world`` when virtual nodes are asked for."""
+        host, k = socket.gethostname(), self.config.virtual_nodes
+        self._virtual = False
+        if k <= 0:
+            return host
+        if len(set(world.allgather(host))) > 1:
+            if world.Get_rank() == 0:
+                self.events.log("virtual_nodes_off", reason="the ranks run on several hosts")
+            return host
+        self._virtual = True
+        return node_of(uid=world.Get_rank(), logical=None, total=world.Get_size(), k=k,
+                       host=host, stride=_respawn.UID_STRIDE)
 
     def _whoami(self) -> int:
         """The logical rank faults address: this one's, or ``n + j`` on the j-th waiting spare."""

@@ -1,0 +1,61 @@
+"""``--virtual-nodes K``: node-level faults on one machine (DESIGN §13)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import APPS, run_ulfmpy
+
+STENCIL = [str(APPS / "stencil.py"), "--nx", "240", "--ny", "200", "--steps", "120"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    res = run_ulfmpy(["-n", "4", "--no-resilience", *STENCIL],
+                     tmp_path_factory.mktemp("ref") / "run")
+    assert res.returncode == 0, res
+    return res.summary["fingerprint"]
+
+
+def _hosts(res) -> dict[int, str]:
+    return {e["rank"]: e["host"] for e in res.events("start")}
+
+
+@pytest.mark.parametrize("ckpt", [["--ckpt-every", "20"], []], ids=["ckpt20", "default"])
+def test_a_node_kill_takes_every_rank_of_the_node_and_spares_replace_them(tmp_path, reference,
+                                                                          ckpt):
+    res = run_ulfmpy(["-n", "4", "--spares", "2", "--virtual-nodes", "3", *ckpt,
+                      "--inject", "kill:node=node1,step=50", *STENCIL], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert _hosts(res) == {0: "node0", 1: "node0", 2: "node1", 3: "node1", 4: "node2",
+                           5: "node2"}
+    s = res.summary
+    assert s["fingerprint"] == reference
+    assert s["failures"] == 2 and s["injected_faults"] == 2
+    [rec] = s["recoveries"]
+    assert rec["policy"] == "spares" and rec["failed_ranks"] == [2, 3]
+    assert sorted(e["rank"] for e in res.events("inject")) == [2, 3]
+
+
+def test_a_node_kill_with_respawn_uses_a_zygote_per_node_and_strikes_once(tmp_path, reference):
+    res = run_ulfmpy(["-n", "4", "--virtual-nodes", "2", "--recovery", "respawn",
+                      "--ckpt-every", "20", "--inject", "kill:node=node1,step=50", *STENCIL],
+                     tmp_path / "run")
+    assert res.returncode == 0, res
+    assert sorted(p.name for p in res.run_dir.glob("zygote-*.log")) == \
+        ["zygote-node0.log", "zygote-node1.log"]
+    s = res.summary
+    assert s["fingerprint"] == reference
+    # The replacements live on node1 again, and the node kill does not strike them.
+    assert s["failures"] == 2 and [r["policy"] for r in s["recoveries"]] == ["respawn"]
+    replacements = {e["rank"]: e["host"] for e in res.events("start") if e["rank"] >= 100_000}
+    assert sorted(replacements.values()) == ["node1", "node1"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--virtual-nodes", "2", "--inject", "kill:node=node7,step=5"], "no node 'node7'"),
+    (["--virtual-nodes", "9"], "more nodes than the 4 processes"),
+])
+def test_bad_virtual_node_settings_are_refused_before_mpirun(tmp_path, args, says):
+    res = run_ulfmpy(["-n", "4", *args, *STENCIL], tmp_path / "run", timeout=60)
+    assert res.returncode == 2 and says in res.stderr, res
