@@ -35,10 +35,10 @@ if __name__ == "__main__":
         try:
             import ctypes
 
-            # PR_SET_PDEATHSIG, SIGTERM: until _watch_parent installs its
-            # handler that kills like SIGKILL; then it unlinks the dead
-            # rank's staging segments first (nothing left in /dev/shm).
-            ctypes.CDLL(None).prctl(1, 15)
+            # PR_SET_PDEATHSIG, SIGKILL: it ends even a stopped helper. The
+            # dead rank's staging segments are swept by ulfmpy run after the
+            # launch and by the node's next store (nothing left in /dev/shm).
+            ctypes.CDLL(None).prctl(1, 9)
         except (OSError, AttributeError):
             pass
     if len(sys.argv) > 3 and os.getppid() != int(sys.argv[3]):
@@ -128,7 +128,6 @@ def _watch_parent(ppid: int) -> None:
     """
     if os.getppid() != ppid:  # the parent died before we got here
         _orphaned(ppid)
-    signal.signal(signal.SIGTERM, lambda *_: _orphaned(ppid))
 
     def watchdog() -> None:
         while True:

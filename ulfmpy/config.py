@@ -153,9 +153,9 @@ class Config:
     def _check_names(self) -> None:
         """Names the runtime would only trip on later: policies, fault specs, resume."""
         bad = [p for p in self.recovery if p not in RECOVERY_POLICIES]
-        if bad or not self.recovery:
-            raise ConfigError(f"recovery: unknown policy {', '.join(map(repr, bad)) or '(none)'}; "
-                              f"give one or more of {', '.join(RECOVERY_POLICIES)}, comma-separated")
+        if bad:  # none at all is allowed: no in-job recovery, relaunch only
+            raise ConfigError(f"recovery: unknown policy {', '.join(map(repr, bad))}; give one or "
+                              f"more of {', '.join(RECOVERY_POLICIES)}, comma-separated (or none)")
         if self.inject:
             from ulfmpy.inject import parse_fault
 

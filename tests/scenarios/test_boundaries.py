@@ -76,11 +76,12 @@ def test_mtbf_checkpoints_where_each_decision_says(ulfmpy_run):
     # The first save measures δ; every later one is where a decision said.
     assert set(ckpts[1:]) <= {d["next_step"] for d in decisions}
     # The step time the decisions used is the loop's, not a start-up sample's
-    # (that was 13-36x too long): within a factor 2 of (loop - saves) / steps.
+    # (that was 13-36x too long): within a factor 3 of (loop - saves) / steps
+    # (the newest steps against the run's mean: a busy 2-core machine moves it).
     saves = sum(c["exposed_s"] for c in s["checkpoints"])
     honest = (s["wall_s"] - saves) / s["steps"]
     last = decisions[-1]["step_time"]
-    assert honest / 2 < last < honest * 2, (last, honest)
+    assert honest / 3 < last < honest * 3, (last, honest)
 
 
 POLICY_ARGS = {"shrink": ["-n", "4"], "spares": ["-n", "4", "--spares", "1"],

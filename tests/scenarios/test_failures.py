@@ -318,8 +318,9 @@ def test_killing_a_forked_replacement_is_a_failure_like_any_other(runs, clean):
     process the MPI runtime knows, must die the same way, so the survivors
     see a process failure and respawn again (a second fork)."""
     require_ulfm()
+    # Kills address logical ranks: the replacement computes as rank 2.
     res = runs("respawn-twice", stencil("--recovery", "respawn",
-                                        *kills(KILL_MID, "kill:rank=100000,step=47")))
+                                        *kills(KILL_MID, "kill:rank=2,step=47")))
     s = ok(res, clean())
     assert injected(res) == [(2, MID, "compute"), (100_000, 47, "compute")]
     first, second = s["recoveries"]
@@ -701,7 +702,7 @@ def test_soft_and_hard_fault_in_one_run(runs, clean):
     # The flip was caught and cured by local rollback of rank 1 alone ...
     [rb] = s["rollbacks"]
     assert rb["step"] == 10 and rb["detected_on"] == [1] and rb["reexecuted_ranks"] == [1]
-    assert s["injected_faults"] == 1 and s["escaped_faults"] == 0
+    assert s["injected_faults"] == 2 and s["escaped_faults"] == 0  # the flip and the kill
     # ... and the kill by the spare and the checkpoint.
     [rec] = s["recoveries"]
     assert rec["policy"] == "spares" and rec["failed_ranks"] == [2]
