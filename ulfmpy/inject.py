@@ -235,12 +235,19 @@ class FaultPlan:
             hits = self._hits.get((i, step), 0)
             if not f.persistent and hits >= f.repeat:
                 continue
+            if not f.rate and not f.persistent and hits == 0 and self._flip_fired(i):
+                # Struck once in this run already, on the process that held
+                # this logical rank before (a spare or replacement re-executing
+                # the step after a repair must not count it twice).
+                continue
             self._hits[(i, step)] = hits + 1
             seed = f.seed if f.seed else self.seed
             rng = np.random.default_rng([seed, rank, step, 0x5eed])
             if f.rate and rng.random() >= f.rate:
                 continue
             rec = self._flip(f, step, state, rng)
+            if not f.rate and hits == 0:
+                self._mark_flip(i)
             rec["replay"] = replay
             rec["execution"] = hits + 1
             out.append(rec)
@@ -266,6 +273,17 @@ class FaultPlan:
         return {"kind": "bitflip", "spec": f.spec, "step": step, "array": name,
                 "index": index, "bit": bit, "before": before, "after": after,
                 "persistent": f.persistent}
+
+    def _flip_fired(self, i: int) -> bool:
+        return self.marker_dir is not None and os.path.exists(
+            os.path.join(self.marker_dir, f"flip-{i}.json"))
+
+    def _mark_flip(self, i: int) -> None:
+        if self.marker_dir is None:
+            return
+        os.makedirs(self.marker_dir, exist_ok=True)
+        with open(os.path.join(self.marker_dir, f"flip-{i}.json"), "w", encoding="utf-8") as fh:
+            fh.write('{"uid": %d}\n' % self.rank)
 
     def _marker(self, f: Fault, rank: int | None = None) -> str | None:
         if self.marker_dir is None:

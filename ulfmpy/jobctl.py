@@ -90,7 +90,10 @@ def lock_run_dir(run_dir: str, *, say: Any = print) -> RunDirLock:
     from ulfmpy.errors import LaunchError
 
     path = Path(run_dir) / LOCK_NAME
-    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+    try:
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+    except OSError as exc:
+        raise LaunchError(f"cannot lock run directory {run_dir}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -213,11 +213,16 @@ def end_job(exc: BaseException, *, uid: int, run_dir: str, events: Any,
     if code is not None:
         events.log("job_end", code=code, reason=repr(exc), abort_marker=marker)
         events.close()
-        print(f"ulfmpy: rank {uid}: {exc}; "
-              + (f"another rank stopped on an error ({marker})" if marker else
-                 "no in-job recovery: exiting for relaunch from the last checkpoint"),
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
+        try:
+            print(f"ulfmpy: rank {uid}: {exc}; "
+                  + (f"another rank stopped on an error ({marker})" if marker else
+                     "no in-job recovery: exiting for relaunch from the last checkpoint"),
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+        except OSError:
+            # mpirun closes the ranks' streams as it tears the job down (a
+            # BrokenPipeError here once turned a relaunch into exit 76).
+            pass
         os._exit(code)
     from ulfmpy import jobctl
 

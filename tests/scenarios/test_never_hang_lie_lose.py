@@ -275,3 +275,14 @@ def test_inspect_json_is_still_a_run_directory_reader(tmp_path):
                          capture_output=True, text=True, timeout=60, cwd=str(REPO))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)
+
+
+def test_a_flip_is_injected_once_though_a_spare_re_executes_its_step(tmp_path):
+    """Found by a campaign (0039-df5804): with kills addressing logical ranks,
+    the spare that took rank 2 and re-executed step 15 was struck again."""
+    res = run_ulfmpy(["-n", "4", "--spares", "1", "--recovery", "spares", "--partner", "0",
+                      "--inject", "bitflip:rank=2,step=15,index=495,bit=14",
+                      "--inject", "kill:rank=2,step=20", *STENCIL], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert res.summary["injected_faults"] == 2, res.summary
+    assert [e["rank"] for e in res.events("inject") if e["kind"] == "bitflip"] == [2]
