@@ -50,7 +50,7 @@ from ulfmpy import jobctl
 from ulfmpy._launch_job import (LAUNCH_RETRIES, LAUNCHER_FLAKES, _launch,  # noqa: F401
                                 _recovered_spawned_death, _with_forwarded)
 from ulfmpy.config import ENV_PREFIX, FLAGS_ENV, add_config_arguments, config_env_from_args
-from ulfmpy.errors import EXIT_UNRECOVERABLE, LaunchError
+from ulfmpy.errors import EXIT_RELAUNCH, LaunchError
 
 __all__ = ["MPIInfo", "detect_mpi", "find_mpirun", "build_command", "configure", "run",
            "default_run_dir", "single_node"]
@@ -319,11 +319,16 @@ def _launches(args: argparse.Namespace, argv: list[str], env_add: dict[str, str]
     """The first launch and the relaunches ``--max-restarts`` allows."""
     status = _launch(argv, env_add)
     restarts = 0
-    while status not in (0, EXIT_UNRECOVERABLE) and restarts < args.max_restarts:
+    # Relaunch what a relaunch can fix: EXIT_RELAUNCH, or a job killed by a
+    # signal; not an error (76) nor the program's own exit status.
+    while (status == EXIT_RELAUNCH or status > 128) and restarts < args.max_restarts:
         restarts += 1
+        run_dir = env_add["ULFMPY_RUN_DIR"]
+        where = ("resuming from the newest committed checkpoint"
+                 if any(Path(run_dir, "ckpt").glob("step-*.h5")) else
+                 "starting over: no checkpoint was committed")
         print(f"ulfmpy run: job exited with status {status}; relaunch {restarts}/"
-              f"{args.max_restarts} resuming from the newest committed checkpoint",
-              file=sys.stderr)
+              f"{args.max_restarts} {where}", file=sys.stderr)
         env_add["ULFMPY_RESUME"] = "auto"
         # A relaunch must resume, even when the code passes resume=...
         env_add[FLAGS_ENV] = ",".join(

@@ -286,3 +286,15 @@ def test_a_flip_is_injected_once_though_a_spare_re_executes_its_step(tmp_path):
     assert res.returncode == 0, res
     assert res.summary["injected_faults"] == 2, res.summary
     assert [e["rank"] for e in res.events("inject") if e["kind"] == "bitflip"] == [2]
+
+
+def test_a_programs_own_exit_status_is_not_relaunched(tmp_path):
+    """``--max-restarts`` relaunched any nonzero status; a program's own
+    ``sys.exit(3)`` is not something a relaunch can fix."""
+    script = tmp_path / "exit3.py"
+    script.write_text("import sys\nfrom mpi4py import MPI\nMPI.COMM_WORLD.Barrier()\n"
+                      "sys.exit(3 if MPI.COMM_WORLD.rank == 1 else 0)\n")
+    res = run_ulfmpy(["-n", "2", "--max-restarts", "2", str(script)], tmp_path / "run",
+                     timeout=60)
+    assert res.returncode == 3, res
+    assert "relaunch" not in res.stderr
