@@ -1,13 +1,21 @@
 """Restoring checkpoints: choice with fallback, verification, N→M redistribution.
 
 Private engine of :mod:`ulfmpy.checkpoint`, which re-exports the public names.
+
+Two kinds of failure stay apart. A damaged checkpoint (unreadable manifest,
+any manifest field :func:`ulfmpy._ckpt_files.checkpoint_problems` rejects, a
+missing, truncated or corrupt rank file) makes restore fall back to the next
+older committed one, for the reason ``ulfmpy inspect --verify`` gives. A
+state that does not fit an intact checkpoint (other names, dtypes, global
+shapes) is the app's error and raises at once: falling back would silently
+resume an older step with the same misfit.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -105,9 +113,10 @@ def restore(comm: Any, source: str | os.PathLike[str], state: Mapping[str, Any],
         exist yet) holds no committed checkpoint: a fresh start.
 
     Raises:
-        RestoreError: the state does not match the checkpoint (names, kinds,
-            dtypes, global shapes, or per-rank state on another rank count);
-            or no candidate verified. The state may then be partly overwritten.
+        RestoreError: the state does not match an intact checkpoint (names,
+            kinds, dtypes, global shapes, or per-rank state on another rank
+            count); or no candidate is usable (the message gives each step's
+            reason). The state may then be partly overwritten.
     """
     t0 = time.perf_counter()
     entries = normalize_state(state)
@@ -130,12 +139,7 @@ def restore(comm: Any, source: str | os.PathLike[str], state: Mapping[str, Any],
     for fb in fallbacks:
         log("restore_fallback", **fb)
     for path in plan["candidates"]:
-        manifest, err = None, None
-        if rank == 0:
-            try:
-                manifest = _files.read_manifest(path)
-            except CheckpointError as exc:
-                err = str(exc)
+        manifest, err = _read_candidate(path) if rank == 0 else (None, None)
         manifest, err = comm.bcast((manifest, err), root=0)
         if err is not None or manifest is None:
             fallbacks.append(_fallback(log, path, None, err or "manifest unreadable"))
@@ -143,12 +147,18 @@ def restore(comm: Any, source: str | os.PathLike[str], state: Mapping[str, Any],
         problems = comm.allgather(_mismatch(manifest, entries, rank, size))
         bad = [f"rank {r}: {m}" if size > 1 else m for r, m in enumerate(problems) if m]
         if bad:
+            # The state does not fit: a user error, unless the checkpoint is damaged
+            # (only then is it verified whole: the usual path reads each byte once).
+            mine = _share(manifest, rank, size)
+            damage = _reason(comm, _files.checkpoint_problems(manifest, verify=mine))
+            if damage:
+                fallbacks.append(_fallback(log, path, manifest.step, damage))
+                continue
             log("restore_failed", step=manifest.step, path=path, reasons=bad)
             raise RestoreError(f"cannot restore checkpoint {path}: " + "; ".join(_dedupe(bad)))
-        reasons = comm.allgather(_load(manifest, entries, rank, size))
-        bad = _dedupe([m for m in reasons if m])
-        if bad:
-            fallbacks.append(_fallback(log, path, manifest.step, "; ".join(bad)))
+        reason = _reason(comm, _load_problems(manifest, entries, rank, size))
+        if reason:
+            fallbacks.append(_fallback(log, path, manifest.step, reason))
             continue
         record = RestoreRecord(manifest.step, str(manifest.path), fallbacks,
                                time.perf_counter() - t0, manifest.nranks)
@@ -164,6 +174,40 @@ def restore(comm: Any, source: str | os.PathLike[str], state: Mapping[str, Any],
     log("restore_none", source=str(source), fallbacks=fallbacks,
         reason=f"no committed checkpoint in {plan['ckpt']}: fresh start")
     return None
+
+
+def _read_candidate(path: str) -> tuple[_files.Manifest | None, str | None]:
+    """Rank 0: a candidate's manifest, or why it is unusable (unreadable, damaged fields)."""
+    try:
+        manifest = _files.read_manifest(path)
+    except CheckpointError as exc:
+        return None, str(exc)
+    damage = _merge(_files.checkpoint_problems(manifest, verify=()))
+    return (None, "; ".join(damage)) if damage else (manifest, None)
+
+
+def _reason(comm: Any, problems: list[_files.Problem]) -> str | None:
+    """Collective: every rank's problems with a checkpoint as one reason, or None."""
+    merged = _merge(p for ps in comm.allgather(problems) for p in ps)
+    return "; ".join(merged) or None
+
+
+def _merge(problems: Iterable[_files.Problem]) -> list[str]:
+    """The messages of problems found by one or more ranks, in file order, once each.
+
+    A partial read's message for a file whose full read also failed is
+    dropped, so the reason is the one ``inspect --verify`` gives, however
+    restore shared the files among its ranks.
+    """
+    problems = list(problems)
+    fully = {i for i, full, _ in problems if full}
+    kept = sorted((i, msg) for i, full, msg in problems if full or i not in fully)
+    return list(dict.fromkeys(msg for _, msg in kept))
+
+
+def _share(m: _files.Manifest, rank: int, size: int) -> set[int]:
+    """The rank files this rank verifies: every file by exactly one rank."""
+    return {i for i in range(m.nranks) if i % size == rank}
 
 
 def _dedupe(items: list[str]) -> list[str]:
@@ -233,32 +277,40 @@ def _overlaps(m: _files.Manifest, name: str, block: Block) -> tuple[dict[int, li
     return out, covered
 
 
+def _load_problems(m: _files.Manifest, entries: Mapping[str, StateValue], rank: int,
+                   size: int) -> list[_files.Problem]:
+    """Read this rank's part of checkpoint ``m`` into the state; verify its share of files.
+
+    Local. Returns what makes the checkpoint unusable (empty if nothing).
+    """
+    damage = _files.checkpoint_problems(m, verify=())  # the fields, before using them
+    if damage:
+        return damage
+    try:
+        targets: dict[int, dict[str, list[Any]]] = {}
+        for name, value in entries.items():
+            if isinstance(value, Block):
+                parts, covered = _overlaps(m, name, value)
+                if covered != value.local.size:
+                    return [(-1, True, f"checkpoint step {m.step} covers {covered} of the "
+                             f"{value.local.size} elements of state[{name!r}]'s block at "
+                             f"{value.start}")]
+                for i, lst in parts.items():
+                    targets.setdefault(i, {})[name] = lst
+            else:
+                full = tuple(slice(0, n) for n in value.shape)
+                targets.setdefault(rank, {})[name] = [(full, value)]
+        return _files.checkpoint_problems(m, verify=_share(m, rank, size), targets=targets)
+    except Exception as exc:  # noqa: BLE001 - any read failure makes the checkpoint unusable
+        return [(-1, True, f"reading checkpoint step {m.step} failed: {type(exc).__name__}: {exc}")]
+
+
 def _load(m: _files.Manifest, entries: Mapping[str, StateValue], rank: int,
           size: int) -> str | None:
     """Read this rank's part of checkpoint ``m`` into the state; verify a share of files.
 
-    Rank r verifies (reads whole and checksums) the rank files i with
+    Local. Rank r verifies (reads whole and checksums) the rank files i with
     ``i % size == r``; every file is thus verified by exactly one rank.
     Returns why the checkpoint cannot be used, or None.
     """
-    targets: dict[int, dict[str, list[Any]]] = {}
-    for name, value in entries.items():
-        if isinstance(value, Block):
-            parts, covered = _overlaps(m, name, value)
-            if covered != value.local.size:
-                return (f"checkpoint step {m.step} covers {covered} of the {value.local.size} "
-                        f"elements of state[{name!r}]'s block at {value.start}")
-            for i, lst in parts.items():
-                targets.setdefault(i, {})[name] = lst
-        else:
-            full = tuple(slice(0, n) for n in value.shape)
-            targets.setdefault(rank, {})[name] = [(full, value)]
-    mine = {i for i in range(m.nranks) if i % size == rank}
-    try:
-        for i in sorted(set(targets) | mine):
-            problem = _files.read_rank_file(m, i, verify=i in mine, targets=targets.get(i))
-            if problem:
-                return problem
-    except Exception as exc:  # noqa: BLE001 - any read failure makes the checkpoint unusable
-        return f"reading checkpoint step {m.step} failed: {type(exc).__name__}: {exc}"
-    return None
+    return "; ".join(_merge(_load_problems(m, entries, rank, size))) or None

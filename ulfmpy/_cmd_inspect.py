@@ -7,7 +7,12 @@ Examples::
     ulfmpy inspect runs/run-1/ckpt/step-00000120.h5 --manifest
     ulfmpy inspect runs/run-1 --json
 
-Exit status: 0, or 1 when ``--verify`` finds a committed checkpoint corrupt.
+Exit status: 0, or 1 when ``--verify`` finds a committed checkpoint that
+restore would reject (the very check restore makes,
+:func:`ulfmpy._ckpt_files.checkpoint_problems`, with the same reasons): a
+manifest unreadable or with damaged fields, a rank file missing, truncated
+or failing its checksum. Without ``--verify`` the table already names
+manifests whose fields are damaged (they need no rank file read).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a run directory, its ckpt/ directory, or one checkpoint "
                              "(manifest ckpt/step-NNNNNNNN.h5 or step directory)")
     parser.add_argument("--verify", action="store_true",
-                        help="read every rank file and check every array's checksum")
+                        help="check every committed checkpoint as restore would: manifest "
+                         "fields, every rank file and every array's checksum")
     parser.add_argument("--manifest", action="store_true",
                         help="print the manifest (of the newest committed checkpoint for a run dir)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -71,12 +77,12 @@ def _print_table(rows: list[dict[str, Any]], root: Path) -> None:
         if verified is True:
             verified = "ok"
         elif verified is False:
-            verified = "FAILED: " + (r.get("problems") or ["?"])[0]
+            verified = "FAILED: " + "; ".join(r.get("problems") or ["?"])  # restore's reason
         nranks = "?" if r["nranks"] is None else r["nranks"]
         nbytes = "?" if r["bytes"] is None else f"{r['bytes']:,}"
         committed = "yes" if r["committed"] else "no"
         print(f"  {r['step']:>10}  {nranks:>5}  {nbytes:>14}  {committed:>9}  {verified}")
-        if r.get("error"):
+        if r.get("error") and r.get("problems") != [r["error"]]:  # not twice
             print(f"  {'':>10}  {r['error']}")
 
 
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if args.manifest:
         committed = [r for r in rows if r["committed"] and not r.get("error")]
         if not committed:
-            raise RestoreError(f"no committed checkpoint with a readable manifest at {path}")
+            raise RestoreError(f"no committed checkpoint with an intact manifest at {path}")
         out["manifest"] = _manifest_dict(_files.read_manifest(committed[-1]["path"]))
     if args.json:
         print(json.dumps(out, indent=2, default=str))
