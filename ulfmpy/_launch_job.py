@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ulfmpy import jobctl
-from ulfmpy.errors import EXIT_UNRECOVERABLE, LaunchError
+from ulfmpy.errors import EXIT_RELAUNCH, EXIT_UNRECOVERABLE, LaunchError
 
 __all__ = ["LAUNCHER_FLAKES", "LAUNCH_RETRIES"]
 
@@ -92,6 +92,7 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     seen: float | None = None
     markers: list[dict[str, Any]] = []
+    leaving: list[dict[str, Any]] = []
     try:
         while True:
             try:
@@ -101,11 +102,16 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
                 pass
             if run_dir and seen is None:
                 markers = jobctl.abort_markers(run_dir, launch)
-                seen = time.monotonic() if markers else None
+                leaving = [] if markers else jobctl.exit_markers(run_dir, launch)
+                seen = time.monotonic() if markers or leaving else None
             if seen is not None and time.monotonic() - seen > grace:
-                print(f"ulfmpy run: a rank stopped on an error ({_first_error(markers)}) and the "
-                      f"job did not end within {grace:.0f} s; ending it", file=sys.stderr)
+                why = (f"a rank stopped on an error ({_first_error(markers)})" if markers else
+                       f"rank {leaving[0]['rank']} left for a relaunch (status "
+                       f"{leaving[0]['code']})")
+                print(f"ulfmpy run: {why} and the job did not end within {grace:.0f} s; "
+                      "ending it", file=sys.stderr)
                 _end_job(proc, run_dir)
+                seen = float("inf")  # once
             elif asked and time.monotonic() - asked[0] > 10:
                 print("ulfmpy run: the job did not end within 10 s of the signal; killing it",
                       file=sys.stderr)
@@ -118,6 +124,9 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
         _sweep_shared_memory(started)
         tee.join(timeout=5)
     markers = jobctl.abort_markers(run_dir, launch) if run_dir else []
+    leaving = jobctl.exit_markers(run_dir, launch) if run_dir and not markers else []
+    if leaving and status != 0:
+        return int(leaving[0].get("code", EXIT_RELAUNCH))
     if markers:
         code = int(min(markers, key=lambda m: m.get("t", 0)).get("code", EXIT_UNRECOVERABLE))
         print(f"ulfmpy run: the job ended on an error ({_first_error(markers)}); exit status "

@@ -43,7 +43,8 @@ from typing import Any
 
 __all__ = ["LAUNCHER_PID_ENV", "LAUNCH_ID_ENV", "RunDirLock", "lock_run_dir",
            "hold_job_lock", "job_lock_holders", "watch_launcher", "die_with_parent",
-           "archive_markers", "abort_markers", "write_abort_marker", "claim_first_error"]
+           "archive_markers", "abort_markers", "write_abort_marker", "claim_first_error",
+           "write_exit_marker", "exit_markers"]
 
 LAUNCHER_PID_ENV = "ULFMPY_LAUNCHER_PID"
 LAUNCHER_HOST_ENV = "ULFMPY_LAUNCHER_HOST"
@@ -278,11 +279,30 @@ def write_abort_marker(run_dir: str, uid: int, **record: Any) -> None:
                       {"rank": uid, "launch": launch_id(), "t": time.time(), **record})
 
 
-def abort_markers(run_dir: str, launch: str | None = None) -> list[dict[str, Any]]:
+def write_exit_marker(run_dir: str, uid: int, code: int) -> None:
+    """Say that process ``uid`` leaves this launch with ``code`` (for relaunch). Local.
+
+    A rank that leaves with ``os._exit`` is not always seen by its peers as
+    failed under ULFM (they were found waiting on it for good): the
+    launcher ends the job a few seconds after such a marker.
+    """
+    from ulfmpy.events import write_json_atomic
+
+    write_json_atomic(os.path.join(run_dir, f"exit-rank-{uid:04d}.json"),
+                      {"rank": uid, "launch": launch_id(), "t": time.time(), "code": code})
+
+
+def exit_markers(run_dir: str, launch: str | None = None) -> list[dict[str, Any]]:
+    """The exit-for-relaunch markers of this launch (or of ``launch``). Local."""
+    return abort_markers(run_dir, launch, pattern="exit-rank-*.json")
+
+
+def abort_markers(run_dir: str, launch: str | None = None, *,
+                  pattern: str = "abort-rank-*.json") -> list[dict[str, Any]]:
     """The abort markers of this launch (or of ``launch``), oldest name first. Local."""
     want = launch_id() if launch is None else launch
     out = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "abort-rank-*.json"))):
+    for path in sorted(glob.glob(os.path.join(run_dir, pattern))):
         try:
             with open(path, encoding="utf-8") as fh:
                 rec = json.load(fh)
@@ -297,6 +317,7 @@ def archive_markers(run_dir: str) -> int:
     """Move earlier launches' abort markers and first-error claims to ``RUN_DIR/aborts/``."""
     moved = 0
     for path in glob.glob(os.path.join(run_dir, "abort-rank-*.json")) + \
+            glob.glob(os.path.join(run_dir, "exit-rank-*.json")) + \
             glob.glob(os.path.join(run_dir, ".first-error*")):
         dest = Path(run_dir) / "aborts"
         dest.mkdir(exist_ok=True)

@@ -223,6 +223,12 @@ def end_job(exc: BaseException, *, uid: int, run_dir: str, events: Any,
             # mpirun closes the ranks' streams as it tears the job down (a
             # BrokenPipeError here once turned a relaunch into exit 76).
             pass
+        try:
+            from ulfmpy.jobctl import write_exit_marker
+
+            write_exit_marker(run_dir, uid, code)
+        except OSError:
+            pass
         os._exit(code)
     from ulfmpy import jobctl
 

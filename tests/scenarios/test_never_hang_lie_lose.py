@@ -298,3 +298,20 @@ def test_a_programs_own_exit_status_is_not_relaunched(tmp_path):
                      timeout=60)
     assert res.returncode == 3, res
     assert "relaunch" not in res.stderr
+
+
+def test_a_rank_leaving_for_relaunch_never_leaves_the_others_waiting(tmp_path):
+    """Found by the 1000-schedule campaign (0980-d7532e): rank 1 killed in a
+    checkpoint's partner exchange, rank 3 left with status 75 (``os._exit``),
+    and the ranks waiting on rank 3 never learned it was gone: a hang. Now
+    the launcher ends the job 5 s after an exit-for-relaunch marker."""
+    ref = run_ulfmpy(["-n", "4", "--no-resilience", str(APPS / "stencil.py"), "--nx", "120",
+                      "--ny", "100", "--steps", "80"], tmp_path / "ref")
+    res = run_ulfmpy(["-n", "6", "--recovery", "", "--max-restarts", "2", "--virtual-nodes", "2",
+                      "--ckpt-every", "10", "--detect-every", "1", "--segment-steps", "10",
+                      "--inject", "kill:rank=1,step=45,phase=checkpoint",
+                      str(APPS / "stencil.py"), "--nx", "120", "--ny", "100", "--steps", "80"],
+                     tmp_path / "run", timeout=90)
+    assert res.returncode == 0, res
+    assert res.summary["fingerprint"] == ref.summary["fingerprint"]
+    assert res.summary["launches"] == 2
