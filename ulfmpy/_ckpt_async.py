@@ -22,6 +22,7 @@ import numpy as np
 
 from ulfmpy import _ckpt_files as _files
 from ulfmpy import _ckpt_helper
+from ulfmpy import jobctl as _jobctl
 from ulfmpy.errors import CheckpointError
 from ulfmpy.state import Block, StateValue, local_array
 
@@ -33,14 +34,7 @@ _ALIGN = 64
 _shm_prefix = _ckpt_helper.shm_prefix
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_alive = _jobctl.alive  # a zombie counts as gone: its segments are orphans too
 
 
 def sweep_orphans() -> list[str]:

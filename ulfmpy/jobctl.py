@@ -172,23 +172,24 @@ def job_lock_holders(run_dir: str) -> list[int]:
 def end_processes(pids: list[int], *, grace: float = 2.0) -> list[int]:
     """SIGTERM, then SIGKILL, the given processes of this launcher's own job. Local."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = []
+        signalled = []
         for pid in pids:
             try:
                 os.kill(pid, sig)
-                alive.append(pid)
+                signalled.append(pid)
             except (ProcessLookupError, PermissionError):
                 pass
-        if not alive:
+        if not signalled:
             return []
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in alive):
+        while time.monotonic() < deadline and any(alive(p) for p in signalled):
             time.sleep(0.05)
-        pids = [p for p in alive if _alive(p)]
+        pids = [p for p in signalled if alive(p)]
     return pids
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: it holds no lock, maps nothing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -234,7 +235,7 @@ def _watch(pid: int, fd: int | None) -> None:
     if fd is not None:
         select.select([fd], [], [])
     else:
-        while _alive(pid):
+        while alive(pid):
             time.sleep(0.5)
     _die("ulfmpy run is gone")
 

@@ -231,7 +231,7 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
     loader = threading.Thread(target=load, name="ulfmpy-zygote-preload")
     loader.start()
     loader.join()
-    from ulfmpy._ckpt_async import _alive  # the checkpoint helper's liveness test
+    from ulfmpy.jobctl import alive as _alive
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
