@@ -315,3 +315,30 @@ def test_a_rank_leaving_for_relaunch_never_leaves_the_others_waiting(tmp_path):
     assert res.returncode == 0, res
     assert res.summary["fingerprint"] == ref.summary["fingerprint"]
     assert res.summary["launches"] == 2
+
+
+@pytest.mark.parametrize("policy", [["--spares", "1"], ["--no-ft", "--max-restarts", "1"]],
+                         ids=["spares", "relaunch"])
+def test_the_escape_on_a_dead_rank_at_the_default_length(tmp_path, policy):
+    """The twin of the pinned escape test at the default segment length and no
+    checkpoint flag: whatever the segments, the escape is on record, and a
+    fingerprint that differs always comes with it."""
+    ref = _reference(tmp_path)
+    res = run_ulfmpy(["-n", "4", *policy, "--inject", "bitflip:rank=2,step=15,bit=0,index=500",
+                      "--inject", "kill:rank=2,step=63", *STENCIL], tmp_path / "run")
+    assert res.returncode == 0, res
+    s = res.summary
+    assert s["injected_faults"] == 2 and s["failures"] == 1, s
+    assert s["escaped_faults"] == 1  # the flip's segment committed before the kill
+    assert s["fingerprint"] == ref or s["escaped_faults"] > 0
+
+
+def test_logical_kill_addressing_at_the_default_length(tmp_path):
+    """The twin of the ``--ckpt-every 20`` test: at the default length (no checkpoint)
+    the spare that took rank 3 is still the one the second kill strikes."""
+    res = run_ulfmpy(["-n", "4", "--spares", "2", "--inject", "kill:rank=3,step=30",
+                      "--inject", "kill:rank=3,step=60", *STENCIL], tmp_path / "run")
+    assert res.returncode == 0, res
+    s = res.summary
+    assert s["failures"] == 2 and [r["failed_ranks"] for r in s["recoveries"]] == [[3], [3]], s
+    assert sorted(k["rank"] for k in res.events("inject")) == [3, 4]
