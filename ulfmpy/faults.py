@@ -59,6 +59,7 @@ class FaultHooks(NoFaults):
         self.plan, self.events, self.uid, self.host, self.t0 = plan, events, uid, host, t0
         self.whoami = whoami or (lambda: plan.rank)
         self._mtbf_kill = plan.mtbf_kill(size)
+        self._node_kills = any(getattr(f, "node", None) for f in plan.kills)
 
     def _fire(self, f: Any, step: int | None, phase: str, **extra: Any) -> None:
         self.plan.mark_fired(f, self.whoami(), step=step, phase=phase, uid=self.uid, **extra)
@@ -76,6 +77,11 @@ class FaultHooks(NoFaults):
         f = self.plan.timed_kill_due(time.perf_counter() - self.t0, self.whoami())
         if f is not None:
             self._fire(f, step, "at")
+        if step is None and self._node_kills:
+            # A waiting spare (``step`` None) dies with its node.
+            f = self.plan.node_down(self.host, self.whoami())
+            if f is not None:
+                self._fire(f, None, "node")
 
     def after_step(self, step: int, state: Mapping[str, Any], *, replay: bool,
                    logical: int | None) -> None:

@@ -31,6 +31,9 @@ class Identity:
         size: the number of compute ranks.
         role: INITIAL, SURVIVOR or RECOVERED (DESIGN §5).
         respawns: how many respawns the job has done.
+        layout: the node of each logical rank (spares per node, DESIGN §13).
+        spare_slot: j for the j-th spare the job started with (faults
+            address it as logical rank ``size + j``), else None.
     """
 
     world: Any
@@ -41,6 +44,8 @@ class Identity:
     size: int
     role: Role = Role.INITIAL
     respawns: int = 0
+    layout: tuple[str, ...] = ()
+    spare_slot: int | None = None
 
     @property
     def is_spare(self) -> bool:
@@ -126,12 +131,20 @@ def open_world(user_comm: Any, config: Any) -> tuple[Any, str]:
     return world, os.path.abspath(run_dir)
 
 
-def initial_identity(world: Any, size: int) -> Identity:
-    """At the start: world ranks below ``size`` compute, the rest are spares. Collective."""
+def initial_identity(world: Any, size: int, hosts: Any) -> Identity:
+    """At the start: the spares are spread over the nodes (``hosts``: the node
+    of every world rank, :func:`ulfmpy.nodes.spare_ranks`); the other world
+    ranks compute, in world-rank order. Collective."""
     from mpi4py import MPI
 
+    from ulfmpy.nodes import spare_ranks
+
     uid = world.Get_rank()
-    logical = uid if uid < size else None
+    spares = spare_ranks(hosts, len(hosts) - size)
+    computing = [w for w in range(len(hosts)) if w not in spares]
+    logical = computing.index(uid) if uid in computing else None
     compute = world.Split(0 if logical is not None else 1, uid)
     compute.Set_errhandler(MPI.ERRORS_RETURN)
-    return Identity(world, compute, None, uid, logical, size)
+    return Identity(world, compute, None, uid, logical, size,
+                    layout=tuple(hosts[w] for w in computing),
+                    spare_slot=spares.index(uid) if uid in spares else None)

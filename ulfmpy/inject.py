@@ -341,6 +341,22 @@ class FaultPlan:
                 return f
         return None
 
+    def node_down(self, host: str | None, rank: int) -> Kill | None:
+        """A node kill that struck ``host`` and not yet this process (a waiting
+        spare: it runs no steps, but it dies with its node). Local; reads markers."""
+        if self.marker_dir is None or host is None:
+            return None
+        for f in self.kills:
+            if f.node != host or self.fired(f, rank):
+                continue
+            prefix = f"fault-{self.faults.index(f)}-"
+            try:
+                if any(n.startswith(prefix) for n in os.listdir(self.marker_dir)):
+                    return f
+            except FileNotFoundError:
+                return None
+        return None
+
     def mtbf_kill(self, size: int) -> tuple[Kill, int, float] | None:
         """(fault, victim rank, seconds after start) of the job's exponential failure."""
         for f in self.kills:

@@ -101,6 +101,8 @@ class Member:
     uid: int                   # stable id: the world rank it started with
     logical: int | None        # its logical rank, None for a spare
     ckpt_step: int | None      # newest committed checkpoint it knows
+    node: str = ""             # the node it runs on (real host or virtual node)
+    layout: tuple[str, ...] = ()  # the node of each logical rank, as it last learnt
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,29 @@ class RepairPlan:
     assign: dict[int, int | None]    # uid -> new logical rank (None: spare)
     size: int                        # compute ranks after the repair
     replaced: dict[int, int]         # logical rank -> uid of the process that took it
+    layout: tuple[str, ...] = ()     # the node of each logical rank after the repair
+
+
+def _pick_spares(failed: tuple[int, ...], spares: list[int], layout: tuple[str, ...],
+                 node: dict[int, str]) -> dict[int, int]:
+    """Which spare takes which dead rank's place (spares per node, DESIGN §13).
+
+    A spare on the dead rank's node first, so the node's ranks stay together;
+    else one from the node with the most spares left, so that no node is
+    emptied of spares while another has several; ties go to the lowest uid.
+    """
+    left = list(spares)
+    replaced: dict[int, int] = {}
+    for r in failed:
+        here = [u for u in left if node[u] == layout[r] and layout[r]]
+        if here:
+            uid = here[0]
+        else:
+            count = {n: sum(node[u] == n for u in left) for n in {node[u] for u in left}}
+            uid = min(left, key=lambda u: (-count[node[u]], u))
+        left.remove(uid)
+        replaced[r] = uid
+    return replaced
 
 
 def plan_repair(members: list[Member], *, size: int, policies: tuple[str, ...],
@@ -134,18 +159,27 @@ def plan_repair(members: list[Member], *, size: int, policies: tuple[str, ...],
     failed = tuple(r for r in range(size) if r not in set(alive))
     spares = sorted(m.uid for m in members if m.logical is None)
     keep = {m.uid: m.logical for m in members}
+    node = {m.uid: m.node for m in members}
+    # Every process last learnt the same layout; the lowest uid's is taken so
+    # the plan is the same even if a failed repair left some behind.
+    layout = next((m.layout for m in sorted(members, key=lambda m: m.uid)
+                   if len(m.layout) == size), ("",) * size)
     for policy in policies:
         if policy == "spares" and failed and len(spares) >= len(failed):
             assign = dict(keep)
-            replaced = {}
-            for r, uid in zip(failed, spares):
-                assign[uid] = r
-                replaced[r] = uid
-            return RepairPlan("spares", failed, assign, size, replaced)
+            replaced = _pick_spares(failed, spares, layout, node)
+            assign.update({uid: r for r, uid in replaced.items()})
+            new = list(layout)
+            for r, uid in replaced.items():
+                new[r] = node[uid]
+            return RepairPlan("spares", failed, assign, size, replaced, tuple(new))
         if policy == "respawn" and failed and spawn_ok:
-            return RepairPlan("respawn", failed, dict(keep), size, {})
+            # A replacement is started on the node of the rank it replaces.
+            return RepairPlan("respawn", failed, dict(keep), size, {}, layout)
         if policy == "shrink" and alive:
             order = {old: new for new, old in enumerate(alive)}
             assign = {uid: (None if lg is None else order[lg]) for uid, lg in keep.items()}
-            return RepairPlan("shrink", failed, assign, len(alive), {})
+            by_rank = {lg: node[uid] for uid, lg in keep.items() if lg is not None}
+            return RepairPlan("shrink", failed, assign, len(alive), {},
+                              tuple(by_rank[r] for r in alive))
     return None

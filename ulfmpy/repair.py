@@ -55,7 +55,7 @@ def _respawn_policy(world: MPI.Comm, plan: Any, ctx: "Repairer", timer: PhaseTim
     with timer("respawn"):
         merged, plan, times = _respawn.spawn_replacements(
             world, plan, target=target, respawns=respawns + 1, zygote_name=ctx.zygote_name,
-            run_dir=ctx.run_dir, config=ctx.config)
+            run_dir=ctx.run_dir, config=ctx.config, virtual=ctx.virtual)
     ctx.events.log("respawn_timing", **times)
     return merged, plan, respawns + 1
 
@@ -79,12 +79,16 @@ class Repairer:
         run_dir: the run directory (respawned processes are told it).
         ft: ULFM is available.
         zygote_name: the node's zygote, for warm respawns.
+        node: this process's node (a spare on the dead rank's node is chosen first).
+        virtual: the nodes are ``--virtual-nodes`` (a replacement takes its
+            node from the layout, not from its host).
     """
 
     def __init__(self, config: Any, events: Any, hooks: Any, run_dir: str, *, ft: bool,
-                 zygote_name: str | None) -> None:
+                 zygote_name: str | None, node: str = "", virtual: bool = False) -> None:
         self.config, self.events, self.hooks, self.run_dir = config, events, hooks, run_dir
         self.ft, self.zygote_name = ft, zygote_name
+        self.node, self.virtual = node, virtual
         self.recoveries: list[dict[str, Any]] = []
 
     def recover(self, me: Any, exc: BaseException, *, step: int, comm: Any,
@@ -148,7 +152,8 @@ class Repairer:
         with timer("agree"):
             # Who is alive, which checkpoint each holds, how many respawns
             # happened: the plan must be the same on every process.
-            mine = (_rec.Member(me.uid, me.logical, known_ckpt()), me.respawns)
+            mine = (_rec.Member(me.uid, me.logical, known_ckpt(), self.node, me.layout),
+                    me.respawns)
             members = sorted(translate(world.allgather, mine), key=lambda m: m[0].uid)
             respawns = max(r for _, r in members)
             live = [m for m, _ in members]
@@ -180,9 +185,10 @@ class Repairer:
             role = _rec.Role.SURVIVOR
         me = self._current = me.replace(world=world, compute=compute, replay=None,
                                         logical=logical, size=plan.size, role=role,
-                                        respawns=respawns)
+                                        respawns=respawns, layout=plan.layout)
         rec = {"policy": plan.policy, "failed_ranks": list(plan.failed), "attempt": attempt,
-               "detected_at_step": step, "replaced": plan.replaced, "size": plan.size}
+               "detected_at_step": step, "replaced": plan.replaced, "size": plan.size,
+               "nodes": {r: plan.layout[r] for r in plan.replaced} if plan.layout else {}}
         if logical is None:
             self.events.log("recovery_spare_idle", **rec)
             raise StillSpare(target, identity=me)

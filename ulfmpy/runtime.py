@@ -37,7 +37,7 @@ from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_
                              with_replay)
 from ulfmpy import jobctl as _jobctl
 from ulfmpy.inject import FaultPlan, cannot_fire
-from ulfmpy.nodes import node_of
+from ulfmpy.nodes import virtual_node
 from ulfmpy.boundary import Boundaries, make_planner
 from ulfmpy.repair import Repairer
 from ulfmpy.segments import SegmentRunner, SegmentTiming
@@ -105,11 +105,11 @@ class Runtime:
         world, self.run_dir = open_world(self._user_comm, self.config)
         self.events = EventLog(self.run_dir, self.uid)
         cfg = self.config
-        self._node = self._place(world)
+        self._node, nodes = self._place(world)
         zygote = _respawn.start_zygote(world, run_dir=self.run_dir, events=self.events,
                                        wanted=self.ft and cfg.zygote and "respawn" in cfg.recovery,
                                        node=self._node if self._virtual else None)
-        self._setup(initial_identity(world, self.size), zygote)
+        self._setup(initial_identity(world, self.size, nodes), zygote)
         return self
 
     def _enter_respawned(self) -> "Runtime":
@@ -126,13 +126,17 @@ class Runtime:
     def _setup(self, me: Identity, zygote: str | None) -> None:
         cfg = self.config
         self.me, self.uid = me, me.uid
+        # Spares per node are not the last world ranks; faults address the
+        # j-th spare as n + j all the same.
+        self._spare_addr = None if me.spare_slot is None else me.size + me.spare_slot
         # A replacement (not started by ulfmpy._rank) dies with the launcher too.
         _jobctl.watch_launcher()
         _jobctl.hold_job_lock(self.run_dir)
         self._t0 = time.perf_counter()
-        self._host = self._node or node_of(
-            uid=me.uid, logical=me.logical, total=self.size + cfg.spares,
-            k=cfg.virtual_nodes, host=socket.gethostname(), stride=_respawn.UID_STRIDE)
+        if self._node is None:  # a replacement: on the node of the rank it replaces
+            self._virtual = bool(self._join.get("virtual")) and bool(me.layout)
+            self._node = me.layout[me.logical] if self._virtual else socket.gethostname()
+        self._host = self._node
         plan = FaultPlan(cfg.inject, me.uid, cfg.seed,
                          marker_dir=os.path.join(self.run_dir, "injected"))
         self.hooks = hooks_for(plan, self.events, uid=me.uid, size=self.size, host=self._host,
@@ -141,9 +145,10 @@ class Runtime:
         self.segments = SegmentRunner(cfg, self.comm, self.events, self.hooks)
         self.ckpts = Checkpoints(cfg, self.run_dir, self.events, self.hooks)
         self.repairer = Repairer(cfg, self.events, self.hooks, self.run_dir, ft=self.ft,
-                                 zygote_name=zygote)
+                                 zygote_name=zygote, node=self._host, virtual=self._virtual)
         self.events.log("start", size=self.size, spares=cfg.spares, logical=me.logical,
                         ft=self.ft, host=self._host, pid=os.getpid(), config=cfg.as_dict(),
+                        spare_slot=me.spare_slot,
                         relaunch=int(os.environ.get("ULFMPY_RELAUNCH", "0")),
                         launch=_jobctl.launch_id(),
                         mpi=MPI.Get_library_version().splitlines()[0],
@@ -164,25 +169,29 @@ class Runtime:
         _td.leave(me, self.events,
                   failed=bool(self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw))
 
-    def _place(self, world: MPI.Comm) -> str:
-        """This process's node (``--virtual-nodes``, unless the job spans real
-        hosts). Collective over ``world`` when virtual nodes are asked for."""
+    def _place(self, world: MPI.Comm) -> tuple[str, list[str]]:
+        """This process's node and every world rank's (``--virtual-nodes``,
+        unless the job spans real hosts). Collective over ``world``."""
         host, k = socket.gethostname(), self.config.virtual_nodes
+        hosts = world.allgather(host)
         self._virtual = False
         if k <= 0:
-            return host
-        if len(set(world.allgather(host))) > 1:
+            return host, hosts
+        if len(set(hosts)) > 1:
             if world.Get_rank() == 0:
                 self.events.log("virtual_nodes_off", reason="the ranks run on several hosts")
-            return host
+            return host, hosts
         self._virtual = True
-        return node_of(uid=world.Get_rank(), logical=None, total=world.Get_size(), k=k,
-                       host=host, stride=_respawn.UID_STRIDE)
+        total = world.Get_size()
+        nodes = [virtual_node(w, total, k) for w in range(total)]
+        return nodes[world.Get_rank()], nodes
 
     def _whoami(self) -> int:
         """The logical rank faults address: this one's, or ``n + j`` on the j-th waiting spare."""
         me = self.me
-        return me.logical if me.logical is not None else me.uid
+        if me.logical is not None:
+            return me.logical
+        return self._spare_addr if self._spare_addr is not None else me.uid
 
     # -- building the app ----------------------------------------------------------
     def _build(self) -> Work:

@@ -29,12 +29,38 @@ def test_a_node_kill_takes_every_rank_of_the_node_and_spares_replace_them(tmp_pa
     assert res.returncode == 0, res
     assert _hosts(res) == {0: "node0", 1: "node0", 2: "node1", 3: "node1", 4: "node2",
                            5: "node2"}
+    # Spares per node: the last process of node2 and of node1 wait.
+    assert _spares(res) == {3: 0, 5: 1}
     s = res.summary
     assert s["fingerprint"] == reference
+    # node1 holds logical rank 2 and a waiting spare: both die with it, and
+    # the spare on node2 takes rank 2's place.
     assert s["failures"] == 2 and s["injected_faults"] == 2
     [rec] = s["recoveries"]
-    assert rec["policy"] == "spares" and rec["failed_ranks"] == [2, 3]
+    assert rec["policy"] == "spares" and rec["failed_ranks"] == [2]
+    assert rec["replaced"] == {"2": 5} and rec["nodes"] == {"2": "node2"}
     assert sorted(e["rank"] for e in res.events("inject")) == [2, 3]
+
+
+def _spares(res) -> dict[int, int]:
+    return {e["rank"]: e["spare_slot"] for e in res.events("start")
+            if e.get("spare_slot") is not None}
+
+
+@pytest.mark.parametrize("ckpt", [["--ckpt-every", "20"], []], ids=["ckpt20", "default"])
+def test_a_dead_rank_takes_the_spare_on_its_own_node(tmp_path, reference, ckpt):
+    # 4 ranks + 2 spares on 2 nodes: node0 = world 0,1,2 and node1 = 3,4,5;
+    # world 2 and 5 wait. Logical rank 2 (world 3, node1) dies first: the
+    # node1 spare takes it; then logical 0 (node0): the node0 spare does.
+    res = run_ulfmpy(["-n", "4", "--spares", "2", "--virtual-nodes", "2", *ckpt,
+                      "--inject", "kill:rank=2,step=40", "--inject", "kill:rank=0,step=80",
+                      *STENCIL], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert _spares(res) == {2: 0, 5: 1}
+    s = res.summary
+    assert s["fingerprint"] == reference and s["failures"] == 2
+    assert [(r["failed_ranks"], r["replaced"], r["nodes"]) for r in s["recoveries"]] == [
+        ([2], {"2": 5}, {"2": "node1"}), ([0], {"0": 2}, {"0": "node0"})]
 
 
 def test_a_node_kill_with_respawn_uses_a_zygote_per_node_and_strikes_once(tmp_path, reference):
