@@ -4,6 +4,7 @@ backstop against hangs, the job's process tree (:mod:`ulfmpy.jobctl`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 from ulfmpy import jobctl
 from ulfmpy.errors import EXIT_RELAUNCH, EXIT_UNRECOVERABLE, LaunchError
+from ulfmpy.halt import SAME_REQUEST_S
 
 __all__ = ["LAUNCHER_FLAKES", "LAUNCH_RETRIES"]
 
@@ -81,15 +83,32 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
     tee = threading.Thread(target=_tee_stderr, args=(proc.stderr, flakes), daemon=True)
     tee.start()
     asked: list[float] = []
+    halts = _halt_signals(env)
+    halting: list[float] = []
 
     def forward(signum: int, _frame: object) -> None:
+        if signum in halts and not halting:
+            # A halt: the ranks checkpoint at their next boundary and leave
+            # with EXIT_HALTED; mpirun must not end them meanwhile.
+            halting.append(time.monotonic())
+            print(f"ulfmpy run: {signal.Signals(signum).name}: halting the job at its next "
+                  "segment boundary (a second signal stops it at once)", file=sys.stderr,
+                  flush=True)
+            _deliver_halt(proc, run_dir, halts)
+            return
+        if signum in halts:
+            if time.monotonic() - halting[0] < SAME_REQUEST_S:
+                return  # the same request, delivered twice
+            asked.append(time.monotonic())
+            _deliver_halt(proc, run_dir, halts)  # the ranks escalate
+            return
         asked.append(time.monotonic())
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
             pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in {signal.SIGINT, signal.SIGTERM, *halts}}
     seen: float | None = None
     markers: list[dict[str, Any]] = []
     leaving: list[dict[str, Any]] = []
@@ -140,6 +159,40 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
               file=sys.stderr)
         return 0
     return status
+
+
+def _halt_signals(env: dict[str, str]) -> set[signal.Signals]:
+    """The ranks' halt signals (``--halt-signal``), as the launcher knows them."""
+    from ulfmpy.config import Config
+    from ulfmpy.halt import parse_signals
+
+    default = next(f.default for f in dataclasses.fields(Config) if f.name == "halt_signal")
+    if env.get("ULFMPY_RESILIENCE", "1").lower() in ("0", "false", "no", "off"):
+        return set()
+    try:
+        return set(parse_signals(env.get("ULFMPY_HALT_SIGNAL", default)))
+    except ValueError:
+        return set()
+
+
+def _deliver_halt(proc: subprocess.Popen, run_dir: str | None,
+                  halts: set[signal.Signals]) -> None:
+    """Bring a halt to every rank: through mpirun, which passes SIGUSR1 and
+    SIGUSR2 on to all ranks on all nodes, when the ranks halt on one of them;
+    else straight to this host's ranks (the holders of the job lock)."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        if sig in halts:
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            return
+    sig = min(halts)
+    for pid in jobctl.job_lock_holders(run_dir) if run_dir else []:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _sweep_shared_memory(since: float) -> None:

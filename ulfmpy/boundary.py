@@ -30,7 +30,8 @@ from ulfmpy.state import state_nbytes
 __all__ = ["Boundaries", "make_planner"]
 
 
-def make_planner(config: Any, steps: int, *, nodes: int, checkpoints: bool) -> BoundaryPlanner:
+def make_planner(config: Any, steps: int, *, nodes: int, checkpoints: bool,
+                 max_segment_s: float = 0.0) -> BoundaryPlanner:
     """The planner for a run's settings. Local; pure apart from the clock it is given."""
     interval = None
     if config.mtbf > 0 or config.node_mtbf > 0:
@@ -43,7 +44,8 @@ def make_planner(config: Any, steps: int, *, nodes: int, checkpoints: bool) -> B
         steps=steps, segment_steps=config.segment_steps, segment_budget=config.segment_budget,
         soft_mtbf=config.soft_mtbf, ckpt_every=config.ckpt_every,
         ckpt_seconds=config.ckpt_seconds, checkpoints=checkpoints, interval=interval,
-        interval_model=config.interval_model, async_writes=config.ckpt_mode == "async"))
+        interval_model=config.interval_model, async_writes=config.ckpt_mode == "async",
+        max_segment_s=max_segment_s))
 
 
 class Boundaries:
@@ -68,11 +70,14 @@ class Boundaries:
         self._rollbacks = len(self.segments.rollbacks)
         return self.planner.start(step, time.perf_counter())
 
-    def slots(self, rank: int, comm: Any, work: Any, t: Any) -> np.ndarray:
-        """This rank's contribution to the end-of-segment vector. Local."""
+    def slots(self, rank: int, comm: Any, work: Any, t: Any, halt: bool = False) -> np.ndarray:
+        """This rank's contribution to the end-of-segment vector. Local.
+
+        ``halt``: this rank asks for a halt here (a signal, the deadline).
+        """
         delta, unfinished = self.ckpts.plan_slots()
         if rank != 0:
-            return np.array((0, 0, 0, delta, unfinished))
+            return np.array((0, 0, 0, delta, unfinished, int(halt)))
         p = self.planner
         if self._from is not None:
             p.observe_boundary(t.t_start - self._from)
@@ -82,7 +87,7 @@ class Boundaries:
         b = p.boundary(t.end, time.perf_counter())
         for name, fields in b.events:
             self.events.log(name, **fields)
-        return np.array((int(b.save), b.next_end, p.k, delta, unfinished))
+        return np.array((int(b.save), b.next_end, p.k, delta, unfinished, int(halt)))
 
     def apply(self, agreed: Any, me: Any, comm: Any, state: dict[str, Any],
               hosts: list[str]) -> int:
@@ -97,7 +102,7 @@ class Boundaries:
             p.observe_save(agreed.delta_ns / 1e9)
         t = time.perf_counter()
         committed, saved = self.ckpts.at_boundary(comm, me, agreed.timing.end, state,
-                                                  save=agreed.save,
+                                                  save=agreed.save or agreed.halt,
                                                   writes_ready=agreed.writes_ready, hosts=hosts)
         ckpt_s = time.perf_counter() - t
         if rank0 and committed is not None and committed.write_s is not None:

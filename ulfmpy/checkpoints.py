@@ -135,6 +135,19 @@ class Checkpoints:
         self._reported = last.step
         return last
 
+    def save_at_halt(self, comm: Any, state: dict[str, Any], step: int) -> None:
+        """A halt with checkpoints off: one ordinary, synchronous checkpoint of
+        ``step``, so the halted run can resume. Collective."""
+        if self.store is not None or not self.config.resilience:
+            return
+        from ulfmpy.checkpoint import CheckpointStore
+
+        cfg = self.config
+        self.store = CheckpointStore(comm, self.run_dir, keep=cfg.ckpt_keep, mode="sync",
+                                     events=self.events, meta={"config": cfg.as_dict()})
+        self.store.prepare(state)
+        self.store.save(step, state)
+
     def drain(self) -> None:
         """End of run: wait for the outstanding write and commit it. Collective."""
         if self.store is not None:

@@ -124,6 +124,13 @@ class Config:
         int, "group the processes into K named nodes node0..node{K-1} on one machine (node kills, "
         "partner copies on another node, a zygote per node); 0 = the real hosts, which also "
         "win when the ranks run on several"))
+    halt_signal: str = field(default="USR1,TERM", metadata=_opt(
+        str, "signals that halt the run at the next segment boundary: checkpoint, then exit 79 "
+        "(comma-separated names, or none)"))
+    halt_before: float = field(default=120.0, metadata=_opt(
+        _duration, "halt this long before the job's end (from --walltime, or Slurm's end time)"))
+    walltime: float = field(default=0.0, metadata=_opt(
+        _duration, "the job's wall time from its start (0: under Slurm, the job's end time)"))
 
     def __post_init__(self) -> None:
         if self.segment_steps < 0:
@@ -161,6 +168,14 @@ class Config:
 
             for spec in self.inject:
                 parse_fault(spec)
+        from ulfmpy.halt import parse_signals
+
+        try:
+            parse_signals(self.halt_signal)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.halt_before < 0 or self.walltime < 0:
+            raise ConfigError("--halt-before and --walltime must be >= 0")
         if self.resume not in ("none", "auto") and not os.path.exists(self.resume):
             raise ConfigError(f"resume: {self.resume!r} does not exist; give none, auto (the "
                               "newest committed checkpoint in the run directory) or the path of "

@@ -36,6 +36,7 @@ __all__ = [
     "translate_mpi_error",
     "EXIT_RELAUNCH",
     "EXIT_UNRECOVERABLE",
+    "EXIT_HALTED",
 ]
 
 #: Exit status of a rank/job that could not recover in-job but left a
@@ -44,6 +45,11 @@ __all__ = [
 EXIT_RELAUNCH = 75
 #: Exit status of a run that stopped on an error relaunching cannot fix.
 EXIT_UNRECOVERABLE = 76
+#: Exit status of a run halted on request (a halt signal or its deadline,
+#: :mod:`ulfmpy.halt`): "halted, resume me". Normally a checkpoint was taken
+#: at the halt; after an escalation (a second signal, the job's end) the
+#: newest committed one stands. Batch templates requeue on it.
+EXIT_HALTED = 79
 
 
 class UlfmpyError(Exception):

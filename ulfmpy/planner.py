@@ -89,6 +89,8 @@ class Schedule:
             or None.
         interval_model: the model ``--soft-mtbf`` picks the segment length with.
         async_writes: saves return before the write is durable.
+        max_segment_s: while a halt can come (:mod:`ulfmpy.halt`), a segment
+            runs at most about this long, so the halt lands soon; 0 = unbounded.
     """
 
     steps: int
@@ -101,6 +103,7 @@ class Schedule:
     interval: Any = None
     interval_model: str = "exact"
     async_writes: bool = True
+    max_segment_s: float = 0.0
 
 
 @dataclass
@@ -373,6 +376,9 @@ class BoundaryPlanner:
                 self._pending_polls += 1
         if self._halt_at is not None and self._halt_at > step:
             end = min(end, self._halt_at)
+        st = self.step_time
+        if s.max_segment_s > 0 and st:
+            end = min(end, step + max(1, int(s.max_segment_s / st)))
         return max(end, min(step + 1, s.steps))
 
     def _pending_k(self) -> int:

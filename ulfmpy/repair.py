@@ -55,7 +55,8 @@ def _respawn_policy(world: MPI.Comm, plan: Any, ctx: "Repairer", timer: PhaseTim
     with timer("respawn"):
         merged, plan, times = _respawn.spawn_replacements(
             world, plan, target=target, respawns=respawns + 1, zygote_name=ctx.zygote_name,
-            run_dir=ctx.run_dir, config=ctx.config, virtual=ctx.virtual)
+            run_dir=ctx.run_dir, config=ctx.config, virtual=ctx.virtual,
+            halt_times=ctx.halt_times)
     ctx.events.log("respawn_timing", **times)
     return merged, plan, respawns + 1
 
@@ -82,11 +83,15 @@ class Repairer:
         node: this process's node (a spare on the dead rank's node is chosen first).
         virtual: the nodes are ``--virtual-nodes`` (a replacement takes its
             node from the layout, not from its host).
+        halt_times: (halt at, job ends at) of :mod:`ulfmpy.halt`, told to
+            replacements.
     """
 
     def __init__(self, config: Any, events: Any, hooks: Any, run_dir: str, *, ft: bool,
-                 zygote_name: str | None, node: str = "", virtual: bool = False) -> None:
+                 zygote_name: str | None, node: str = "", virtual: bool = False,
+                 halt_times: tuple[float | None, float | None] = (None, None)) -> None:
         self.config, self.events, self.hooks, self.run_dir = config, events, hooks, run_dir
+        self.halt_times = halt_times
         self.ft, self.zygote_name = ft, zygote_name
         self.node, self.virtual = node, virtual
         self.recoveries: list[dict[str, Any]] = []

@@ -31,7 +31,8 @@ _ZYGOTE: dict[str, Any] = {"job": None, "name": None, "proc": None, "atexit": Fa
 
 def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respawns: int,
                        zygote_name: str | None, run_dir: str,
-                       config: Any, virtual: bool = False) -> tuple[MPI.Comm, Any, dict[str, float]]:
+                       config: Any, virtual: bool = False,
+                       halt_times: Any = (None, None)) -> tuple[MPI.Comm, Any, dict[str, float]]:
     """Spawn replacements for the dead ranks and merge them in.
 
     Collective over the live processes of ``world``. Returns the merged
@@ -57,7 +58,8 @@ def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respaw
         replaced[r] = uid
     info = {"new_uids": new_uids, "assign": assign, "size": plan.size, "target": target,
             "run_dir": run_dir, "config": config.as_dict(), "respawns": respawns,
-            "zygote": zygote_name, "layout": list(plan.layout), "virtual": virtual}
+            "zygote": zygote_name, "layout": list(plan.layout), "virtual": virtual,
+            "halt": list(halt_times)}
     merged.bcast(info if merged.Get_rank() == 0 else None, root=0)
     inter.Disconnect()
     try:

@@ -37,6 +37,7 @@ from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_
                              with_replay)
 from ulfmpy import jobctl as _jobctl
 from ulfmpy.inject import FaultPlan, cannot_fire
+from ulfmpy.halt import HALT_WINDOW_S, HaltWatch, halt_times, parse_signals
 from ulfmpy.nodes import virtual_node
 from ulfmpy.boundary import Boundaries, make_planner
 from ulfmpy.repair import Repairer
@@ -106,6 +107,9 @@ class Runtime:
         self.events = EventLog(self.run_dir, self.uid)
         cfg = self.config
         self._node, nodes = self._place(world)
+        # The job's end is read once, by one process (squeue under Slurm).
+        self._halt_times = world.bcast(halt_times(cfg) if world.Get_rank() == 0 else None,
+                                       root=0)
         zygote = _respawn.start_zygote(world, run_dir=self.run_dir, events=self.events,
                                        wanted=self.ft and cfg.zygote and "respawn" in cfg.recovery,
                                        node=self._node if self._virtual else None)
@@ -119,6 +123,7 @@ class Runtime:
         self.config = Config(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in self._join["config"].items()})
         self.run_dir, self.size = self._join["run_dir"], me.size
+        self._halt_times = tuple(self._join.get("halt") or (None, None))
         self.events = EventLog(self.run_dir, me.uid)
         self._setup(me, self._join.get("zygote"))
         return self
@@ -145,7 +150,13 @@ class Runtime:
         self.segments = SegmentRunner(cfg, self.comm, self.events, self.hooks)
         self.ckpts = Checkpoints(cfg, self.run_dir, self.events, self.hooks)
         self.repairer = Repairer(cfg, self.events, self.hooks, self.run_dir, ft=self.ft,
-                                 zygote_name=zygote, node=self._host, virtual=self._virtual)
+                                 zygote_name=zygote, node=self._host, virtual=self._virtual,
+                                 halt_times=self._halt_times)
+        halt_at, end_at = self._halt_times
+        self.halt = HaltWatch(parse_signals(cfg.halt_signal) if cfg.resilience else (),
+                              halt_at=halt_at if cfg.resilience else None, end_at=end_at,
+                              on_escalate=self._escalate)
+        self.halt.install()
         self.events.log("start", size=self.size, spares=cfg.spares, logical=me.logical,
                         ft=self.ft, host=self._host, pid=os.getpid(), config=cfg.as_dict(),
                         spare_slot=me.spare_slot,
@@ -201,7 +212,8 @@ class Runtime:
     def _make_planner(self) -> None:
         """Rank 0's planner decides; the others' only plan the first segment. Local."""
         planner = make_planner(self.config, self._steps, nodes=len(set(self._hosts)),
-                               checkpoints=self.ckpts.store is not None)
+                               checkpoints=self.ckpts.store is not None,
+                               max_segment_s=HALT_WINDOW_S if self.halt.possible else 0.0)
         self.planner = planner
         self.bounds = Boundaries(planner, self.ckpts, self.segments, self.events)
 
@@ -244,6 +256,8 @@ class Runtime:
                 step = agreed.timing.end
                 end = self.bounds.apply(agreed, self.me, self.comm.mpi_comm, self.work.state,
                                         self._hosts)
+                if agreed.halt and step < steps:
+                    self._halt(step)
             except GlobalRollback as gr:
                 global_rollbacks += 1
                 self.segments.abandon()
@@ -295,7 +309,29 @@ class Runtime:
         return self.bounds.restart(step)
 
     def _slots(self, t: SegmentTiming) -> np.ndarray:
-        return self.bounds.slots(self.me.rank, self.comm, self.work, t)
+        return self.bounds.slots(self.me.rank, self.comm, self.work, t,
+                                 halt=self.halt.due() is not None)
+
+    # -- halting (DESIGN §9) -------------------------------------------------------
+    def _halt(self, step: int) -> None:
+        """Every rank agreed to halt at ``step``, saved there: commit, then leave
+        with EXIT_HALTED. Collective over the compute ranks (spares released)."""
+        self.halt.request("another rank asked")
+        self.ckpts.save_at_halt(self.comm.mpi_comm, self.work.state, step)
+        self.ckpts.drain()  # the halt's save is committed before anyone leaves
+        self.halt.done = True
+        self.ckpts.close()
+        _td.leave_halted_run(self.me, self.comm.mpi_comm, step=step, events=self.events,
+                             watch=self.halt, committed=self.ckpts.last_committed_step(),
+                             spares=self.config.spares, ft=self.ft,
+                             failed=bool(self.repairer.recoveries or self._saw_failure
+                                         or self.me.role != _rec.Role.INITIAL))
+
+    def _escalate(self, reason: str) -> None:
+        """A second halt signal, or the job's end, before the halt was done: stop now."""
+        _td.escalate_halt(reason, uid=self.uid, run_dir=self.run_dir, events=self.events,
+                          committed=self.ckpts.last_committed_step() if hasattr(self, "ckpts")
+                          else None)
 
     # -- hard failures ---------------------------------------------------------------
     def _recover(self, exc: BaseException, step: int) -> int:

@@ -32,7 +32,7 @@ __all__ = ["SegmentRunner", "SegmentTiming", "Agreed", "PLAN_SLOTS"]
 #: rank 0's save, next end and segment length (others send 0), every rank's last exposed
 #: save time in ns (the maximum reaches rank 0), and whether any rank's
 #: asynchronous write is still unfinished (1) — all reduced with MAX.
-PLAN_SLOTS = 5
+PLAN_SLOTS = 6
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class Agreed:
         k: the segment length in use (rank 0's policy).
         delta_ns: the maximum over ranks of the last save's exposed time.
         writes_ready: every rank's asynchronous write has finished its phase.
+        halt: some rank asked for a halt (:mod:`ulfmpy.halt`): save and stop here.
         timing: this rank's measurements of the segment.
     """
 
@@ -74,6 +75,7 @@ class Agreed:
     delta_ns: int
     writes_ready: bool
     timing: SegmentTiming
+    halt: bool = False
 
 
 class SegmentRunner:
@@ -201,7 +203,8 @@ class SegmentRunner:
         vec[1:] = plan(timing)
         self.comm.mpi_comm.Allreduce(MPI.IN_PLACE, vec, op=MPI.MAX)
         agreed = Agreed(save=bool(vec[1]), next_end=int(vec[2]), k=int(vec[3]),
-                        delta_ns=int(vec[4]), writes_ready=not vec[5], timing=timing)
+                        delta_ns=int(vec[4]), writes_ready=not vec[5], timing=timing,
+                        halt=bool(vec[6]))
         if vec[0] == 0:
             return [Report()] * me.size, agreed
         # Only when some rank has something to report do all exchange full reports.

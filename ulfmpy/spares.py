@@ -63,6 +63,9 @@ def wait_as_spare(me: Any, events: Any, hooks: Any,
             if msg in ("done", "done:lost"):
                 events.log("spare_released")
                 return me, None, saw or msg == "done:lost"
+            if msg in ("halt", "halt:lost"):
+                events.log("spare_released", halted=True)
+                leave_halted(events, finalize=not (saw or msg == "halt:lost"))
         except ProcessFailure as exc:
             saw = True
             if not me.world.Is_revoked():
@@ -84,13 +87,15 @@ def wait_as_spare(me: Any, events: Any, hooks: Any,
                 continue
 
 
-def release_spares(me: Any, events: Any, *, ft: bool, failed: bool) -> int:
+def release_spares(me: Any, events: Any, *, ft: bool, failed: bool, halt: bool = False) -> int:
     """Tell waiting spares the run is over; return how many were found dead.
 
     Called by logical rank 0. A spare killed while it waited is known to
     ULFM as a failed process of the world communicator (or fails the send).
     ``failed``: a process died during the run, so no spare may finalize.
+    ``halt``: the run halted (:mod:`ulfmpy.halt`): the spares exit EXIT_HALTED.
     """
+    word = "halt" if halt else "done"
     world_ranks = _world_ranks_of_spares(me.world, me.compute)
     dead: set[int] = set()
     if ft:
@@ -104,7 +109,7 @@ def release_spares(me: Any, events: Any, *, ft: bool, failed: bool) -> int:
         try:
             # "done:lost": a process died (a spare, or a rank earlier), so
             # this one must not finalize either.
-            me.world.send("done:lost" if (dead or failed) else "done", dest=r, tag=SPARE_TAG)
+            me.world.send(f"{word}:lost" if (dead or failed) else word, dest=r, tag=SPARE_TAG)
         except MPI.Exception:
             dead.add(r)  # a dead spare needs no goodbye
     if dead:
@@ -117,3 +122,23 @@ def _world_ranks_of_spares(world: MPI.Comm, compute: MPI.Comm) -> list[int]:
     active = MPI.Group.Translate_ranks(compute.Get_group(), list(range(compute.Get_size())),
                                        world.Get_group())
     return [r for r in range(world.Get_size()) if r not in set(active)]
+
+
+def leave_halted(events: Any, *, finalize: bool) -> None:
+    """Leave the job after a halt with EXIT_HALTED. Every process of the job
+    does so together (after the halt's agreement). Does not return."""
+    import os
+    import sys
+
+    from ulfmpy.errors import EXIT_HALTED
+    from ulfmpy.respawn import stop_zygote
+
+    events.close()
+    stop_zygote()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if finalize:
+        # Skipped after a failure: Open MPI's finalize was seen to wait on
+        # the dead process (teardown.guard_finalize).
+        MPI.Finalize()
+    os._exit(EXIT_HALTED)

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -355,3 +356,58 @@ def refuse_settings(comm: Any, error: BaseException | None) -> None:
     sys.stdout.flush()
     MPI.Finalize()
     os._exit(EXIT_UNRECOVERABLE)
+
+
+def leave_halted_run(me: Any, comm: Any, *, step: int, events: Any, watch: Any,
+                     committed: int | None, spares: int, ft: bool, failed: bool) -> None:
+    """The run halted at ``step`` (its checkpoint committed): release the spares,
+    say so once and leave with EXIT_HALTED. Collective over the compute ranks
+    (every one is here after the same agreement). Does not return."""
+    from ulfmpy.errors import EXIT_HALTED
+    from ulfmpy.spares import leave_halted, release_spares
+
+    lost = 0
+    if me.rank == 0 and spares:
+        lost = release_spares(me, events, ft=ft, failed=failed, halt=True)
+    requested = watch.requested_at
+    seconds = None if requested is None else time.time() - requested
+    events.log("halt", step=step, reason=watch.reason, committed_step=committed,
+               seconds_from_request=seconds, code=EXIT_HALTED)
+    if me.rank == 0:
+        where = (f"checkpoint step {committed} committed" if committed is not None else
+                 "no checkpoint (checkpoints are off): a resume starts over")
+        took = f" {seconds:.2f} s after the request" if seconds is not None else ""
+        print(f"ulfmpy: halted at step {step} ({watch.reason}){took}; {where}; exit "
+              f"{EXIT_HALTED}: resume with --resume auto", file=sys.stderr, flush=True)
+    # One collective so nobody finalizes while another still releases spares.
+    try:
+        comm.Barrier()
+    except MPI.Exception:
+        failed = True
+    leave_halted(events, finalize=not (failed or lost))
+
+
+def escalate_halt(reason: str, *, uid: int, run_dir: str, events: Any,
+                  committed: int | None) -> None:
+    """Stop this process at once after a halt went wrong (:mod:`ulfmpy.halt`).
+    Local; may run in a signal handler or a timer thread. Does not return.
+
+    Committed checkpoints are untouched (a commit is a rename); the exit
+    marker lets the launcher end the job if a peer does not notice.
+    """
+    from ulfmpy import jobctl
+    from ulfmpy.errors import EXIT_HALTED
+
+    try:
+        events.log("halt_escalated", reason=reason, committed_step=committed)
+        events.close()
+        jobctl.write_exit_marker(run_dir, uid, EXIT_HALTED)
+    except Exception:
+        pass
+    if jobctl.claim_first_error(run_dir):
+        where = (f"checkpoint step {committed} is the newest committed" if committed is not None
+                 else "no checkpoint was committed")
+        print(f"ulfmpy: halt escalated: {reason}; stopping now ({where}; --resume auto resumes "
+              f"from it); exit {EXIT_HALTED}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_HALTED)

@@ -34,8 +34,10 @@ def test_rollback_reaches_only_the_contaminated_ranks(step, index, expect):
 def test_rank_0_plan_reaches_every_rank():
     world = MPI.COMM_WORLD
     runner, me, work, _ = setup(world)
-    mine = (1, 23, 8, 0, 0) if me.rank == 0 else (0, 0, 0, 100 * me.rank, int(me.rank == 2))
+    mine = (1, 23, 8, 0, 0, 0) if me.rank == 0 else (0, 0, 0, 100 * me.rank, int(me.rank == 2),
+                                                     int(me.rank == 3))
     agreed = run_segment(runner, me, work, 0, 10, plan=lambda t: np.array(mine))
     all_true(world, (agreed.save, agreed.next_end, agreed.k) == (True, 23, 8), "rank 0 decides")
     all_true(world, agreed.delta_ns == 300 and not agreed.writes_ready, "max over ranks")
+    all_true(world, agreed.halt, "a halt asked by any rank reaches every rank")
     free(me)

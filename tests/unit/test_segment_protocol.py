@@ -10,9 +10,9 @@ from ulfmpy.errors import GlobalRollback
 
 def test_clean_segment_passes_the_plan_through_the_agreement():
     runner, me, work, events = setup(MPI.COMM_SELF)
-    agreed = run_segment(runner, me, work, 0, 10, plan=lambda t: np.array((1, 17, 9, 5, 0)))
-    assert (agreed.save, agreed.next_end, agreed.k, agreed.delta_ns, agreed.writes_ready) == \
-        (True, 17, 9, 5, True)
+    agreed = run_segment(runner, me, work, 0, 10, plan=lambda t: np.array((1, 17, 9, 5, 0, 0)))
+    assert (agreed.save, agreed.next_end, agreed.k, agreed.delta_ns, agreed.writes_ready,
+            agreed.halt) == (True, 17, 9, 5, True, False)
     t = agreed.timing
     assert (t.first, t.end, t.clean) == (0, 10, True) and t.t_steps_end >= t.t_start
     assert runner.counters["segments"] == 1 and not runner.rollbacks
