@@ -46,12 +46,26 @@ class Result:
 def run_ulfmpy(args: list[str], run_dir: Path, *, timeout: float = 120,
                env: dict[str, str] | None = None) -> Result:
     """``python -m ulfmpy run --run-dir RUN_DIR ARGS...``; kill the group on timeout."""
+    return finish_ulfmpy(start_ulfmpy(args, run_dir, env=env), run_dir, timeout=timeout)
+
+
+def start_ulfmpy(args: list[str], run_dir: Path, *,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``ulfmpy run`` in its own process group; :func:`finish_ulfmpy` waits."""
     cmd = [sys.executable, "-m", "ulfmpy", "run", "--run-dir", str(run_dir), *args]
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, start_new_session=True, cwd=str(run_dir.parent))
+    proc.cmd = cmd  # type: ignore[attr-defined]
+    return proc
+
+
+def finish_ulfmpy(proc: subprocess.Popen, run_dir: Path, *, timeout: float = 120) -> Result:
+    """Wait for a started job; on timeout kill its whole tree and fail (a hang)."""
+    cmd = getattr(proc, "cmd", [])
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
