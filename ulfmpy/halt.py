@@ -98,11 +98,14 @@ def deadline(*, start: float, walltime: float, halt_before: float,
     """(when to halt, when the job is ended) as Unix times, or (None, None). Pure.
 
     ``--walltime`` (seconds from ``start``) wins over the Slurm end time.
+    The margin is at most half the time left at ``start``, so a job shorter
+    than twice ``--halt-before`` still computes before it halts (and does not
+    halt at once after every requeue).
     """
     end = start + walltime if walltime > 0 else slurm_end
     if end is None:
         return None, None
-    return end - halt_before, end
+    return end - min(halt_before, max(end - start, 0.0) / 2), end
 
 
 def halt_times(config: Any, now: float | None = None) -> tuple[float | None, float | None]:

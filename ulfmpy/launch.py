@@ -242,8 +242,9 @@ def format_command(argv: list[str], env_add: dict[str, str]) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.usage = ("ulfmpy run -n N [--spares S] [--oversubscribe] [--dry-run] "
                     "[--max-restarts K] [settings...] (SCRIPT | -m MODULE) [ARGS...]")
-    parser.add_argument("-n", "--np", dest="ranks", type=int, required=True,
-                        help="number of compute ranks")
+    parser.add_argument("-n", "--np", dest="ranks", type=int, default=None,
+                        help="number of compute ranks (inside a Slurm allocation: its task "
+                             "count minus --spares)")
     parser.add_argument("--spares", type=int, default=0,
                         help="spare ranks that replace failed ones in-job")
     ov = parser.add_mutually_exclusive_group()
@@ -279,8 +280,27 @@ def _program(args: argparse.Namespace) -> list[str]:
     return prog
 
 
+def allocation_ranks(ranks: int | None, spares: int, environ: dict[str, str]) -> int:
+    """``-n``, or inside a Slurm allocation its task count less the spares. Pure."""
+    if ranks is not None:
+        return ranks
+    tasks = environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")
+    if not tasks:
+        raise LaunchError("-n N is required (the number of compute ranks); inside a Slurm "
+                          "allocation it defaults to the allocation's tasks minus --spares")
+    try:
+        total = int(tasks)
+    except ValueError:
+        raise LaunchError(f"SLURM_NTASKS={tasks!r} is not a number; give -n N") from None
+    if total - spares < 1:
+        raise LaunchError(f"the allocation has {total} tasks: no compute rank is left beside "
+                          f"--spares {spares}; ask for more tasks (sbatch -n) or fewer spares")
+    return total - spares
+
+
 def run(args: argparse.Namespace) -> int:
     """Run (or print) the job; return its exit status (128+N if killed by signal N)."""
+    args.ranks = allocation_ranks(args.ranks, args.spares, dict(os.environ))
     program = _program(args)
     if args.max_restarts < 0:
         raise LaunchError(f"--max-restarts must be >= 0, got {args.max_restarts}")

@@ -54,10 +54,11 @@ def test_the_end_time_is_read_once_from_squeue_for_this_job():
 @given(st.floats(0, 1e9), st.floats(1, 1e6), st.floats(0, 1e3))
 def test_walltime_wins_and_the_halt_comes_before_the_end(start, wall, before):
     halt, end = deadline(start=start, walltime=wall, halt_before=before, slurm_end=start + 5)
-    assert end == start + wall and halt == end - before
+    assert end == start + wall and halt == end - min(before, wall / 2)
+    assert start + wall / 2 <= halt + 1e-6 * max(1.0, start) and halt <= end
     assert deadline(start=start, walltime=0, halt_before=before, slurm_end=None) == (None, None)
     assert deadline(start=start, walltime=0, halt_before=before,
-                    slurm_end=start + 7) == (start + 7 - before, start + 7)
+                    slurm_end=start + 7) == (start + 7 - min(before, 3.5), start + 7)
 
 
 def test_halt_times_from_the_settings():
