@@ -10,7 +10,7 @@ ROOT_ENV := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_
 MPI_TIER := timeout -k 10 900 env $(ROOT_ENV) $(VENV)/bin/mpirun -n 4 --oversubscribe --with-ft ulfm --mca btl ^ofi \
             $(PY) -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q --color=no tests/mpi
 
-.PHONY: setup demo test test-unit test-mpi test-scenarios bench clean
+.PHONY: setup demo test test-unit test-mpi test-scenarios test-slurm bench clean
 
 setup: $(STAMP)
 
@@ -31,9 +31,11 @@ demo: $(STAMP)
 	    --inject bitflip:rank=1,step=150,bit=62 apps/stencil.py --nx 1024 --ny 1024 --steps 300
 
 # The in-MPI tier first, so the last line is the summary of the larger plain-pytest run.
+# The Slurm tier needs a cluster: slurm/with-localcluster brings a local one up
+# (installing munge and Slurm from the distribution's packages if missing) and down.
 test: $(STAMP)
 	$(MPI_TIER)
-	$(PY) -m pytest -p no:cacheprovider -q tests/unit tests/scenarios
+	slurm/with-localcluster $(PY) -m pytest -p no:cacheprovider -q tests/unit tests/scenarios tests/slurm
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -q tests/unit
@@ -43,6 +45,9 @@ test-scenarios: $(STAMP)
 
 test-mpi: $(STAMP)
 	$(MPI_TIER)
+
+test-slurm: $(STAMP)
+	slurm/with-localcluster $(PY) -m pytest -p no:cacheprovider -q tests/slurm
 
 bench: $(STAMP)
 	$(PY) scripts/bench_stencil.py

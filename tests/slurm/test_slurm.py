@@ -1,0 +1,155 @@
+"""ulfmpy under a real Slurm (DESIGN §9): halt at the wall time or on a signal,
+requeue, resume; in-job recovery inside the allocation; seeded arrays.
+
+Each test submits the project's batch templates with ``sbatch`` as a user
+would, waits for the job with a timeout and checks its run directory and
+Slurm's record (state, exit code, restarts).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STENCIL = str(REPO / "apps" / "stencil.py")
+GRID = ["--nx", "240", "--ny", "200"]
+
+
+def reference(tmp_path: Path, steps: int) -> str:
+    """The fault-free fingerprint, from a plain run outside Slurm."""
+    run_dir = tmp_path / f"ref-{steps}"
+    out = subprocess.run([sys.executable, "-m", "ulfmpy", "run", "-n", "4", "--run-dir",
+                          str(run_dir), "--no-resilience", STENCIL, *GRID, "--steps", str(steps),
+                          "--quiet"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads((run_dir / "summary.json").read_text())["fingerprint"]
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    from ulfmpy.events import read_events
+
+    return list(read_events(run_dir, kind))
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def output(path: Path) -> str:
+    return path.read_text() if path.exists() else "(no output)"
+
+
+def wait_for_loop(run_dir: Path, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if run_dir.exists() and events(run_dir, "segments"):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the job's loop did not start within {timeout} s ({run_dir})")
+
+
+def test_the_wall_time_signal_halts_checkpoints_requeues_and_completes(cluster, tmp_path):
+    steps = 60000
+    ref = reference(tmp_path, steps)
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    # One minute per allocation, warned 50 s before its end: the job needs
+    # several allocations and must lose nothing at each.
+    job = cluster.submit(["-n", "4", "--time=1", "--signal=B:USR1@50", "-o", str(out)],
+                         "ulfmpy.sbatch", [STENCIL, *GRID, "--steps", str(steps)], cwd=tmp_path,
+                         env=cluster.env(ULFMPY_RUN_DIR=str(run_dir)))
+    [rec] = cluster.wait(job, timeout=420)
+    text = output(out)
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, text)
+    assert int(rec["Restarts"]) >= 1, text
+    halts = events(run_dir, "halt")
+    assert halts and all(h["committed_step"] == h["step"] for h in halts), text
+    # The warning came before the kill: no allocation ran into its time limit.
+    assert "TIMEOUT" not in text and "DUE TO TIME LIMIT" not in text, text
+    assert "exit 79 (halted): requeueing" in text
+    s = summary(run_dir)
+    assert s["fingerprint"] == ref, text
+    assert s["restored_from"]["step"] == max(h["step"] for h in halts)
+
+
+@pytest.mark.parametrize("how", [["--full"], ["--batch"]], ids=["full", "batch"])
+def test_scancel_signal_halts_a_running_job_cleanly(cluster, tmp_path, how):
+    steps = 200000
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.submit(["-n", "4", "-o", str(out)], "ulfmpy.sbatch",
+                         ["--max-requeues", "0", STENCIL, *GRID, "--steps", str(steps)],
+                         cwd=tmp_path, env=cluster.env(ULFMPY_RUN_DIR=str(run_dir)))
+    wait_for_loop(run_dir)
+    time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR1", *how, job], check=True, timeout=30)
+    [rec] = cluster.wait(job, timeout=120, release=False)
+    text = output(out)
+    assert rec["ExitCode"] == "79:0", (rec, text)
+    halts = events(run_dir, "halt")
+    assert len(halts) == 4 and len({h["step"] for h in halts}) == 1, text
+    step = halts[0]["step"]
+    assert halts[0]["committed_step"] == step < steps
+    assert (run_dir / "ckpt" / f"step-{step:08d}.h5").exists()
+    assert not events(run_dir, "halt_escalated"), text  # one request, not two
+    assert "--max-requeues 0 reached" in text
+
+
+def test_a_killed_rank_is_replaced_by_a_spare_inside_the_allocation(cluster, tmp_path):
+    steps = 3000
+    ref = reference(tmp_path, steps)
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.submit(["-n", "5", "-o", str(out)], "ulfmpy-spares.sbatch",
+                         [STENCIL, *GRID, "--steps", str(steps)], cwd=tmp_path,
+                         env=cluster.env(ULFMPY_RUN_DIR=str(run_dir), ULFMPY_SPARES_PER_NODE="1",
+                                         ULFMPY_INJECT="kill:rank=2,step=1200"))
+    [rec] = cluster.wait(job, timeout=300)
+    text = output(out)
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "0", (rec, text)
+    s = summary(run_dir)
+    assert s["ranks"] == 4 and s["fingerprint"] == ref, text
+    assert [r["policy"] for r in s["recoveries"]] == ["spares"], s["recoveries"]
+
+
+def test_no_in_job_recovery_exits_75_requeues_and_resumes(cluster, tmp_path):
+    steps = 3000
+    ref = reference(tmp_path, steps)
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.submit(["-n", "4", "-o", str(out)], "ulfmpy.sbatch",
+                         ["--recovery", "", "--ckpt-every", "500", STENCIL, *GRID,
+                          "--steps", str(steps)], cwd=tmp_path,
+                         env=cluster.env(ULFMPY_RUN_DIR=str(run_dir),
+                                         ULFMPY_INJECT="kill:rank=1,step=1700"))
+    [rec] = cluster.wait(job, timeout=300)
+    text = output(out)
+    assert rec["JobState"] == "COMPLETED" and int(rec["Restarts"]) == 1, (rec, text)
+    assert "exit 75 (no in-job recovery left): requeueing" in text
+    s = summary(run_dir)
+    assert s["fingerprint"] == ref, text
+    assert s["restored_from"]["step"] == 1500 and s["launches"] >= 2, s
+
+
+def test_an_array_of_seeded_injection_runs_each_in_its_own_run_directory(cluster, tmp_path):
+    steps = 1500
+    out = tmp_path / "job-%a.out"
+    job = cluster.submit(["--array=0-2", "-n", "4", "-o", str(out)], "ulfmpy-array.sbatch",
+                         ["--detect", "finite,bounds", STENCIL, *GRID, "--steps", str(steps)],
+                         cwd=tmp_path,
+                         env=cluster.env(ULFMPY_INJECT="bitflip:rate=0.002,bit=62"))
+    recs = cluster.wait(job, timeout=420)
+    assert len(recs) == 3 and all(r["JobState"] == "COMPLETED" for r in recs), recs
+    array = recs[0]["ArrayJobId"]
+    flips = {}
+    for task in range(3):
+        run_dir = tmp_path / "runs" / f"slurm-{array}_{task}"
+        s = summary(run_dir)
+        start = events(run_dir, "start")[0]
+        assert start["config"]["seed"] == task, start["config"]
+        flips[task] = sorted((e["rank"], e["step"]) for e in events(run_dir, "inject"))
+        assert s["injected_faults"] == len(flips[task]) > 0
+    # Seeded: the three experiments struck different places.
+    assert len({tuple(v) for v in flips.values()}) == 3, flips
