@@ -124,6 +124,9 @@ class Config:
         int, "group the processes into K named nodes node0..node{K-1} on one machine (node kills, "
         "partner copies on another node, a zygote per node); 0 = the real hosts, which also "
         "win when the ranks run on several"))
+    repair_timeout: float = field(default=30.0, metadata=_opt(
+        _duration, "an in-job repair still unfinished after this long ends the job with exit 75 "
+        "(relaunch resumes from the checkpoint) instead of hanging; 0 = wait for ever"))
     halt_signal: str = field(default="USR1,TERM", metadata=_opt(
         str, "signals that halt the run at the next segment boundary: checkpoint, then exit 79 "
         "(comma-separated names, or none)"))
@@ -174,8 +177,8 @@ class Config:
             parse_signals(self.halt_signal)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.halt_before < 0 or self.walltime < 0:
-            raise ConfigError("--halt-before and --walltime must be >= 0")
+        if self.halt_before < 0 or self.walltime < 0 or self.repair_timeout < 0:
+            raise ConfigError("--halt-before, --walltime and --repair-timeout must be >= 0")
         if self.resume not in ("none", "auto") and not os.path.exists(self.resume):
             raise ConfigError(f"resume: {self.resume!r} does not exist; give none, auto (the "
                               "newest committed checkpoint in the run directory) or the path of "

@@ -63,6 +63,11 @@ class FaultHooks(NoFaults):
 
     def _fire(self, f: Any, step: int | None, phase: str, **extra: Any) -> None:
         self.plan.mark_fired(f, self.whoami(), step=step, phase=phase, uid=self.uid, **extra)
+        if getattr(f, "stall", 0):
+            self.events.log("inject", kind="stall", spec=f.spec, step=step, phase=phase,
+                            logical=self.whoami(), execution=1, seconds=f.stall)
+            time.sleep(f.stall)
+            return
         self.events.log("inject", kind="kill", spec=f.spec, step=step, phase=phase,
                         logical=self.whoami(), execution=1)
         self.events.close()

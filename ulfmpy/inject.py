@@ -28,6 +28,10 @@ Specs (``--inject``, repeatable, or ``ULFMPY_INJECT`` separated by ``;``):
   it waits) once it has run that long.
 * ``kill:mtbf=DURATION[,seed=N]`` — exponential failures per job: one random
   rank is killed after an exponentially distributed run time.
+* ``kill:...,stall=DURATION`` — instead of dying, the process stops
+  responding for that long where the kill would strike (a hang: a process
+  stuck in I/O or swapping), then goes on. ``phase=recovery`` stalls the
+  in-job repair, which ``--repair-timeout`` ends.
 
 The injector records each fault as an event (ground truth for tests and
 experiments).
@@ -131,11 +135,12 @@ class Kill(Fault):
     seed: int = 0
     node: str | None = None
     at: float = 0.0
+    stall: float = 0.0
 
 
 @register_injector("kill")
 def _parse_kill(fields: dict[str, str], spec: str) -> Kill:
-    _check_keys(fields, {"rank", "step", "phase", "mtbf", "seed", "node", "at"}, spec)
+    _check_keys(fields, {"rank", "step", "phase", "mtbf", "seed", "node", "at", "stall"}, spec)
     phase = fields.get("phase", "compute")
     if phase not in KILL_PHASES:
         raise ConfigError(f"fault {spec!r}: phase must be one of {', '.join(KILL_PHASES)}")
@@ -154,8 +159,16 @@ def _parse_kill(fields: dict[str, str], spec: str) -> Kill:
         raise ConfigError(f"fault {spec!r}: at= needs rank=")
     if not mtbf and not at and (rank is None and "node" not in fields or step is None):
         raise ConfigError(f"fault {spec!r}: give rank= (or node=) and step=, rank= and at=, or mtbf=")
+    stall = 0.0
+    if "stall" in fields:
+        from ulfmpy.units import parse_duration
+
+        stall = parse_duration(fields["stall"])
+        if stall <= 0:
+            raise ConfigError(f"fault {spec!r}: stall must be a duration > 0")
     return Kill(spec=spec, rank=rank, step=step, phase=phase, mtbf=mtbf,
-                seed=_int(fields, "seed", spec, 0) or 0, node=fields.get("node"), at=at)
+                seed=_int(fields, "seed", spec, 0) or 0, node=fields.get("node"), at=at,
+                stall=stall)
 
 
 def parse_fault(spec: str) -> Fault:

@@ -13,6 +13,7 @@ Collective over the live processes of the job (spares included).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -34,13 +35,16 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.phases: dict[str, float] = {}
+        self.current: str | None = None  # the phase running now
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
+        self.current = name
         try:
             yield
         finally:
+            self.current = None
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
 
 
@@ -133,13 +137,49 @@ class Repairer:
         # A failure during a repair repairs again from where this one got:
         # the communicators it last made (a shrunk or merged world).
         self._current = me
-        for attempt in range(MAX_REPAIRS):
-            try:
-                return self._once(self._current, timer, t_detect, step, cur_step, attempt,
-                                  known_ckpt, restore)
-            except (ProcessFailure, MPI.Exception) as again:
-                self.events.log("failure_during_recovery", attempt=attempt, error=str(again))
-        raise RecoveryFailed(f"{MAX_REPAIRS} repairs in a row failed")
+        # An MPI call of the repair that never returns (a spawn under heavy
+        # load was seen to) must not hang the job: leave for a relaunch.
+        limit = self.config.repair_timeout
+        watchdog = threading.Timer(limit, self._stuck, args=(timer, limit, known_ckpt))
+        watchdog.daemon = True
+        if limit > 0:
+            watchdog.start()
+        try:
+            for attempt in range(MAX_REPAIRS):
+                try:
+                    return self._once(self._current, timer, t_detect, step, cur_step, attempt,
+                                      known_ckpt, restore)
+                except (ProcessFailure, MPI.Exception) as again:
+                    self.events.log("failure_during_recovery", attempt=attempt, error=str(again))
+            raise RecoveryFailed(f"{MAX_REPAIRS} repairs in a row failed")
+        finally:
+            watchdog.cancel()
+
+    def _stuck(self, timer: PhaseTimer, limit: float, known_ckpt: Callable[[], int | None]) -> None:
+        """The repair did not finish within ``--repair-timeout``: exit 75. Runs in
+        the watchdog thread; does not return."""
+        import os
+        import sys
+
+        from ulfmpy import jobctl
+        from ulfmpy.errors import EXIT_RELAUNCH
+
+        phase = timer.current or "between phases"
+        uid = self._current.uid
+        try:
+            self.events.log("repair_stuck", seconds=limit, phase=phase, phases=dict(timer.phases))
+            self.events.close()
+            jobctl.write_exit_marker(self.run_dir, uid, EXIT_RELAUNCH)
+        except Exception:
+            pass
+        if jobctl.claim_first_error(self.run_dir):
+            ckpt = known_ckpt()
+            where = (f"from checkpoint step {ckpt}" if ckpt is not None else
+                     "from the start (no checkpoint was committed)")
+            print(f"ulfmpy: an in-job repair did not finish within {limit:g} s (stuck in "
+                  f"{phase}); exit {EXIT_RELAUNCH}: a relaunch (--max-restarts, a requeue) "
+                  f"resumes {where}", file=sys.stderr, flush=True)
+        os._exit(EXIT_RELAUNCH)
 
     def _once(self, me: Any, timer: PhaseTimer, t_detect: float, step: int, cur_step: int,
               attempt: int, known_ckpt: Callable[[], int | None],

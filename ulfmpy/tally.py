@@ -33,10 +33,11 @@ class Tally:
     earlier_deaths: int = 0          # processes of earlier launches that died
     failed_launches: int = 0         # earlier launches in which a process died
     fired_specs: frozenset[str] = field(default_factory=frozenset)
+    injected_stalls: int = 0         # processes stopped for a while (not dead)
 
     @property
     def injected_faults(self) -> int:
-        return self.injected_flips + self.injected_kills
+        return self.injected_flips + self.injected_kills + self.injected_stalls
 
 
 def _records(path: Path) -> Iterable[dict[str, Any]]:
@@ -58,7 +59,7 @@ def tally(run_dir: str | os.PathLike[str], *, launch: str | None = None) -> Tall
     ``launch``: the current launch's id; its processes are still running,
     so only earlier launches' sections count as deaths.
     """
-    flips = kills = escaped = 0
+    flips = kills = stalls = escaped = 0
     launches: set[Any] = set()
     dead: dict[Any, int] = {}
     fired: set[str] = set()
@@ -76,6 +77,8 @@ def tally(run_dir: str | os.PathLike[str], *, launch: str | None = None) -> Tall
             elif ev == "inject":
                 if rec.get("kind") == "kill":
                     kills += 1
+                elif rec.get("kind") == "stall":
+                    stalls += 1
                 elif rec.get("execution", 1) == 1:
                     flips += 1
                 if rec.get("spec"):
@@ -84,7 +87,7 @@ def tally(run_dir: str | os.PathLike[str], *, launch: str | None = None) -> Tall
                 escaped += 1
         _died(section, launch, dead)
     return Tally(flips, kills, escaped, len(launches), sum(dead.values()), len(dead),
-                 frozenset(fired))
+                 frozenset(fired), stalls)
 
 
 def current_launch() -> str:

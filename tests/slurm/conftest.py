@@ -87,15 +87,23 @@ class Cluster:
         outside the job, as an operator would).
         """
         t0 = time.monotonic()
+        pending: dict[str, float] = {}
         while time.monotonic() - t0 < timeout:
             recs = self.show(job)
             if recs and all(r.get("JobState") in until for r in recs):
                 return recs
             for r in recs:
-                if (release and r.get("JobState") == "PENDING"
+                if not (release and r.get("JobState") == "PENDING"
                         and int(r.get("Restarts", "0")) > 0):
+                    pending.pop(r.get("JobId", ""), None)
+                    continue
+                # Started again too soon, slurmd still holds the old start's
+                # credential and kills the job ("Job credential revoked").
+                seen = pending.setdefault(r["JobId"], time.monotonic())
+                if time.monotonic() - seen > 5:
                     subprocess.run(["scontrol", "update", f"JobId={r['JobId']}",
                                     "StartTime=now"], capture_output=True, timeout=30)
+                    pending.pop(r["JobId"])
             time.sleep(0.5)
         self.cancel(job)
         pytest.fail(f"job {job} did not end within {timeout} s: {self.show(job)}")

@@ -134,14 +134,16 @@ def test_no_in_job_recovery_exits_75_requeues_and_resumes(cluster, tmp_path):
 
 
 def test_an_array_of_seeded_injection_runs_each_in_its_own_run_directory(cluster, tmp_path):
-    steps = 1500
+    steps = 600
     out = tmp_path / "job-%a.out"
-    job = cluster.submit(["--array=0-2", "-n", "4", "-o", str(out)], "ulfmpy-array.sbatch",
+    # Three 2-rank tasks fit the cluster's 8 CPUs at once.
+    job = cluster.submit(["--array=0-2", "-n", "2", "-o", str(out)], "ulfmpy-array.sbatch",
                          ["--detect", "finite,bounds", STENCIL, *GRID, "--steps", str(steps)],
                          cwd=tmp_path,
-                         env=cluster.env(ULFMPY_INJECT="bitflip:rate=0.002,bit=62"))
+                         env=cluster.env(ULFMPY_INJECT="bitflip:rate=0.005,bit=62"))
     recs = cluster.wait(job, timeout=420)
-    assert len(recs) == 3 and all(r["JobState"] == "COMPLETED" for r in recs), recs
+    assert len(recs) == 3 and all(r["JobState"] == "COMPLETED" for r in recs), \
+        [(r["ArrayTaskId"], r["JobState"], r["ExitCode"]) for r in recs]
     array = recs[0]["ArrayJobId"]
     flips = {}
     for task in range(3):
