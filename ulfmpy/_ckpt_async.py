@@ -200,9 +200,12 @@ class HelperProcess:
         if sys.version_info >= (3, 11):
             cmd.append("-P")  # no script or cwd directory on sys.path
         cmd += [os.path.abspath(_ckpt_helper.__file__), str(r_job), str(w_res), str(os.getpid()), str(nice)]
+        from ulfmpy.halt import signals_blocked
+
         try:
-            self.proc = subprocess.Popen(cmd, pass_fds=(r_job, w_res), close_fds=True,
-                                         stdin=subprocess.DEVNULL)
+            with signals_blocked():
+                self.proc = subprocess.Popen(cmd, pass_fds=(r_job, w_res), close_fds=True,
+                                             stdin=subprocess.DEVNULL)
         finally:
             os.close(r_job)
             os.close(w_res)

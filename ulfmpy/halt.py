@@ -22,6 +22,7 @@ as it was, and the next launch resumes from the newest.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import signal
@@ -29,10 +30,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 __all__ = ["parse_signals", "slurm_end_time", "read_slurm_end", "deadline", "halt_times",
-           "HaltWatch", "HALT_WINDOW_S"]
+           "HaltWatch", "HALT_WINDOW_S", "signals_blocked"]
 
 #: While a halt can come, a segment runs at most this many seconds, so a halt
 #: lands within a few seconds and not after a 1000-step segment.
@@ -116,6 +117,26 @@ def halt_times(config: Any, now: float | None = None) -> tuple[float | None, flo
                     halt_before=config.halt_before, slurm_end=slurm_end)
 
 
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Start helper processes inside this: they never see a halt signal.
+
+    A checkpoint helper or a zygote killed by the ``SIGUSR1`` that halts
+    its rank (``mpirun`` and ``scancel --full`` signal every process) would
+    fail the very checkpoint the halt takes. The blocked mask is inherited
+    across fork and exec, so the child keeps them blocked for life; in this
+    process a signal that comes meanwhile stays pending and is delivered
+    when the block ends (no request is lost). Helpers still die with their
+    rank (``PR_SET_PDEATHSIG``).
+    """
+    sigs = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class HaltWatch:
     """One process's halt requests. Local object.
 
@@ -150,6 +171,9 @@ class HaltWatch:
             return
         for sig in self.signals:
             self._old[sig] = signal.signal(sig, self._caught)
+        if self.signals:
+            # A process forked by a zygote inherits its blocked halt signals.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self.signals))
         if self.end_at is not None:
             # The scheduler kills the job at its end: a halt still running
             # a second before that stops at once rather than half-done.

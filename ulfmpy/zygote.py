@@ -82,10 +82,13 @@ def start(name: str, *, watch: int, log: str | None = None,
     try:
         if log:
             out = open(log, "ab")  # noqa: SIM115 (closed below: the child keeps its copy)
-        return subprocess.Popen(
-            [sys.executable, "-m", "ulfmpy.zygote", name, str(watch), ",".join(preload)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            close_fds=True, start_new_session=True)
+        from ulfmpy.halt import signals_blocked
+
+        with signals_blocked():  # the replacements it forks unblock them (HaltWatch)
+            return subprocess.Popen(
+                [sys.executable, "-m", "ulfmpy.zygote", name, str(watch), ",".join(preload)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                close_fds=True, start_new_session=True)
     except OSError:
         return None
     finally:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from slurm_cluster import cluster, slurm  # noqa: F401 (fixtures)
+
 REPO = Path(__file__).resolve().parents[2]
 STENCIL = str(REPO / "apps" / "stencil.py")
 GRID = ["--nx", "240", "--ny", "200"]

@@ -1,4 +1,7 @@
-"""The Slurm tier: real jobs submitted with ``sbatch`` to a running cluster.
+"""The Slurm tier's fixtures: real jobs submitted with ``sbatch`` to a running cluster.
+
+(Not a conftest.py: the scenario tier imports helpers from its own
+``conftest``, and a second module of that name would shadow it.)
 
 ``make test`` brings a one-node cluster up with ``slurm/localcluster up``
 (which sets ``SLURM_CONF``) before this tier and down after it. Without a
@@ -19,7 +22,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-APPS = REPO / "apps"
 SLURM = REPO / "slurm"
 
 

@@ -54,11 +54,13 @@ def test_the_end_time_is_read_once_from_squeue_for_this_job():
 @given(st.floats(0, 1e9), st.floats(1, 1e6), st.floats(0, 1e3))
 def test_walltime_wins_and_the_halt_comes_before_the_end(start, wall, before):
     halt, end = deadline(start=start, walltime=wall, halt_before=before, slurm_end=start + 5)
-    assert end == start + wall and halt == end - min(before, wall / 2)
+    assert end == start + wall
+    assert halt == pytest.approx(end - min(before, wall / 2), rel=1e-12, abs=1e-6)
     assert start + wall / 2 <= halt + 1e-6 * max(1.0, start) and halt <= end
     assert deadline(start=start, walltime=0, halt_before=before, slurm_end=None) == (None, None)
-    assert deadline(start=start, walltime=0, halt_before=before,
-                    slurm_end=start + 7) == (start + 7 - min(before, 3.5), start + 7)
+    halt, end = deadline(start=start, walltime=0, halt_before=before, slurm_end=start + 7)
+    assert end == start + 7
+    assert halt == pytest.approx(start + 7 - min(before, 3.5), rel=1e-12, abs=1e-6)
 
 
 def test_halt_times_from_the_settings():
