@@ -63,9 +63,10 @@ def test_the_wall_time_signal_halts_checkpoints_requeues_and_completes(cluster, 
     # One minute per allocation, warned 50 s before its end: the job needs
     # several allocations and must lose nothing at each.
     job = cluster.submit(["-n", "4", "--time=1", "--signal=B:USR1@50", "-o", str(out)],
-                         "ulfmpy.sbatch", [STENCIL, *GRID, "--steps", str(steps)], cwd=tmp_path,
+                         "ulfmpy.sbatch", ["--max-requeues", "30", STENCIL, *GRID, "--steps",
+                                           str(steps)], cwd=tmp_path,
                          env=cluster.env(ULFMPY_RUN_DIR=str(run_dir)))
-    [rec] = cluster.wait(job, timeout=420)
+    [rec] = cluster.wait(job, timeout=600)
     text = output(out)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, text)
     assert int(rec["Restarts"]) >= 1, text
