@@ -49,13 +49,19 @@ def halt_events(res):
     return res.events("halt")
 
 
+def signalled(args, run_dir, *, after=1.0, timeout=120):
+    """Start ``ulfmpy run ARGS``, SIGUSR1 it ``after`` s into its loop (what
+    Slurm's ``--signal=B:USR1`` does to the batch shell), wait for the end."""
+    proc = start_ulfmpy(args, run_dir)
+    wait_for("the loop's start", loop_started(run_dir))
+    time.sleep(after)
+    proc.send_signal(signal.SIGUSR1)
+    return finish_ulfmpy(proc, run_dir, timeout=timeout)
+
+
 def _halted_and_resumes(tmp_path, reference, args, *, resume_ranks=3):
     run_dir = tmp_path / "run"
-    proc = start_ulfmpy(["-n", "4", *args, *STENCIL], run_dir)
-    wait_for("the loop's start", loop_started(run_dir))
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)  # what Slurm's --signal=B:USR1 does to the batch shell
-    res = finish_ulfmpy(proc, run_dir, timeout=120)
+    res = signalled(["-n", "4", *args, *STENCIL], run_dir)
     assert res.returncode == EXIT_HALTED, res
     halts = halt_events(res)
     assert len(halts) == 4, halts  # every compute rank halted
@@ -91,11 +97,7 @@ def test_a_signal_halts_with_async_checkpoints_in_flight(tmp_path, reference):
 
 def test_spares_leave_with_the_halt(tmp_path, reference):
     run_dir = tmp_path / "run"
-    proc = start_ulfmpy(["-n", "4", "--spares", "1", *STENCIL], run_dir)
-    wait_for("the loop's start", loop_started(run_dir))
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
-    res = finish_ulfmpy(proc, run_dir, timeout=120)
+    res = signalled(["-n", "4", "--spares", "1", *STENCIL], run_dir)
     assert res.returncode == EXIT_HALTED, res
     released = [e for e in res.events("spare_released") if e.get("halted")]
     assert len(released) == 1
@@ -120,11 +122,8 @@ def test_with_halting_off_a_signal_ends_the_job_without_a_checkpoint(tmp_path):
     # The test above fails when halt handling is switched off: this is what a
     # user gets then (and the off switch works).
     run_dir = tmp_path / "run"
-    proc = start_ulfmpy(["-n", "4", "--halt-signal", "none", *STENCIL], run_dir)
-    wait_for("the loop's start", loop_started(run_dir))
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGUSR1)
-    res = finish_ulfmpy(proc, run_dir, timeout=60)
+    res = signalled(["-n", "4", "--halt-signal", "none", *STENCIL], run_dir, after=0.5,
+                    timeout=60)
     assert res.returncode not in (0, EXIT_HALTED), res
     assert not res.events("halt") and not (run_dir / "ckpt").exists()
 
