@@ -297,10 +297,12 @@ class HelperProcess:
         return res
 
     def close(self, *, timeout: float = 10.0, kill: bool = False) -> None:
-        """Stop the helper: ask nicely (or terminate with ``kill``), then reap it."""
+        """Stop the helper: ask nicely (or SIGKILL it with ``kill``), then reap it."""
         if self.alive():
             if kill:
-                self.proc.terminate()
+                # Not SIGTERM: helpers keep it blocked (halt.signals_blocked),
+                # and an abandoned write needs no goodbye.
+                self.proc.kill()
             else:
                 try:
                     self._send(("stop",))
