@@ -20,6 +20,7 @@ from slurm_cluster import cluster, slurm  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 STENCIL = str(REPO / "apps" / "stencil.py")
+SLOW = REPO / "tests" / "scenarios" / "apps" / "slow_steps.py"
 GRID = ["--nx", "240", "--ny", "200"]
 
 
@@ -29,6 +30,15 @@ def reference(tmp_path: Path, steps: int) -> str:
     out = subprocess.run([sys.executable, "-m", "ulfmpy", "run", "-n", "4", "--run-dir",
                           str(run_dir), "--no-resilience", STENCIL, *GRID, "--steps", str(steps),
                           "--quiet"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads((run_dir / "summary.json").read_text())["fingerprint"]
+
+
+def run_app_reference(tmp_path: Path, app: list[str]) -> str:
+    """The fingerprint of an uninterrupted protected run of ``app`` outside Slurm."""
+    run_dir = tmp_path / "ref-app"
+    out = subprocess.run([sys.executable, "-m", "ulfmpy", "run", "-n", "4", "--run-dir",
+                          str(run_dir), *app], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads((run_dir / "summary.json").read_text())["fingerprint"]
 
@@ -57,24 +67,26 @@ def wait_for_loop(run_dir: Path, timeout: float = 120) -> None:
 
 
 def test_the_wall_time_signal_halts_checkpoints_requeues_and_completes(cluster, tmp_path):
-    steps = 60000
-    ref = reference(tmp_path, steps)
+    # 1200 steps of 50 ms (sleeping: the machine stays free) need more than
+    # one allocation of one minute warned 50 s before its end (Slurm checks
+    # such signals about every 30 s: the warning comes 10-40 s in). The
+    # fingerprint does not depend on the sleep: the reference runs without it.
+    app = [str(SLOW), "--steps", "1200"]
+    ref = run_app_reference(tmp_path, [*app, "--slow-from", "100000"])
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    # One minute per allocation, warned 50 s before its end: the job needs
-    # several allocations and must lose nothing at each.
     job = cluster.submit(["-n", "4", "--time=1", "--signal=B:USR1@50", "-o", str(out)],
-                         "ulfmpy.sbatch", ["--max-requeues", "30", STENCIL, *GRID, "--steps",
-                                           str(steps)], cwd=tmp_path,
-                         env=cluster.env(ULFMPY_RUN_DIR=str(run_dir)))
-    [rec] = cluster.wait(job, timeout=600)
+                         "ulfmpy.sbatch", ["--max-requeues", "10", "--halt-before", "10s", *app,
+                                           "--slow-from", "0", "--slow-s", "0.05"],
+                         cwd=tmp_path, env=cluster.env(ULFMPY_RUN_DIR=str(run_dir)))
+    [rec] = cluster.wait(job, timeout=400)
     text = output(out)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, text)
     assert int(rec["Restarts"]) >= 1, text
     halts = events(run_dir, "halt")
     assert halts and all(h["committed_step"] == h["step"] for h in halts), text
     # The warning came before the kill: no allocation ran into its time limit.
-    assert "TIMEOUT" not in text and "DUE TO TIME LIMIT" not in text, text
-    assert "exit 79 (halted): requeueing" in text
+    assert "TIME LIMIT" not in text and "exit 79 (halted): requeueing" in text, text
+    assert any(h["reason"] == "signal SIGUSR1" for h in halts), halts
     s = summary(run_dir)
     assert s["fingerprint"] == ref, text
     assert s["restored_from"]["step"] == max(h["step"] for h in halts)

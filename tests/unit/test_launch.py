@@ -30,6 +30,25 @@ def _btl(argv):
     return [argv[i + 2] for i, a in enumerate(argv) if a == "--mca" and argv[i + 1] == "btl"]
 
 
+def _mca(argv, name):
+    return [argv[i + 2] for i, a in enumerate(argv) if a == "--mca" and argv[i + 1] == name]
+
+
+def test_more_ranks_than_cores_on_one_node_yield_when_idle():
+    # Inside a Slurm allocation Open MPI counts slots, not cores, and would spin.
+    argv, _ = build_command(ranks=4, program=["a.py"], info=OMPI, cores=2, root=False,
+                            one_node=True)
+    assert _mca(argv, "mpi_yield_when_idle") == ["1"] and "--oversubscribe" in argv
+    for cores, one_node in ((8, True), (2, False)):
+        argv, _ = build_command(ranks=4, program=["a.py"], info=OMPI, cores=cores, root=False,
+                                one_node=one_node)
+        assert _mca(argv, "mpi_yield_when_idle") == []
+    argv, _ = build_command(ranks=4, program=["a.py"], info=OMPI, cores=2, root=False,
+                            one_node=True,
+                            extra_mpirun_args=["--mca", "mpi_yield_when_idle", "0"])
+    assert _mca(argv, "mpi_yield_when_idle") == ["0"]  # the user's choice stays
+
+
 def test_one_node_skips_libfabric_transport():
     argv, _ = build_command(ranks=2, program=["a.py"], info=OMPI, cores=2, root=False,
                             one_node=True)

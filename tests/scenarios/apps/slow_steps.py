@@ -3,9 +3,10 @@
 
 Each rank holds 256 values; each step it averages them with its right
 neighbour's (``Sendrecv`` around a ring) and adds a step-dependent source.
-From step ``--slow-from`` on every step also sleeps ``--slow-s`` seconds,
-and rank 0 creates ``RUN_DIR/slow-STEP`` as it starts such a step, so a
-test can send a signal while a long step is running.
+From step ``--slow-from`` on every step also sleeps ``--slow-s`` seconds
+(the state does not depend on it: a run without the sleep gives the same
+fingerprint), and rank 0 creates ``RUN_DIR/slow-STEP`` as it starts the
+first such step, so a test can send a signal while a long step is running.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Slow:
         comm = self.comm
         rank, size = comm.Get_rank(), comm.Get_size()
         if step >= self.slow_from:
-            if rank == 0:
+            if rank == 0 and step == self.slow_from:
                 open(os.path.join(self.run_dir, f"slow-{step}"), "w").close()
             time.sleep(self.slow_s)
         comm.Sendrecv(self.u, dest=(rank - 1) % size, sendtag=5, recvbuf=self.buf,
