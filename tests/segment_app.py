@@ -86,7 +86,7 @@ def setup(base: Any, hooks: Any = None, **settings: Any):
 def run_segment(runner: SegmentRunner, me: Identity, work: Any, first: int, end: int,
                 plan=None) -> Any:
     """Drive one segment as the loop body would; returns the :class:`Agreed`."""
-    plan = plan or (lambda t: np.array((0, end + 5, 0, 0, 0)))
+    plan = plan or (lambda t: np.array((0, end + 5, 0, 0, 0, 0)))
     gen = runner.run(me, work, first, end, plan)
     try:
         while True:

@@ -121,7 +121,7 @@ def halt_times(config: Any, now: float | None = None) -> tuple[float | None, flo
 def signals_blocked() -> Iterator[None]:
     """Start helper processes inside this: they never see a halt signal.
 
-    A checkpoint helper or a zygote killed by the ``SIGUSR1`` that halts
+    A checkpoint helper killed by the ``SIGUSR1`` that halts
     its rank (``mpirun`` and ``scancel --full`` signal every process) would
     fail the very checkpoint the halt takes. The blocked mask is inherited
     across fork and exec, so the child keeps them blocked for life; in this
@@ -172,7 +172,7 @@ class HaltWatch:
         for sig in self.signals:
             self._old[sig] = signal.signal(sig, self._caught)
         if self.signals:
-            # A process forked by a zygote inherits its blocked halt signals.
+            # Never blocked here unless a parent left them so: be sure.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self.signals))
         if self.end_at is not None:
             # The scheduler kills the job at its end: a halt still running

@@ -82,13 +82,13 @@ def start(name: str, *, watch: int, log: str | None = None,
     try:
         if log:
             out = open(log, "ab")  # noqa: SIM115 (closed below: the child keeps its copy)
-        from ulfmpy.halt import signals_blocked
-
-        with signals_blocked():  # the replacements it forks unblock them (HaltWatch)
-            return subprocess.Popen(
-                [sys.executable, "-m", "ulfmpy.zygote", name, str(watch), ",".join(preload)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                close_fds=True, start_new_session=True)
+        # Not started with the halt signals blocked (as checkpoint helpers
+        # are): the programs it forks and its own stop need them. A zygote
+        # ended by a halt's signal costs nothing: the job is leaving.
+        return subprocess.Popen(
+            [sys.executable, "-m", "ulfmpy.zygote", name, str(watch), ",".join(preload)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            close_fds=True, start_new_session=True)
     except OSError:
         return None
     finally:
