@@ -329,9 +329,9 @@ class Runtime:
 
     def _escalate(self, reason: str) -> None:
         """A second halt signal, or the job's end, before the halt was done: stop now."""
+        # The watch is installed after self.ckpts exists (_setup).
         _td.escalate_halt(reason, uid=self.uid, run_dir=self.run_dir, events=self.events,
-                          committed=self.ckpts.last_committed_step() if hasattr(self, "ckpts")
-                          else None)
+                          committed=self.ckpts.last_committed_step())
 
     # -- hard failures ---------------------------------------------------------------
     def _recover(self, exc: BaseException, step: int) -> int:

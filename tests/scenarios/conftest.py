@@ -78,6 +78,22 @@ def finish_ulfmpy(proc: subprocess.Popen, run_dir: Path, *, timeout: float = 120
     return Result(proc.returncode, out, err, run_dir)
 
 
+_REFERENCES: dict[tuple, str] = {}
+
+
+def reference_fingerprint(program: list[str], tmp_path_factory, *, ranks: int = 4,
+                          timeout: float = 300) -> str:
+    """The fault-free fingerprint of ``program`` (``--no-resilience``), computed
+    once per session for each program and rank count."""
+    key = (ranks, tuple(program))
+    if key not in _REFERENCES:
+        res = run_ulfmpy(["-n", str(ranks), "--no-resilience", *program],
+                         tmp_path_factory.mktemp("ref") / "run", timeout=timeout)
+        assert res.returncode == 0, res
+        _REFERENCES[key] = res.summary["fingerprint"]
+    return _REFERENCES[key]
+
+
 def _processes_of(run_dir: Path) -> list[int]:
     """PIDs whose environment names this run directory (mpirun, ranks, helpers)."""
     tag = f"ULFMPY_RUN_DIR={run_dir}".encode()

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import APPS, TEST_APPS, finish_ulfmpy, run_ulfmpy, start_ulfmpy
+from conftest import (APPS, TEST_APPS, finish_ulfmpy, reference_fingerprint, run_ulfmpy,
+                      start_ulfmpy)
 
 from ulfmpy.errors import EXIT_HALTED
 
@@ -24,10 +25,7 @@ STENCIL = [str(APPS / "stencil.py"), "--nx", "240", "--ny", "200", "--steps", "1
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    res = run_ulfmpy(["-n", "4", "--no-resilience", *STENCIL],
-                     tmp_path_factory.mktemp("ref") / "run", timeout=300)
-    assert res.returncode == 0, res
-    return res.summary["fingerprint"]
+    return reference_fingerprint(STENCIL, tmp_path_factory)
 
 
 def wait_for(what, predicate, timeout=60.0):

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import APPS, run_ulfmpy
+from conftest import APPS, reference_fingerprint, run_ulfmpy
 
 STENCIL = [str(APPS / "stencil.py"), "--nx", "240", "--ny", "200", "--steps", "120"]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    res = run_ulfmpy(["-n", "4", "--no-resilience", *STENCIL],
-                     tmp_path_factory.mktemp("ref") / "run")
-    assert res.returncode == 0, res
-    return res.summary["fingerprint"]
+    return reference_fingerprint(STENCIL, tmp_path_factory)
 
 
 def _hosts(res) -> dict[int, str]:
