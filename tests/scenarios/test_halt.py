@@ -20,7 +20,8 @@ from conftest import (APPS, TEST_APPS, finish_ulfmpy, reference_fingerprint, run
 
 from ulfmpy.errors import EXIT_HALTED
 
-STENCIL = [str(APPS / "stencil.py"), "--nx", "240", "--ny", "200", "--steps", "12000"]
+# 30000 steps: several seconds at any speed seen here, so a signal 1 s in lands mid-run.
+STENCIL = [str(APPS / "stencil.py"), "--nx", "240", "--ny", "200", "--steps", "30000"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def _halted_and_resumes(tmp_path, reference, args, *, resume_ranks=3):
     assert len(halts) == 4, halts  # every compute rank halted
     [step] = {h["step"] for h in halts}
     assert {h["committed_step"] for h in halts} == {step}
-    assert 0 < step < 12000
+    assert 0 < step < 30000
     assert (run_dir / "ckpt" / f"step-{step:08d}.h5").exists()
     assert res.stderr.count("ulfmpy: halted at step") == 1
     assert not (run_dir / "summary.json").exists()  # the run is not over
@@ -103,17 +104,27 @@ def test_spares_leave_with_the_halt(tmp_path, reference):
     assert resumed.returncode == 0 and resumed.summary["fingerprint"] == reference, resumed
 
 
-def test_the_wall_time_halts_without_any_signal(tmp_path, reference):
+def test_the_wall_time_halts_without_any_signal(tmp_path):
+    # Sleeping steps (100 x 50 ms): the halt at 2 s lands mid-run on any
+    # machine. The state does not depend on the sleep: the reference skips it.
+    app = [str(TEST_APPS / "slow_steps.py"), "--steps", "100"]
+    ref = run_ulfmpy(["-n", "4", *app, "--slow-from", "1000"], tmp_path / "ref", timeout=120)
+    assert ref.returncode == 0, ref
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
-    res = run_ulfmpy(["-n", "4", "--walltime", "4s", "--halt-before", "2s", *STENCIL], run_dir,
-                     timeout=120)
+    res = run_ulfmpy(["-n", "4", "--walltime", "4s", "--halt-before", "2s", *app,
+                      "--slow-from", "0", "--slow-s", "0.05"], run_dir, timeout=120)
     assert res.returncode == EXIT_HALTED, res
     assert time.monotonic() - t0 < 4 + 5  # before the end, not after it
     [reason] = {h["reason"] for h in res.events("halt")}
     assert reason == "deadline"
-    resumed = run_ulfmpy(["-n", "4", "--resume", "auto", *STENCIL], run_dir, timeout=300)
-    assert resumed.returncode == 0 and resumed.summary["fingerprint"] == reference, resumed
+    [step] = {h["step"] for h in res.events("halt")}
+    assert 0 < step < 100
+    resumed = run_ulfmpy(["-n", "4", "--resume", "auto", *app, "--slow-from", "1000"], run_dir,
+                         timeout=120)
+    assert resumed.returncode == 0, resumed
+    assert resumed.summary["restored_from"]["step"] == step
+    assert resumed.summary["fingerprint"] == ref.summary["fingerprint"]
 
 
 def test_with_halting_off_a_signal_ends_the_job_without_a_checkpoint(tmp_path):
