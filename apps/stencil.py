@@ -154,11 +154,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report(summary: dict, nx: int, ny: int, quiet: bool) -> None:
-    steps, wall = summary["steps"], summary["wall_s"]
+    # A resumed run computed only the steps after its checkpoint in this wall time.
+    steps, wall = summary.get("steps_run", summary["steps"]), summary["wall_s"]
+    start = summary.get("start_step", 0)
     summary["steps_per_s"] = steps / wall if wall > 0 else float("inf")
     summary["mcells_per_s"] = nx * ny * steps / wall / 1e6 if wall > 0 else float("inf")
     if not quiet:
-        print(f"stencil: {summary['ranks']} ranks, {nx}x{ny}, {steps} steps in {wall:.3f} s "
+        what = f"steps {start}..{summary['steps']} ({steps})" if start else f"{steps} steps"
+        print(f"stencil: {summary['ranks']} ranks, {nx}x{ny}, {what} in {wall:.3f} s "
               f"({summary['steps_per_s']:.1f} steps/s, {summary['mcells_per_s']:.1f} Mcells/s)"
               f"{'' if summary.get('resilience', True) else ' [no resilience]'}")
         print(f"stencil: fingerprint {summary['fingerprint']}  "

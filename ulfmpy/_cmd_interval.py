@@ -49,8 +49,11 @@ def add_failure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=1, help="node count for --node-mtbf (default 1)")
     parser.add_argument("--save", metavar="DELTA", required=True,
                         help="exposed time of one checkpoint save, e.g. 30s")
-    parser.add_argument("--recovery", metavar="R", default="0",
+    parser.add_argument("--recovery-time", dest="recovery", metavar="R", default="0",
                         help="time from a failure until computing again, e.g. 4m (default 0)")
+    # `--recovery` is ulfmpy run's list of in-job policies; a duration has its own name.
+    parser.add_argument("--recovery", dest="recovery_misnamed", default=None,
+                        help=argparse.SUPPRESS)
 
 
 def failure_inputs(args: argparse.Namespace) -> tuple[float, float, float]:
@@ -67,8 +70,12 @@ def failure_inputs(args: argparse.Namespace) -> tuple[float, float, float]:
         mtbf = parse_duration(args.mtbf, what="--mtbf")
     else:
         mtbf = parse_duration(args.node_mtbf, what="--node-mtbf") / args.nodes
+    if getattr(args, "recovery_misnamed", None) is not None:
+        raise ConfigError(f"--recovery names ulfmpy run's in-job recovery policies; the time "
+                          f"to recover is --recovery-time here (--recovery-time "
+                          f"{args.recovery_misnamed})")
     save = parse_duration(args.save, what="--save")
-    recovery = parse_duration(args.recovery, what="--recovery")
+    recovery = parse_duration(args.recovery, what="--recovery-time")
     if mtbf <= 0:
         raise ConfigError(f"--mtbf must be > 0, got {args.mtbf or args.node_mtbf!r}")
     if save <= 0:

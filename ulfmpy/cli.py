@@ -1,4 +1,4 @@
-"""The ``ulfmpy`` command: ``run | interval | simulate | inspect | report``.
+"""The ``ulfmpy`` command: ``run | interval | simulate | inspect | report | campaign``.
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and
 ``run(args) -> int``; modules are imported only when their command runs, so
@@ -24,8 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
-    parser = argparse.ArgumentParser(prog="ulfmpy", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="ulfmpy", allow_abbrev=False,
+        description="Make mpi4py timestep loops survive faults: run a protected program, pick "
+                    "a checkpoint interval, look at runs and checkpoints, run fault campaigns.",
+        epilog="Each command has its own help: ulfmpy COMMAND --help")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     name = next((a for a in argv if not a.startswith("-")), None)
     module = None
@@ -42,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ulfmpy`` console script and ``python -m ulfmpy``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, module = _parser(argv)
-    args = parser.parse_args(argv)
+    split = getattr(module, "split_program", None)
+    if split is not None:
+        # The program's own arguments never reach argparse (``-m mod --steps 5``).
+        at = argv.index(next(a for a in argv if not a.startswith("-"))) + 1
+        sub = parser._subparsers._group_actions[0].choices[argv[at - 1]]  # type: ignore[union-attr]
+        head, program = split(argv[at:], sub)
+        args = parser.parse_args(argv[:at] + head)
+        args.program = program
+    else:
+        args = parser.parse_args(argv)
     from ulfmpy.errors import UlfmpyError
 
     try:

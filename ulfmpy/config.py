@@ -31,7 +31,7 @@ from ulfmpy.errors import ConfigError
 from ulfmpy.seglength import DEFAULT_BUDGET
 
 __all__ = ["Config", "add_config_arguments", "config_env_from_args", "ENV_PREFIX", "FLAGS_ENV",
-           "CONFLICTS", "flag_name", "RECOVERY_POLICIES"]
+           "CONFLICTS", "flag_name", "RECOVERY_POLICIES", "default_text"]
 
 ENV_PREFIX = "ULFMPY_"
 #: Set by ``ulfmpy run``: the comma-separated setting names given on its
@@ -51,8 +51,39 @@ def _duration(text: str) -> float:
     return parse_duration(text)
 
 
+def _steps(text: str, *, instead: str | None = None) -> int:
+    """A count of steps; a duration given where steps are asked is named as such."""
+    t = str(text).strip()
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    from ulfmpy.units import parse_duration
+
+    try:
+        parse_duration(t)
+    except ConfigError:
+        raise ConfigError(f"expected a whole number of steps, got {text!r}") from None
+    hint = f"; for a time give {instead} {t}" if instead else ""
+    raise ConfigError(f"{text!r} is a duration, but this setting counts steps{hint}")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"expected a whole number, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"expected a number, got {text!r}") from None
+
+
 def _segment_steps(text: str) -> int:
-    return 0 if str(text).strip().lower() == "auto" else int(text)
+    return 0 if str(text).strip().lower() == "auto" else _steps(text)
 
 
 def _opt(kind: Callable[[str], Any], help: str, *, choices: tuple[str, ...] | None = None,
@@ -69,7 +100,7 @@ class Config:
     """
 
     run_dir: str | None = field(default=None, metadata=_opt(
-        str, "run directory (events, summary, checkpoints); default runs/run-<time>"))
+        str, "run directory (events, summary, checkpoints)"))
     resilience: bool = field(default=True, metadata=_opt(
         lambda s: _bool(s), "protect the loop (segments, detection, rollback); off = plain baseline"))
     segment_steps: int = field(default=0, metadata=_opt(
@@ -77,26 +108,32 @@ class Config:
         "steps per restartable segment, or auto (0, the default): the shortest segment whose "
         "boundaries cost at most --segment-budget of the step time, measured as the run goes"))
     segment_budget: float = field(default=DEFAULT_BUDGET, metadata=_opt(
-        float, "with --segment-steps auto: fraction of the step time the segment boundaries "
+        _float, "with --segment-steps auto: fraction of the step time the segment boundaries "
         "(snapshot, detectors, agreement) may cost"))
     detect: tuple[str, ...] = field(default=("finite",), metadata=_opt(
         _csv, "detectors run at segment end, comma-separated (finite,bounds,invariant,...)"))
     detect_every: int = field(default=0, metadata=_opt(
-        int, "also run the detectors every N steps inside a segment (1 = every step, 0 = only at segment end)"))
+        _steps, "also run the detectors every N steps inside a segment (1 = every step, 0 = only at segment end)"))
     max_retries: int = field(default=3, metadata=_opt(
-        int, "re-executions of a segment that detect the error again before escalating"))
+        _int, "re-executions of a segment that detect the error again before escalating"))
     rollback: str = field(default="local", metadata=_opt(
         str, "who re-executes a corrupted segment: local (contamination closure) or global (all ranks)",
         choices=("local", "global")))
     inject: tuple[str, ...] = field(default=(), metadata=_opt(
         str, "fault to inject (repeatable), e.g. bitflip:rank=1,step=57 or kill:rank=2,step=40",
         repeat=True))
-    seed: int = field(default=0, metadata=_opt(int, "seed of randomized fault plans"))
+    seed: int = field(default=0, metadata=_opt(
+        _int, "seed of randomized fault plans"))
     ckpt_every: int = field(default=0, metadata=_opt(
-        int, "global checkpoint at every multiple of N steps (a segment ends there; 0 = off unless --ckpt-seconds or --mtbf)"))
+        lambda s: _steps(s, instead="--ckpt-seconds"),
+        "global checkpoint at every multiple of N steps (a segment ends there; 0 = off unless --ckpt-seconds or --mtbf)"))
     ckpt_seconds: float = field(default=0.0, metadata=_opt(
         _duration, "global checkpoint every S seconds of run time"))
-    ckpt_keep: int = field(default=2, metadata=_opt(int, "committed checkpoints to keep (>= 2)"))
+    ckpt_keep: int = field(default=2, metadata=_opt(
+        _int, "committed checkpoints to keep (>= 2)"))
+    ckpt_final: bool = field(default=False, metadata=_opt(
+        lambda s: _bool(s), "also write the final state as a committed checkpoint when the loop "
+        "ends (keeps the result as data; ulfmpy inspect and xarray open it)"))
     ckpt_mode: str = field(default="async", metadata=_opt(
         str, "checkpoint writer", choices=("async", "sync")))
     resume: str = field(default="none", metadata=_opt(
@@ -109,7 +146,8 @@ class Config:
     zygote: bool = field(default=True, metadata=_opt(
         lambda s: _bool(s), "with the respawn policy: fork replacements from a pre-imported process "
         "kept on each node (off = start them as fresh interpreters)"))
-    spares: int = field(default=0, metadata=_opt(int, "spare ranks started beyond -n (set by ulfmpy run --spares)"))
+    spares: int = field(default=0, metadata=_opt(
+        _int, "spare ranks started beyond -n (set by ulfmpy run --spares)"))
     mtbf: float = field(default=0.0, metadata=_opt(
         _duration, "job mean time between hard failures; enables the online interval policy"))
     node_mtbf: float = field(default=0.0, metadata=_opt(
@@ -121,7 +159,7 @@ class Config:
     recovery_estimate: float = field(default=5.0, metadata=_opt(
         _duration, "recovery time assumed until one is measured"))
     virtual_nodes: int = field(default=0, metadata=_opt(
-        int, "group the processes into K named nodes node0..node{K-1} on one machine (node kills, "
+        _int, "group the processes into K named nodes node0..node{K-1} on one machine (node kills, "
         "partner copies on another node, a zygote per node); 0 = the real hosts, which also "
         "win when the ranks run on several"))
     repair_timeout: float = field(default=30.0, metadata=_opt(
@@ -134,6 +172,10 @@ class Config:
         _duration, "halt this long before the job's end (from --walltime, or Slurm's end time)"))
     walltime: float = field(default=0.0, metadata=_opt(
         _duration, "the job's wall time from its start (0: under Slurm, the job's end time)"))
+
+    progress: str = field(default="auto", metadata=_opt(
+        str, "rank 0's progress display: bar (live, on a terminal), lines (one line every "
+        "10 s), auto (bar on a terminal, else lines), off", choices=("auto", "bar", "lines", "off")))
 
     def __post_init__(self) -> None:
         if self.segment_steps < 0:
@@ -230,7 +272,7 @@ class Config:
             if name in kwargs:
                 keyword = _from_keyword(f, kwargs[name])
             if name in flags and env in environ:
-                value = _convert(f, environ[env], f"flag {flag_name(name)} ({env})")
+                value = _convert(f, environ[env], flag_name(name))
                 values[name], sources[name] = value, "flag"
                 if keyword is not _MISSING and keyword != value:
                     overrides.append({"setting": name, "keyword": keyword, "flag": value})
@@ -390,21 +432,47 @@ def _convert(f: dataclasses.Field[Any], text: str, origin: str) -> Any:
         raise ConfigError(f"{origin}: bad value {text!r} for {f.name}: {exc}") from exc
 
 
+def default_text(f: dataclasses.Field[Any]) -> str:
+    """A setting's default as a user types it (``auto``, ``2m``, ``off``, ``none``)."""
+    from ulfmpy.units import format_duration
+
+    value = f.default
+    if f.name == "segment_steps":
+        return "auto"
+    if f.name == "run_dir":
+        return "runs/run-<time>"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "none"
+    if f.metadata["kind"] is _duration:
+        return format_duration(value).replace(" ", "") if value else "0 (off)"
+    return str(value)
+
+
+#: What ``--no-resilience`` does, in the words of the flag (the setting itself
+#: says what resilience does when on).
+NO_RESILIENCE_HELP = ("run the plain loop, the baseline: no segments, detection, rollback, "
+                      "checkpoints or fault injection")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per setting (dest = setting name, default None)."""
-    group = parser.add_argument_group("ulfmpy settings (also ULFMPY_* variables)")
+    group = parser.add_argument_group("ulfmpy settings (also Runtime(...) keywords and "
+                                      "ULFMPY_* variables)")
     for f in fields(Config):
         if f.name == "spares":
             continue  # ulfmpy run owns --spares, it also changes the rank count
         flag = "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata["help"]}
+        help_ = f"{f.metadata['help']} (default: {default_text(f)})".replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_}
         if f.metadata.get("repeat"):
             kw["action"] = "append"
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if f.name == "resilience":
             group.add_argument("--no-resilience", dest="resilience", action="store_const",
-                               const="0", default=None, help=f.metadata["help"])
+                               const="0", default=None, help=NO_RESILIENCE_HELP)
             continue
         group.add_argument(flag, **kw)
 
@@ -423,6 +491,7 @@ def config_env_from_args(args: argparse.Namespace) -> dict[str, str]:
         if value is None:
             continue
         text = ";".join(value) if isinstance(value, list) else str(value)
+        _convert(f, text, flag_name(f.name))  # the flag is named, not its variable
         env[ENV_PREFIX + f.name.upper()] = text
         given[f.name] = text
     Config.load(environ={**{ENV_PREFIX + k.upper(): v for k, v in given.items()},

@@ -247,38 +247,73 @@ def format_command(argv: list[str], env_add: dict[str, str]) -> str:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.usage = ("ulfmpy run -n N [--spares S] [--oversubscribe] [--dry-run] "
-                    "[--max-restarts K] [settings...] (SCRIPT | -m MODULE) [ARGS...]")
-    parser.add_argument("-n", "--np", dest="ranks", type=int, default=None,
-                        help="number of compute ranks (inside a Slurm allocation: its task "
-                             "count minus --spares)")
-    parser.add_argument("--spares", type=int, default=0,
-                        help="spare ranks that replace failed ones in-job")
+                    "[--max-restarts K] [settings...] [--] (SCRIPT | -m MODULE) [ARGS...]")
+    parser.epilog = ("Everything after SCRIPT (or -m MODULE) goes to the program verbatim; a "
+                     "'--' before it ends ulfmpy's options.")
+    # `-np` is how mpirun users type it; argparse would read `-n p` otherwise.
+    parser.add_argument("-n", "-np", "--np", dest="ranks", type=int, default=None, metavar="N",
+                        help="number of compute ranks (default: inside a Slurm allocation, its "
+                             "task count minus --spares; elsewhere required)")
+    parser.add_argument("--spares", type=int, default=0, metavar="S",
+                        help="spare ranks started beside the N that replace failed ones in-job "
+                             "(default: 0)")
     ov = parser.add_mutually_exclusive_group()
     ov.add_argument("--oversubscribe", dest="oversubscribe", action="store_const", const=True,
-                    default=None, help="allow more ranks than cores (default: automatic)")
-    ov.add_argument("--no-oversubscribe", dest="oversubscribe", action="store_const", const=False)
+                    default=None, help="allow more ranks than cores (default: when the ranks "
+                                       "exceed the cores)")
+    ov.add_argument("--no-oversubscribe", dest="oversubscribe", action="store_const", const=False,
+                    help="never pass --oversubscribe to mpirun")
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
-    parser.add_argument("--max-restarts", type=int, default=0,
-                        help="relaunch a job that could not recover in-job, resuming from its checkpoint")
-    parser.add_argument("--relaunch-n", dest="relaunch_ranks", type=int, default=None,
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                        help="relaunch a job that could not recover in-job (exit 75 or a "
+                             "signal) up to K times, resuming from its checkpoint (default: 0)")
+    parser.add_argument("--relaunch-n", dest="relaunch_ranks", type=int, default=None, metavar="N",
                         help="rank count for relaunches (distributed state restores N->M; "
                              "default: the same -n)")
     parser.add_argument("--no-ft", dest="ft", action="store_false",
                         help="do not enable ULFM even when available")
-    parser.add_argument("--mpirun", default=None, help="mpirun to use (default: PATH, then beside python)")
-    parser.add_argument("--mpirun-arg", action="append", default=[],
-                        help="extra argument for mpirun (repeatable)")
+    parser.add_argument("--mpirun", default=None, metavar="PATH",
+                        help="mpirun to use (default: PATH, then beside python)")
+    parser.add_argument("--mpirun-arg", action="append", default=[], metavar="ARGS",
+                        help="extra arguments for mpirun, split as a shell would "
+                             "(\"--map-by ppr:1:core\"); repeatable")
     add_config_arguments(parser)
-    parser.add_argument("-m", dest="module", default=None, help="run a module instead of a script")
+    parser.add_argument("-m", dest="module", default=None, metavar="MODULE",
+                        help="run a module instead of a script (its arguments follow it)")
     parser.add_argument("program", nargs=argparse.REMAINDER, help="script and its arguments")
 
 
+def split_program(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """Split ``run``'s arguments into ulfmpy's and the program's. Pure.
+
+    The program starts at the first word that is neither an option nor an
+    option's value, at ``-m`` (with its module), or after a ``--``; from there
+    every word is the program's, verbatim (``-m mod --steps 5`` included,
+    which argparse alone would read as ulfmpy's own ``--steps``).
+    """
+    takes_value = {opt for action in parser._actions if action.nargs != 0 and action.option_strings
+                   for opt in action.option_strings}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return argv[:i], argv[i + 1:]
+        if word == "-m" or not word.startswith("-") or word == "-":
+            return argv[:i], argv[i:]
+        if word in takes_value:
+            i += 1  # its value follows
+        i += 1
+    return argv, []
+
+
 def _program(args: argparse.Namespace) -> list[str]:
-    if args.module:
-        return ["-m", args.module, *args.program]
     prog = list(args.program)
-    if prog and prog[0] == "--":
-        prog = prog[1:]
+    if args.module:
+        return ["-m", args.module, *prog]
+    if prog and prog[0] == "-m":
+        if len(prog) < 2:
+            raise LaunchError("-m needs a module name: ulfmpy run -n 4 -m MODULE [ARGS]")
+        return prog
     if not prog:
         raise LaunchError("no program given: ulfmpy run -n 4 SCRIPT.py [ARGS] or -m MODULE [ARGS]")
     if not os.path.exists(prog[0]):
@@ -322,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
                            relaunch_ranks=args.relaunch_ranks)
     argv, env_add = build_command(ranks=args.ranks, program=program, info=info,
                                   spares=args.spares, oversubscribe=args.oversubscribe,
-                                  env=env, ft=args.ft, extra_mpirun_args=args.mpirun_arg)
+                                  env=env, ft=args.ft, extra_mpirun_args=[w for a in args.mpirun_arg for w in shlex.split(a)])
     if args.dry_run:
         print(format_command(argv, env_add))
         return 0

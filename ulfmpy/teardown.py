@@ -72,7 +72,11 @@ class Summary:
             return {"ranks": self.ranks, "steps": self.steps, "wall_s": self.wall_s,
                     "fingerprint": None, "incomplete": True}
         h = self.history
-        out = {"ranks": self.ranks, "steps": self.steps, "wall_s": self.wall_s,
+        # This launch's share: a resumed run started at its checkpoint's step,
+        # and wall_s is this launch's time only.
+        start = int((h.restored_from or {}).get("step", 0))
+        out = {"ranks": self.ranks, "steps": self.steps, "start_step": start,
+               "steps_run": self.steps - start, "wall_s": self.wall_s,
                "fingerprint": self.fingerprint, "resilience": self.resilience,
                "segment_steps": self.segment_steps, "segment_length": self.segment_length,
                "segments": h.segments, "rollbacks": h.rollbacks,

@@ -7,7 +7,7 @@ import pytest
 from ulfmpy import interval
 from ulfmpy.cli import main
 
-BASE = ["--mtbf", "1h", "--save", "30s", "--recovery", "16m"]
+BASE = ["--mtbf", "1h", "--save", "30s", "--recovery-time", "16m"]
 
 
 def _rows(out):
@@ -31,7 +31,7 @@ def test_interval_table(capsys):
 
 
 def test_interval_json_matches_the_library(capsys):
-    assert main(["interval", "--mtbf", "2h", "--save", "1s", "--recovery", "4m", "--json"]) == 0
+    assert main(["interval", "--mtbf", "2h", "--save", "1s", "--recovery-time", "4m", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["inputs"] == {"mtbf_s": 7200.0, "save_s": 1.0, "recovery_s": 240.0,
                               "latency_s": 0.0, "async_fraction": None}
@@ -41,14 +41,14 @@ def test_interval_json_matches_the_library(capsys):
 
 
 def test_interval_with_latency(capsys):
-    assert main(["interval", "--mtbf", "1h", "--save", "1s", "--recovery", "4m", "--latency", "2m",
+    assert main(["interval", "--mtbf", "1h", "--save", "1s", "--recovery-time", "4m", "--latency", "2m",
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)["models"]
     assert 120.0 < data["saxena_latency"]["period_s"] < 120.000001
     assert data["saxena_latency"]["availability_paper"] == pytest.approx(3570 / 3900)
     assert data["saxena_latency"]["retained_checkpoints"] == 2
     assert data["exact"]["retained_checkpoints"] == 3
-    assert main(["interval", "--mtbf", "1h", "--save", "1s", "--recovery", "4m", "--latency", "2m"]) == 0
+    assert main(["interval", "--mtbf", "1h", "--save", "1s", "--recovery-time", "4m", "--latency", "2m"]) == 0
     out = capsys.readouterr().out
     assert "keep" in out and "saxena_latency" in out and "floor(D/T)" in out
 
@@ -61,7 +61,7 @@ def test_interval_with_async_fraction(capsys):
 
 
 def test_node_mtbf_equals_job_mtbf(capsys):
-    main(["interval", "--node-mtbf", "8h", "--nodes", "8", "--save", "30s", "--recovery", "16m", "--json"])
+    main(["interval", "--node-mtbf", "8h", "--nodes", "8", "--save", "30s", "--recovery-time", "16m", "--json"])
     a = json.loads(capsys.readouterr().out)
     main(["interval", *BASE, "--json"])
     assert a == json.loads(capsys.readouterr().out)
@@ -69,7 +69,7 @@ def test_node_mtbf_equals_job_mtbf(capsys):
 
 def test_interval_plot_writes_a_png(tmp_path, capsys):
     path = tmp_path / "a.png"
-    assert main(["interval", "--mtbf", "1h", "--save", "1s", "--recovery", "4m", "--latency", "2m",
+    assert main(["interval", "--mtbf", "1h", "--save", "1s", "--recovery-time", "4m", "--latency", "2m",
                  "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(path) in capsys.readouterr().out
@@ -79,12 +79,12 @@ def test_interval_plot_writes_a_png(tmp_path, capsys):
     (["--mtbf", "2x", "--save", "1s"], "invalid --mtbf '2x'"),
     (["--mtbf", "1h", "--save", "0"], "--save must be > 0"),
     (["--mtbf", "1h", "--save", "soon"], "invalid --save 'soon'"),
-    (["--mtbf", "1h", "--save", "1s", "--recovery=-4m"], "invalid --recovery"),
+    (["--mtbf", "1h", "--save", "1s", "--recovery-time=-4m"], "invalid --recovery-time"),
     (["--mtbf", "1h", "--save", "1s", "--latency", "x"], "invalid --latency"),
     (["--mtbf", "1h", "--save", "1s", "--async-fraction", "1.5"], "--async-fraction"),
     (["--mtbf", "1h", "--save", "1s", "--async-fraction", "half"], "--async-fraction"),
     (["--save", "1s"], "exactly one of --mtbf and --node-mtbf"),
-    (["--mtbf", "10s", "--save", "5s", "--recovery", "20s", "--async-fraction", "0.5"],
+    (["--mtbf", "10s", "--save", "5s", "--recovery-time", "20s", "--async-fraction", "0.5"],
      "faster than recovery"),
 ])
 def test_interval_bad_values_exit_2_with_a_message(argv, message, capsys):

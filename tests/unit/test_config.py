@@ -261,8 +261,8 @@ def test_flags_list_names_only_settings():
         Config.load(environ={FLAGS_ENV: "seed,bogus", "ULFMPY_SEED": "1"})
 
 
-def test_bad_flag_value_names_flag_and_variable():
-    with pytest.raises(ConfigError, match=r"flag --mtbf \(ULFMPY_MTBF\)"):
+def test_bad_flag_value_names_the_flag():
+    with pytest.raises(ConfigError, match=r"^--mtbf: invalid duration 'soon'"):
         Config.load(environ={"ULFMPY_MTBF": "soon", FLAGS_ENV: "mtbf"}, mtbf="1h")
 
 
