@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "interval": ("ulfmpy._cmd_interval", "optimal checkpoint interval under several models"),
     "simulate": ("ulfmpy._cmd_simulate", "Monte Carlo availability of checkpoint intervals"),
     "inspect": ("ulfmpy._cmd_inspect", "list, verify and print checkpoints"),
+    "report": ("ulfmpy._cmd_report", "what a run did: text, JSON or a timeline picture"),
     "campaign": ("ulfmpy._cmd_campaign", "run a seeded fault campaign and classify every run"),
 }
 

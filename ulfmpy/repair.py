@@ -244,7 +244,8 @@ class Repairer:
         rec.update({"seconds": seconds, "phases": dict(timer.phases), "resumed_step": resumed,
                     "lost_steps": max(0, step - resumed), "role": role.value})
         self.recoveries.append(rec)
-        self.events.log("recovery", **rec)
+        # This process's rank after the repair: the report follows its lane.
+        self.events.log("recovery", **rec, logical=logical)
         return me, resumed
 
 

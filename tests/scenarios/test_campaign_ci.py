@@ -99,3 +99,20 @@ def test_replay_reruns_one_schedule(ci_campaign):
     assert lines[0].startswith(f"schedule {row['id']}: flip")
     assert any(line.strip().startswith("$ ") and row["faults"][0] in line for line in lines)
     assert lines[-1].startswith(f"{row['id']} {row['class']}:"), res.stdout
+
+
+def test_report_reads_every_kept_campaign_run(ci_campaign, tmp_path):
+    """``ulfmpy report`` on the runner's run directories (the runs not EXACT are kept)."""
+    from ulfmpy import report
+    from ulfmpy._report_plot import draw
+
+    out, _ = ci_campaign
+    dirs = sorted({p.parent for p in (out / "runs").rglob("events") if p.is_dir()})
+    assert dirs, "the campaign kept no run directory (it keeps every run not EXACT)"
+    for d in dirs:
+        rep = report.build(d)
+        text = report.render(rep)
+        assert text.startswith(f"run {d}:") and rep["launches"], text
+        assert rep["faults"]["injected"] >= 1, text  # every schedule injects a fault
+    draw(report.build(dirs[0]), str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 10_000
