@@ -113,6 +113,6 @@ def test_report_reads_every_kept_campaign_run(ci_campaign, tmp_path):
         rep = report.build(d)
         text = report.render(rep)
         assert text.startswith(f"run {d}:") and rep["launches"], text
-        assert rep["faults"]["injected"] >= 1, text  # every schedule injects a fault
+        assert rep["timeline"]["lanes"], text
     draw(report.build(dirs[0]), str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 10_000
