@@ -13,11 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ulfmpy import jobctl
+from ulfmpy import jobctl, progress
 from ulfmpy.errors import EXIT_RELAUNCH, EXIT_UNRECOVERABLE, LaunchError
 from ulfmpy.halt import SAME_REQUEST_S
+from ulfmpy.units import parse_duration
 
 __all__ = ["LAUNCHER_FLAKES", "LAUNCH_RETRIES"]
 
@@ -69,19 +70,33 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
     run_dir = env_add.get("ULFMPY_RUN_DIR")
     launch = f"{os.getpid()}.{time.time_ns()}"
     env_add = {**env_add, jobctl.LAUNCH_ID_ENV: launch, jobctl.LAUNCHER_PID_ENV: str(os.getpid()),
-               jobctl.LAUNCHER_HOST_ENV: jobctl.host_token()}
+               jobctl.LAUNCHER_HOST_ENV: jobctl.host_token(), progress.VIEW_ENV: "1"}
     if "-x" in argv:
         argv = _with_forwarded(argv, [jobctl.LAUNCH_ID_ENV, jobctl.LAUNCHER_PID_ENV,
-                                      jobctl.LAUNCHER_HOST_ENV])
+                                      jobctl.LAUNCHER_HOST_ENV, progress.VIEW_ENV])
+    mode = env_add.get("ULFMPY_PROGRESS") or os.environ.get("ULFMPY_PROGRESS") or None
+    every = env_add.get("ULFMPY_PROGRESS_EVERY") or os.environ.get("ULFMPY_PROGRESS_EVERY")
+    view = (progress.View(run_dir, mode, launch,
+                          every=parse_duration(every) if every else progress.LINE_EVERY_S)
+            if run_dir else None)
     if run_dir:
         jobctl.archive_markers(run_dir)
         _wait_for_earlier_job(run_dir)
     env = {**os.environ, **env_add}
     started = time.time()
+    # With a live bar the job's stdout passes through here too, so that its
+    # lines land above the bar instead of inside it.
+    bar = view is not None and view.mode == "bar"
     proc = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE if bar else None,
                             preexec_fn=jobctl.die_with_parent)
-    tee = threading.Thread(target=_tee_stderr, args=(proc.stderr, flakes), daemon=True)
-    tee.start()
+    write = view.write if view is not None else None
+    tees = [threading.Thread(target=_tee_stderr, args=(proc.stderr, flakes, write), daemon=True)]
+    if bar:
+        tees.append(threading.Thread(target=_tee_stderr, args=(
+            proc.stdout, None, lambda line: view.write(line, to=sys.stdout)), daemon=True))
+    for tee in tees:
+        tee.start()
     asked: list[float] = []
     halts = _halt_signals(env)
     halting: list[float] = []
@@ -119,6 +134,8 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if view is not None:
+                view.poll()
             if run_dir and seen is None:
                 markers = jobctl.abort_markers(run_dir, launch)
                 leaving = [] if markers else jobctl.exit_markers(run_dir, launch)
@@ -141,7 +158,10 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
         if run_dir:
             jobctl.end_processes(jobctl.job_lock_holders(run_dir))
         _sweep_shared_memory(started)
-        tee.join(timeout=5)
+        for tee in tees:
+            tee.join(timeout=5)
+        if view is not None:
+            view.close()
     markers = jobctl.abort_markers(run_dir, launch) if run_dir else []
     leaving = jobctl.exit_markers(run_dir, launch) if run_dir and not markers else []
     if leaving and status != 0:
@@ -283,10 +303,13 @@ def _recovered_spawned_death(run_dir: str, started: float) -> bool:
     return False
 
 
-def _tee_stderr(stream: Any, flakes: list[str] | None) -> None:
+def _tee_stderr(stream: Any, flakes: list[str] | None,
+                write: Callable[[bytes], None] | None = None) -> None:
     out = getattr(sys.stderr, "buffer", None)
     for line in iter(stream.readline, b""):
-        if out is not None:
+        if write is not None:
+            write(line)
+        elif out is not None:
             out.write(line)
             out.flush()
         else:

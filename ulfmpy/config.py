@@ -174,8 +174,11 @@ class Config:
         _duration, "the job's wall time from its start (0: under Slurm, the job's end time)"))
 
     progress: str = field(default="auto", metadata=_opt(
-        str, "rank 0's progress display: bar (live, on a terminal), lines (one line every "
-        "10 s), auto (bar on a terminal, else lines), off", choices=("auto", "bar", "lines", "off")))
+        str, "progress display: bar (live, on a terminal), lines (one line every "
+        "--progress-every), auto (bar on a terminal, else lines), off",
+        choices=("auto", "bar", "lines", "off")))
+    progress_every: float = field(default=10.0, metadata=_opt(
+        _duration, "seconds between two progress lines"))
 
     def __post_init__(self) -> None:
         if self.segment_steps < 0:

@@ -39,6 +39,7 @@ from ulfmpy import jobctl as _jobctl
 from ulfmpy.inject import FaultPlan, cannot_fire
 from ulfmpy.halt import HALT_WINDOW_S, HaltWatch, halt_times, parse_signals
 from ulfmpy.nodes import virtual_node
+from ulfmpy.progress import Reporter
 from ulfmpy.boundary import Boundaries, make_planner
 from ulfmpy.repair import Repairer
 from ulfmpy.segments import SegmentRunner, SegmentTiming
@@ -237,6 +238,7 @@ class Runtime:
             step = self.ckpts.resume(self.comm, self.work.state, start)
             self._t_loop = time.perf_counter()
             for s in range(step, steps):
+                self._progress(s)
                 yield s, self.work.app
             self._finish(steps)
             return
@@ -256,6 +258,7 @@ class Runtime:
                 step = agreed.timing.end
                 end = self.bounds.apply(agreed, self.me, self.comm.mpi_comm, self.work.state,
                                         self._hosts)
+                self._progress(step)
                 if agreed.halt and step < steps:
                     self._halt(step)
             except GlobalRollback as gr:
@@ -366,9 +369,28 @@ class Runtime:
         return target if target is not None else self._step0
 
     # -- end of run --------------------------------------------------------------------
+    def _progress(self, step: int, *, final: bool = False) -> None:
+        """Logical rank 0 records the progress (``ulfmpy/progress.py``). Local."""
+        if self.me.logical != 0:
+            return
+        rep = getattr(self, "_reporter", None)
+        if rep is None:
+            rep = self._reporter = Reporter(self.run_dir, self.config.progress, total=self._steps,
+                                            launch=_jobctl.launch_id() or "",
+                                            every=self.config.progress_every)
+        store = self.ckpts.store
+        recoveries = self.repairer.recoveries
+        rep.update(step, {
+            "segments": self.segments.counters["segments"],
+            "rollbacks": len(self.segments.rollbacks),
+            "checkpoints": sum(r.committed for r in store.records) if store is not None else 0,
+            "failures": sum(len(r.get("failed_ranks", ())) for r in recoveries),
+            "recoveries": len(recoveries)}, final=final)
+
     def _finish(self, steps: int) -> None:
         comm = self.comm.mpi_comm if isinstance(self.comm, ResilientComm) else self.comm
         self.ckpts.drain()
+        self._progress(steps, final=True)
         # Loop time only, like the --no-resilience baseline (setup excluded).
         wall = time.perf_counter() - getattr(self, "_t_loop", self._t0)
         self.summary, self._saw_failure = _td.close_run(
