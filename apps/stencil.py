@@ -93,7 +93,7 @@ class Heat2D:
         self.u = np.zeros((lx + 2, ly + 2))
         gi, gj = np.meshgrid(np.arange(x0, x0 + lx), np.arange(y0, y0 + ly), indexing="ij")
         self.u[1:-1, 1:-1] = initial_value(gi, gj, nx, ny)
-        self.state = {"u": Block(self.u[1:-1, 1:-1], (nx, ny), (x0, y0))}
+        self.state = {"u": Block(self.u[1:-1, 1:-1], (nx, ny), (x0, y0), dims=("x", "y"))}
         # Maximum principle: Jacobi averaging never leaves [min, max] of the data.
         self.bounds = {"u": (0.0, 1.0)}
 

@@ -178,6 +178,10 @@ def specs_of(entries: Mapping[str, StateValue]) -> list[dict[str, Any]]:
                                 "shape": list(arr.shape)}
         if isinstance(value, Block):
             spec.update(kind="block", start=list(value.start), global_shape=list(value.global_shape))
+            if value.dims is not None:  # labels for the manifest's global view only
+                spec["dims"] = list(value.dims)
+                if value.coords:
+                    spec["coords"] = {d: c for d, c in value.coords.items()}
         out.append(spec)
     return out
 

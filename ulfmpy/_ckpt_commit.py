@@ -179,7 +179,9 @@ class _Committer:
                 "file": f"{_writer.step_dir_name(p.step)}/{_writer.rank_file_name(rank)}",
                 "bytes": p.result["bytes"], "write_s": p.result["write_s"],
                 "exposed_s": p.exposed_s,
-                "entries": {s["name"]: dict(s, checksum=p.result["checksums"][s["name"]])
+                "entries": {s["name"]: {**{k: v for k, v in s.items()
+                                           if k != "coords" or rank == 0},  # rank 0's suffice
+                                        "checksum": p.result["checksums"][s["name"]]}
                             for s in p.specs}}
         infos = self.comm.gather(info, root=0)
         p.phase = "commit"

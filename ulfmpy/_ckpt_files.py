@@ -128,6 +128,16 @@ def validate_infos(infos: list[dict[str, Any]]) -> str | None:
                 if e.get(key) != e0.get(key):
                     return (f"state[{name!r}]: {key} is {e.get(key)} on rank {info['rank']} "
                             f"but {e0.get(key)} on rank 0; it must match on all ranks")
+    lengths: dict[str, tuple[int, str]] = {}
+    for name, e0 in first.items():
+        for d, n in zip(e0.get("dims") or (), e0.get("global_shape") or ()):
+            if d in first:
+                return (f"state[{name!r}]: dimension name {d!r} is also the name of a state "
+                        "array; give the dimension another name")
+            if lengths.setdefault(d, (n, name))[0] != n:
+                return (f"state[{name!r}]: dimension {d!r} has length {n}, but "
+                        f"{lengths[d][1]!r} gives it length {lengths[d][0]}; arrays that share "
+                        "a dimension name must agree on its length")
     for name, e0 in first.items():
         if e0["kind"] == "block":
             total = sum(math.prod(info["entries"][name]["shape"]) for info in infos)

@@ -231,6 +231,7 @@ def write_manifest(ckpt_dir: Path, step: int, infos: list[dict[str, Any]], *,
         grp.create_dataset("files", data=np.array(layout["files"], dtype=h5py.string_dtype()))
         for name in names:
             _add_global_view(f, name, entries[name], infos)
+        _label_dimensions(f, names, infos)
     fsync_path(tmp)
     fsync_dir(ckpt_dir / step_dir_name(step))  # every rank file's entry, then the step
     fsync_dir(ckpt_dir)                        # directory's, before the commit
@@ -262,6 +263,40 @@ def _add_global_view(f: h5py.File, name: str, entry: dict[str, Any],
         for r, info in enumerate(infos):
             grp[f"rank-{r:05d}"] = h5py.ExternalLink(info["file"], "/" + name)
 
+
+
+def _label_dimensions(f: h5py.File, names: list[str], infos: list[dict[str, Any]]) -> None:
+    """Attach HDF5 dimension scales to the global views (netCDF-4's model of
+    dimensions), so xarray and netCDF tools see named dimensions with
+    coordinates instead of ``phony_dim_*``. A distributed array has the
+    names its ``Block(dims=...)`` gives, else ``{name}_dim{i}``; a stacked
+    per-rank array has ``rank`` first. Only the data view: restore reads the
+    layout, not these."""
+    scales: dict[str, Any] = {}
+
+    def scale(dim: str, n: int, values: Any = None) -> Any:
+        if dim not in scales:
+            data = np.arange(n, dtype=np.int64) if values is None else np.asarray(values)
+            ds = f.create_dataset(dim, data=data)
+            ds.make_scale(dim)
+            scales[dim] = ds
+        return scales[dim]
+
+    e0s = infos[0]["entries"]
+    for name in names:
+        dset = f.get(name)
+        if not isinstance(dset, h5py.Dataset):
+            continue  # ragged per-rank arrays are links, not one array
+        e0 = e0s[name]
+        if e0["kind"] == "block":
+            dims = list(e0.get("dims") or [f"{name}_dim{i}" for i in range(dset.ndim)])
+        else:
+            dims = ["rank"] + [f"{name}_dim{i}" for i in range(dset.ndim - 1)]
+        coords = e0.get("coords") or {}
+        for i, (dim, n) in enumerate(zip(dims, dset.shape)):
+            if dim in e0s or (dim in scales and scales[dim].shape[0] != n):
+                continue  # a state array's name, or "rank" taken with another length
+            dset.dims[i].attach_scale(scale(dim, n, coords.get(dim)))
 
 
 def scan_steps(ckpt_dir: Path) -> tuple[set[int], set[int]]:

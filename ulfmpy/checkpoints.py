@@ -140,13 +140,25 @@ class Checkpoints:
         ``step``, so the halted run can resume. Collective."""
         if self.store is not None or not self.config.resilience:
             return
+        self._sync_store(comm, state).save(step, state)
+
+    def save_final(self, comm: Any, state: dict[str, Any], step: int) -> None:
+        """``--ckpt-final``: the state after the last step as a committed
+        checkpoint (unless the schedule just saved that step). Collective."""
+        if not self.config.ckpt_final or not self.config.resilience:
+            return
+        store = self.store if self.store is not None else self._sync_store(comm, state)
+        if not any(r.step == step for r in store.records):
+            store.save(step, state)
+
+    def _sync_store(self, comm: Any, state: dict[str, Any]) -> Any:
         from ulfmpy.checkpoint import CheckpointStore
 
         cfg = self.config
         self.store = CheckpointStore(comm, self.run_dir, keep=cfg.ckpt_keep, mode="sync",
                                      events=self.events, meta={"config": cfg.as_dict()})
         self.store.prepare(state)
-        self.store.save(step, state)
+        return self.store
 
     def drain(self) -> None:
         """End of run: wait for the outstanding write and commit it. Collective."""

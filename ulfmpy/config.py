@@ -308,12 +308,15 @@ class Config:
                 "pass the same Runtime keywords and ULFMPY_* variables to every rank")
 
 
+#: How a boolean setting may be spelled.
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False}
+
+
 def _bool(text: str) -> bool:
     t = str(text).strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
+    if t in BOOL_WORDS:
+        return BOOL_WORDS[t]
     raise ConfigError(f"expected a boolean (1/0, true/false), got {text!r}")
 
 
@@ -357,6 +360,7 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
       for name, flag, what in (
           ("ckpt_every", "--ckpt-every", "takes no checkpoints"),
           ("ckpt_seconds", "--ckpt-seconds", "takes no checkpoints"),
+          ("ckpt_final", "--ckpt-final", "takes no checkpoints"),
           ("mtbf", "--mtbf", "takes no checkpoints"),
           ("node_mtbf", "--node-mtbf", "takes no checkpoints"),
           ("inject", "--inject", "injects no faults"),
@@ -473,6 +477,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kw["action"] = "append"
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
+        if f.type == "bool" and f.name != "resilience":
+            # `--ckpt-final` alone turns it on; `--partner 0` still turns one off.
+            kw.update(nargs="?", const="1", metavar="on|off")
         if f.name == "resilience":
             group.add_argument("--no-resilience", dest="resilience", action="store_const",
                                const="0", default=None, help=NO_RESILIENCE_HELP)

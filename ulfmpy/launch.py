@@ -291,7 +291,11 @@ def split_program(argv: list[str], parser: argparse.ArgumentParser) -> tuple[lis
     every word is the program's, verbatim (``-m mod --steps 5`` included,
     which argparse alone would read as ulfmpy's own ``--steps``).
     """
-    takes_value = {opt for action in parser._actions if action.nargs != 0 and action.option_strings
+    from ulfmpy.config import BOOL_WORDS
+
+    takes_value = {opt for action in parser._actions if action.nargs not in (0, "?")
+                   for opt in action.option_strings}
+    maybe_value = {opt for action in parser._actions if action.nargs == "?"
                    for opt in action.option_strings}
     i = 0
     while i < len(argv):
@@ -300,7 +304,8 @@ def split_program(argv: list[str], parser: argparse.ArgumentParser) -> tuple[lis
             return argv[:i], argv[i + 1:]
         if word == "-m" or not word.startswith("-") or word == "-":
             return argv[:i], argv[i:]
-        if word in takes_value:
+        if word in takes_value or (word in maybe_value and i + 1 < len(argv)
+                                   and argv[i + 1].lower() in BOOL_WORDS):
             i += 1  # its value follows
         i += 1
     return argv, []

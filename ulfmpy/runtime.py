@@ -389,6 +389,7 @@ class Runtime:
 
     def _finish(self, steps: int) -> None:
         comm = self.comm.mpi_comm if isinstance(self.comm, ResilientComm) else self.comm
+        self.ckpts.save_final(comm, self.work.state, steps)
         self.ckpts.drain()
         self._progress(steps, final=True)
         # Loop time only, like the --no-resilience baseline (setup excluded).

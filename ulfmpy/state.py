@@ -35,11 +35,19 @@ class Block:
             array with halo cells.
         global_shape: the shape of the whole array.
         start: the global index of ``local[0, 0, ...]``.
+        dims: optional names of the dimensions, e.g. ``("y", "x")``: a
+            checkpoint labels the global array with them (HDF5 dimension
+            scales), so xarray and netCDF tools open it with named dimensions.
+            Arrays that share a name share the dimension (same length).
+        coords: optional coordinate values per dimension name, each a 1-D
+            array of the dimension's global length (default ``0 .. n-1``).
     """
 
     local: np.ndarray
     global_shape: tuple[int, ...]
     start: tuple[int, ...]
+    dims: tuple[str, ...] | None = None
+    coords: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.local, np.ndarray):
@@ -57,6 +65,30 @@ class Block:
                 raise ConfigError(
                     f"Block: local block {self.local.shape} at {st} lies outside "
                     f"global shape {gs}")
+        self._check_labels(gs)
+
+    def _check_labels(self, gs: tuple[int, ...]) -> None:
+        if self.dims is None:
+            if self.coords:
+                raise ConfigError("Block: coords need dims (the names they belong to)")
+            return
+        dims = tuple(self.dims)
+        object.__setattr__(self, "dims", dims)
+        if len(dims) != len(gs) or len(set(dims)) != len(dims) or not all(
+                isinstance(d, str) and d.isidentifier() and not d.startswith("_") for d in dims):
+            raise ConfigError(f"Block: dims {dims!r} must be {len(gs)} distinct names (letters, "
+                              "digits, _; not starting with _), one per dimension")
+        coords = {}
+        for name, values in (self.coords or {}).items():
+            if name not in dims:
+                raise ConfigError(f"Block: coords for {name!r}, which is not one of dims {dims}")
+            arr = np.asarray(values)
+            n = gs[dims.index(name)]
+            if arr.ndim != 1 or arr.shape[0] != n or arr.dtype.kind not in "iuf":
+                raise ConfigError(f"Block: coords[{name!r}] must be a 1-D numeric array of the "
+                                  f"dimension's global length {n}, got shape {arr.shape}")
+            coords[name] = arr
+        object.__setattr__(self, "coords", coords or None)
 
     @property
     def slices(self) -> tuple[slice, ...]:

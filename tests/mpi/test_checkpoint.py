@@ -291,3 +291,32 @@ def test_async_helper_death_fails_checkpoint_then_recovers(comm, mpi_tmp_path):
     rec = restore(comm, run, state)
     ok &= rec.step == 3 and same(state, expected(state, comm, 3))
     agree(comm, ok, detail)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_dimension_scales_label_the_global_views(comm, mpi_tmp_path):
+    run = mpi_tmp_path / "dims"
+    base = make_state(comm, 2)
+    u = base["u"]
+    cols = np.linspace(0.0, 1.0, G[1])
+    state = {"u": Block(u.local, G, u.start, dims=("row", "col"), coords={"col": cols}),
+             "r": base["r"]}
+    ok, detail = True, []
+    with CheckpointStore(comm, run, mode="sync", keep=2) as store:
+        store.save(2, state)
+    if comm.Get_rank() == 0:
+        with h5py.File(run / "ckpt" / "step-00000002.h5", "r") as f:
+            ok &= [d.label for d in f["u"].dims] == ["", ""]  # labels are the scales' names
+            names = [[s.name for s in d.values()] for d in f["u"].dims]
+            ok &= names == [["/row"], ["/col"]]
+            ok &= np.array_equal(f["col"][()], cols) and np.array_equal(f["row"][()], np.arange(G[0]))
+            ok &= [[s.name for s in d.values()] for d in f["r"].dims] == [["/rank"], ["/r_dim0"]]
+            ok &= np.array_equal(f["rank"][()], np.arange(comm.Get_size()))
+            detail.append(names)
+    # a dimension named like a state array is refused, on every rank, naming both
+    clash = {"u": Block(u.local, G, u.start, dims=("row", "x")), "x": base["x"]}
+    with CheckpointStore(comm, mpi_tmp_path / "clash", mode="sync", keep=2) as store:
+        _, err = outcome(store.save, 1, clash)
+    ok &= isinstance(err, CheckpointError) and "dimension name 'x'" in str(err)
+    detail.append(repr(err))
+    agree(comm, ok, detail)
