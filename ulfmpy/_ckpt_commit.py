@@ -1,6 +1,6 @@
 """The two-phase commit of a checkpoint, as the store's private mixin.
 
-Private engine of :mod:`ulfmpy.checkpoint` (DESIGN §3). Phase 1: every rank's
+Private engine of :mod:`ulfmpy.checkpoint` (docs/architecture.md, "Checkpoints"). Phase 1: every rank's
 file is durable, and all ranks agree on it (an allgather of each rank's
 status; one failure fails the checkpoint on every rank). Phase 2: rank 0
 writes the manifest under a temporary name, fsyncs it and renames it (in

@@ -1,4 +1,4 @@
-"""Global coordinated checkpoints to HDF5 (DESIGN §3).
+"""Global coordinated checkpoints to HDF5 (docs/architecture.md, "Checkpoints").
 
 * :class:`CheckpointStore` saves the state at committed segment boundaries
   with a **two-phase commit**: every rank writes and fsyncs

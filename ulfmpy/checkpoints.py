@@ -1,4 +1,4 @@
-"""Checkpoint coordination (DESIGN §3): open, resume, save at a boundary,
+"""Checkpoint coordination (docs/architecture.md, "Checkpoints"): open, resume, save at a boundary,
 global rollback, and the ordered choice of restore sources after a repair.
 
 The HDF5 store itself (two-phase commit, async helper, files) is
@@ -333,7 +333,7 @@ def _from_files_n_to_m(ctx: RestoreContext, comm: Any, ck: Checkpoints) -> bool:
     return True
 
 
-#: The restore sources after a repair, tried in order (DESIGN §3, §8).
+#: The restore sources after a repair, tried in order (docs/architecture.md, "Checkpoints" and "Who decides where a segment ends").
 RESTORE_SOURCES: tuple[tuple[str, Callable[[RestoreContext, Any, Checkpoints], bool]], ...] = (
     ("memory", _from_memory),
     ("partner", _from_partner),

@@ -111,7 +111,9 @@ class Config:
         _float, "with --segment-steps auto: fraction of the step time the segment boundaries "
         "(snapshot, detectors, agreement) may cost"))
     detect: tuple[str, ...] = field(default=("finite",), metadata=_opt(
-        _csv, "detectors run at segment end, comma-separated (finite,bounds,invariant,...)"))
+        _csv, "detectors run at segment end, comma-separated: finite (no NaN/Inf), bounds "
+        "(app.bounds = {name: (lo, hi)}), invariant (app.invariant() is True), checksum, or "
+        "your own (ulfmpy.register_detector)"))
     detect_every: int = field(default=0, metadata=_opt(
         _steps, "also run the detectors every N steps inside a segment (1 = every step, 0 = only at segment end)"))
     max_retries: int = field(default=3, metadata=_opt(
@@ -123,26 +125,29 @@ class Config:
         str, "fault to inject (repeatable), e.g. bitflip:rank=1,step=57 or kill:rank=2,step=40",
         repeat=True))
     seed: int = field(default=0, metadata=_opt(
-        _int, "seed of randomized fault plans"))
+        _int, "seed of randomized fault plans (rate flips, MTBF kills)"))
     ckpt_every: int = field(default=0, metadata=_opt(
         lambda s: _steps(s, instead="--ckpt-seconds"),
         "global checkpoint at every multiple of N steps (a segment ends there; 0 = off unless --ckpt-seconds or --mtbf)"))
     ckpt_seconds: float = field(default=0.0, metadata=_opt(
-        _duration, "global checkpoint every S seconds of run time"))
+        _duration, "global checkpoint every S seconds of run time (a duration: 30s, 5m)"))
     ckpt_keep: int = field(default=2, metadata=_opt(
         _int, "committed checkpoints to keep (>= 2)"))
     ckpt_final: bool = field(default=False, metadata=_opt(
         lambda s: _bool(s), "also write the final state as a committed checkpoint when the loop "
         "ends (keeps the result as data; ulfmpy inspect and xarray open it)"))
     ckpt_mode: str = field(default="async", metadata=_opt(
-        str, "checkpoint writer", choices=("async", "sync")))
+        str, "async: a helper process writes the files while the loop goes on; sync: the "
+        "save writes and commits before the loop goes on", choices=("async", "sync")))
     resume: str = field(default="none", metadata=_opt(
         str, "resume from: none, auto (newest valid checkpoint in the run dir), or a checkpoint path"))
     partner: bool = field(default=True, metadata=_opt(
         lambda s: _bool(s), "at each checkpoint also keep one partner rank's copy in memory, so a "
         "replacement restores from it instead of the files"))
     recovery: tuple[str, ...] = field(default=("spares", "respawn", "shrink"), metadata=_opt(
-        _csv, "in-job recovery policies tried in order (spares,respawn,shrink)"))
+        lambda s: () if str(s).strip().lower() == "none" else _csv(s),
+        "in-job recovery policies tried in order, comma-separated (spares,respawn,shrink), or "
+        "none: a dead rank ends the job (exit 75) and --max-restarts relaunches it"))
     zygote: bool = field(default=True, metadata=_opt(
         lambda s: _bool(s), "with the respawn policy: fork replacements from a pre-imported process "
         "kept on each node (off = start them as fresh interpreters)"))
@@ -155,9 +160,10 @@ class Config:
     soft_mtbf: float = field(default=0.0, metadata=_opt(
         _duration, "mean time between soft errors; proposes the segment length"))
     interval_model: str = field(default="exact", metadata=_opt(
-        str, "checkpoint interval model", choices=("exact", "young", "daly", "saxena")))
+        str, "checkpoint interval model of --mtbf: exact (renewal optimum), young, daly, "
+        "saxena (availability optimum)", choices=("exact", "young", "daly", "saxena")))
     recovery_estimate: float = field(default=5.0, metadata=_opt(
-        _duration, "recovery time assumed until one is measured"))
+        _duration, "with --mtbf: the recovery time assumed until one is measured"))
     virtual_nodes: int = field(default=0, metadata=_opt(
         _int, "group the processes into K named nodes node0..node{K-1} on one machine (node kills, "
         "partner copies on another node, a zygote per node); 0 = the real hosts, which also "
@@ -207,6 +213,8 @@ class Config:
 
     def _check_names(self) -> None:
         """Names the runtime would only trip on later: policies, fault specs, resume."""
+        if tuple(self.recovery) == ("none",):  # Runtime(recovery=["none"])
+            object.__setattr__(self, "recovery", ())
         bad = [p for p in self.recovery if p not in RECOVERY_POLICIES]
         if bad:  # none at all is allowed: no in-job recovery, relaunch only
             raise ConfigError(f"recovery: unknown policy {', '.join(map(repr, bad))}; give one or "
@@ -487,6 +495,38 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **kw)
 
 
+def settings_table() -> str:
+    """The README's settings table (Markdown), one row per setting. Pure.
+
+    ``tests/unit/test_readme.py`` checks that the README holds exactly this;
+    ``python -m ulfmpy.config --write-readme`` rewrites it.
+    """
+    rows = ["| `Runtime(...)` keyword | `ulfmpy run` flag | default | what it does |",
+            "| --- | --- | --- | --- |"]
+    for f in fields(Config):
+        if f.name == "spares":
+            flag, what = "--spares", "spare processes started beside the -n ranks (ulfmpy run only)"
+        else:
+            flag = flag_name(f.name)
+            what = NO_RESILIENCE_HELP if f.name == "resilience" else f.metadata["help"]
+        default = "on" if f.name == "resilience" else default_text(f)
+        rows.append(f"| `{f.name}` | `{flag}` | `{default}` | {what.replace('|', '/')} |")
+    rows.append("")
+    rows.append("Each is also the environment variable `ULFMPY_<KEYWORD>` in capitals "
+                "(`ULFMPY_CKPT_EVERY=50`).")
+    return "\n".join(rows)
+
+
+README_BEGIN = "<!-- settings table: generated from ulfmpy/config.py, do not edit -->"
+README_END = "<!-- end of settings table -->"
+
+
+def readme_with_settings(text: str) -> str:
+    """``text`` (the README) with its settings table regenerated. Pure."""
+    a, b = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    return text[:a] + "\n" + settings_table() + "\n" + text[b:]
+
+
 def config_env_from_args(args: argparse.Namespace) -> dict[str, str]:
     """``ULFMPY_*`` variables for the settings given on a command line.
 
@@ -507,3 +547,16 @@ def config_env_from_args(args: argparse.Namespace) -> dict[str, str]:
     Config.load(environ={**{ENV_PREFIX + k.upper(): v for k, v in given.items()},
                          FLAGS_ENV: ",".join(given)})
     return env
+
+
+if __name__ == "__main__":  # python -m ulfmpy.config --write-readme [README.md]
+    import sys
+
+    if len(sys.argv) >= 2 and sys.argv[1] == "--write-readme":
+        path = sys.argv[2] if len(sys.argv) > 2 else "README.md"
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(readme_with_settings(text))
+    else:
+        print(settings_table())

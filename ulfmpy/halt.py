@@ -1,4 +1,4 @@
-"""Halting on request: a signal or the job's end time becomes a boundary (DESIGN §9).
+"""Halting on request: a signal or the job's end time becomes a boundary (docs/architecture.md, "Halting").
 
 A batch system ends a job at its wall time; before that it can warn it
 (Slurm's ``--signal=B:USR1@120``), and an operator can ask a job to stop

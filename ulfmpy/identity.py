@@ -1,4 +1,4 @@
-"""What a rank *is*: one small record handed to every mechanism (DESIGN §8).
+"""What a rank *is*: one small record handed to every mechanism (docs/architecture.md, "Who decides where a segment ends").
 
 A repair does not rewrite a rank's attributes in place; it returns a new
 :class:`Identity` (``dataclasses.replace``), so every mechanism sees one
@@ -29,9 +29,9 @@ class Identity:
             ``100000 * n + k`` for the k-th process of the n-th respawn).
         logical: the rank it computes as, or None on a spare.
         size: the number of compute ranks.
-        role: INITIAL, SURVIVOR or RECOVERED (DESIGN §5).
+        role: INITIAL, SURVIVOR or RECOVERED (docs/architecture.md, "In-job recovery").
         respawns: how many respawns the job has done.
-        layout: the node of each logical rank (spares per node, DESIGN §13).
+        layout: the node of each logical rank (spares per node, docs/architecture.md, "Nodes on one machine").
         spare_slot: j for the j-th spare the job started with (faults
             address it as logical rank ``size + j``), else None.
     """
@@ -98,7 +98,7 @@ def build_work(factory: Any, comm: Any, *, invariant: Any = None, snapshot: bool
 
 def with_replay(me: Identity) -> Identity:
     """A duplicate of the compute communicator for replay traffic, so it never
-    matches a message of the live run (DESIGN §2). Collective over ``me.compute``."""
+    matches a message of the live run (docs/architecture.md, "Segments and local rollback"). Collective over ``me.compute``."""
     from mpi4py import MPI
 
     replay = me.compute.Dup()

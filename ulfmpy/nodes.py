@@ -1,4 +1,4 @@
-"""Which node a process is on: the real host, or a virtual node (DESIGN §13). Pure.
+"""Which node a process is on: the real host, or a virtual node (docs/architecture.md, "Nodes on one machine"). Pure.
 
 ``--virtual-nodes K`` groups the job's processes into K named nodes
 ``node0 .. node{K-1}`` so that everything ulfmpy decides per node (node

@@ -1,4 +1,4 @@
-"""The boundary planner: the one owner of where a segment ends (DESIGN §8).
+"""The boundary planner: the one owner of where a segment ends (docs/architecture.md, "Who decides where a segment ends").
 
 At every segment boundary the planner answers two questions::
 
@@ -15,7 +15,7 @@ time, re-evaluated at each boundary.
 
 Pure and local: no MPI, no I/O, the clock comes in as an argument. The
 runtime feeds rank 0's planner its measurements and sends rank 0's answer
-to every rank in the end-of-segment ``Allreduce`` (DESIGN §8), so the fault
+to every rank in the end-of-segment ``Allreduce`` (docs/architecture.md, "Who decides where a segment ends"), so the fault
 -free path gains no message. What the planner decided is returned as event
 records for the runtime to log; the planner logs nothing itself.
 
@@ -61,7 +61,7 @@ class Boundary:
     Attributes:
         step: the boundary (the step the segment just ended at).
         save: checkpoint at this boundary.
-        halt: a halt was requested for this boundary (the hook of DESIGN §9).
+        halt: a halt was requested for this boundary (the hook of docs/architecture.md, "Halting").
         next_end: where the next segment ends (> step, <= the run's end).
         events: ``(name, fields)`` records of what was decided, to log.
     """
@@ -169,7 +169,7 @@ class BoundaryPlanner:
         return self._end(step, now, first=True)
 
     def request_halt(self, step: int) -> None:
-        """End a segment at ``step`` and report ``halt`` there (DESIGN §9). Local."""
+        """End a segment at ``step`` and report ``halt`` there (docs/architecture.md, "Halting"). Local."""
         self._halt_at = step if self._halt_at is None else min(self._halt_at, step)
 
     # -- measurements (rank 0's) ------------------------------------------------

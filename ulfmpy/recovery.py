@@ -119,7 +119,7 @@ class RepairPlan:
 
 def _pick_spares(failed: tuple[int, ...], spares: list[int], layout: tuple[str, ...],
                  node: dict[int, str]) -> dict[int, int]:
-    """Which spare takes which dead rank's place (spares per node, DESIGN §13).
+    """Which spare takes which dead rank's place (spares per node, docs/architecture.md, "Nodes on one machine").
 
     A spare on the dead rank's node first, so the node's ranks stay together;
     else one from the node with the most spares left, so that no node is

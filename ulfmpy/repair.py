@@ -1,4 +1,4 @@
-"""In-job repair after a dead rank (DESIGN §5): revoke → shrink → agree → plan →
+"""In-job repair after a dead rank (docs/architecture.md, "In-job recovery"): revoke → shrink → agree → plan →
 policy → restore.
 
 Each step is a small function; the policy comes from a name → function

@@ -1,4 +1,4 @@
-"""The respawn policy (DESIGN §5): spawn replacements, merge, hand them who they are;
+"""The respawn policy (docs/architecture.md, "In-job recovery"): spawn replacements, merge, hand them who they are;
 and the node's zygote that lets a replacement start warm.
 
 Open MPI's spawn with ULFM is fragile (finalize crashes unless the

@@ -315,7 +315,7 @@ class Runtime:
         return self.bounds.slots(self.me.rank, self.comm, self.work, t,
                                  halt=self.halt.due() is not None)
 
-    # -- halting (DESIGN §9) -------------------------------------------------------
+    # -- halting (docs/architecture.md, "Halting") ------------------------------------
     def _halt(self, step: int) -> None:
         """Every rank agreed to halt at ``step``, saved there: commit, then leave
         with EXIT_HALTED. Collective over the compute ranks (spares released)."""

@@ -1,6 +1,6 @@
 """Restartable segments: snapshot, the agreement, and the contamination closure.
 
-The protocol (DESIGN §2) is run by :mod:`ulfmpy.segments`; this module holds its
+The protocol (docs/architecture.md, "Segments and local rollback") is run by :mod:`ulfmpy.segments`; this module holds its
 pieces that do not need the generator: the preallocated snapshot, the
 per-rank report exchanged at each agreement, and the rule that grows the set
 S of ranks that must re-execute.
@@ -60,7 +60,7 @@ class Report:
 
 
 def closure(S: Iterable[int], reports: Sequence[Report], size: int) -> frozenset[int]:
-    """Grow S by what the reports found (DESIGN §2 step 5). Pure.
+    """Grow S by what the reports found (docs/architecture.md, "Segments and local rollback" step 5). Pure.
 
     A changed send pulls its receiver into S; a changed collective
     contribution, or a re-execution that diverged from the log, makes S all

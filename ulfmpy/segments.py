@@ -1,4 +1,4 @@
-"""The segment protocol (DESIGN §2): live run, lone catch-up, replay rounds, commit.
+"""The segment protocol (docs/architecture.md, "Segments and local rollback"): live run, lone catch-up, replay rounds, commit.
 
 :meth:`SegmentRunner.run` is a generator the runtime's loop delegates to
 (``yield from``): it yields ``(step, app)`` for the loop body, and between
@@ -7,7 +7,7 @@ with every rank on the set E of ranks that found an error, re-executes the
 contaminated ranks S (restore the snapshot, replay from the message log)
 until S stops growing, and commits. It returns the :class:`Agreed` outcome
 of the end-of-segment ``Allreduce``, which also carries rank 0's plan for
-the next boundary (DESIGN §8): the fault-free path sends one small message.
+the next boundary (docs/architecture.md, "Who decides where a segment ends"): the fault-free path sends one small message.
 
 Collective over the compute communicator: every compute rank runs the same
 segment ``[first, end)``.
@@ -212,7 +212,7 @@ class SegmentRunner:
 
     def _rounds(self, me: Any, work: Any, first: int, end: int, S: frozenset[int],
                 fetched: frozenset[int], reexec: int) -> Iterator[tuple[int, Any]]:
-        """Re-execute S until it stops growing (DESIGN §2 step 5). Collective."""
+        """Re-execute S until it stops growing (docs/architecture.md, "Segments and local rollback" step 5). Collective."""
         cfg, comm, app = self.config, self.comm, work.app
         t0 = time.perf_counter()
         rounds = retries = 0

@@ -1,4 +1,4 @@
-"""The spares policy (DESIGN §5): spare ranks wait inside the runtime and one
+"""The spares policy (docs/architecture.md, "In-job recovery"): spare ranks wait inside the runtime and one
 takes a failed rank's logical place; at the end of the run they are released.
 
 A spare never runs the app's code: it waits here until the run ends or a

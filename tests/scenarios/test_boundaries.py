@@ -1,4 +1,4 @@
-"""Where segments end, at the default segment length (DESIGN §8, the boundary planner).
+"""Where segments end, at the default segment length (docs/architecture.md, "Who decides where a segment ends").
 
 Users run the default (``--segment-steps auto``): the segment length grows to
 hundreds of steps, and a checkpoint schedule must still land exactly where

@@ -1,4 +1,4 @@
-"""Global HDF5 checkpoints end to end (issue 4, DESIGN §3).
+"""Global HDF5 checkpoints end to end (issue 4, docs/architecture.md, "Checkpoints").
 
 Every test launches ``ulfmpy run`` on the stencil (or on a stencil with
 per-rank state, ``apps/ckpt_rank_state.py``) with ``--ckpt-every``, then

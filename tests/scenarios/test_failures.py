@@ -1,4 +1,4 @@
-"""Hard failures in-job with ULFM, end to end (issue 5, DESIGN §3 and §5).
+"""Hard failures in-job with ULFM, end to end (issue 5, docs/architecture.md, "Checkpoints" and "In-job recovery").
 
 Every test launches ``ulfmpy run`` on the stencil, SIGKILLs ranks (the kill
 injector, or the test itself for a waiting spare), and checks the run

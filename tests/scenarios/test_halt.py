@@ -1,4 +1,4 @@
-"""Halting on request (DESIGN §9): a signal or the wall time → checkpoint → exit 79 → resume.
+"""Halting on request (docs/architecture.md, "Halting"): a signal or the wall time → checkpoint → exit 79 → resume.
 
 Each test starts ``ulfmpy run`` as a user would, signals it as a batch
 system does, and checks the run directory. The halt must commit a

@@ -1,4 +1,4 @@
-"""Segments with local rollback, end to end (issue 3, DESIGN §2).
+"""Segments with local rollback, end to end (issue 3, docs/architecture.md, "Segments and local rollback").
 
 Every test launches ``ulfmpy run`` on the stencil (halo exchange) or on the
 ring test app (ring + random partners with Isend/Irecv/Waitall and

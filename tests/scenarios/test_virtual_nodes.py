@@ -1,4 +1,4 @@
-"""``--virtual-nodes K``: node-level faults on one machine (DESIGN §13)."""
+"""``--virtual-nodes K``: node-level faults on one machine (docs/architecture.md, "Nodes on one machine")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ulfmpy under a real Slurm (DESIGN §9): halt at the wall time or on a signal,
+"""ulfmpy under a real Slurm (docs/architecture.md, "Halting"): halt at the wall time or on a signal,
 requeue, resume; in-job recovery inside the allocation; seeded arrays.
 
 Each test submits the project's batch templates with ``sbatch`` as a user

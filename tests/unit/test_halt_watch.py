@@ -1,4 +1,4 @@
-"""Halting on request (DESIGN §9): the pure parts and one process's watch."""
+"""Halting on request (docs/architecture.md, "Halting"): the pure parts and one process's watch."""
 
 import datetime as dt
 import os

@@ -1,4 +1,4 @@
-"""Virtual nodes (DESIGN §13): placement is pure and matches mpirun's slot filling."""
+"""Virtual nodes (docs/architecture.md, "Nodes on one machine"): placement is pure and matches mpirun's slot filling."""
 
 import pytest
 from hypothesis import given, strategies as st

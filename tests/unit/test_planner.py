@@ -1,4 +1,4 @@
-"""The boundary planner (DESIGN §8): where segments end and when to save. Pure."""
+"""The boundary planner (docs/architecture.md, "Who decides where a segment ends"): where segments end and when to save. Pure."""
 
 from __future__ import annotations
 
