@@ -101,6 +101,9 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
     halts = _halt_signals(env)
     halting: list[float] = []
 
+    nprocs = int(argv[argv.index("-n") + 1]) if "-n" in argv else 0
+    deferred: list[float] = []
+
     def forward(signum: int, _frame: object) -> None:
         if signum in halts and not halting:
             # A halt: the ranks checkpoint at their next boundary and leave
@@ -109,7 +112,12 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
             print(f"ulfmpy run: {signal.Signals(signum).name}: halting the job at its next "
                   "segment boundary (a second signal stops it at once)", file=sys.stderr,
                   flush=True)
-            _deliver_halt(proc, run_dir, halts)
+            if _ranks_started(run_dir, launch, nprocs):
+                _deliver_halt(proc, run_dir, halts)
+            else:
+                # A rank still starting would die of the signal (its default
+                # action) and the halt be lost: deliver once all have started.
+                deferred.append(time.monotonic())
             return
         if signum in halts:
             if time.monotonic() - halting[0] < SAME_REQUEST_S:
@@ -124,6 +132,9 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
             pass
 
     old = {s: signal.signal(s, forward) for s in {signal.SIGINT, signal.SIGTERM, *halts}}
+    for signum in _early_halts[:1]:  # asked before this launch could hear it
+        forward(signum, None)
+    _early_halts.clear()
     seen: float | None = None
     markers: list[dict[str, Any]] = []
     leaving: list[dict[str, Any]] = []
@@ -136,6 +147,10 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
                 pass
             if view is not None:
                 view.poll()
+            if deferred and (_ranks_started(run_dir, launch, nprocs)
+                             or time.monotonic() - deferred[0] > HALT_DEFER_S):
+                deferred.clear()
+                _deliver_halt(proc, run_dir, halts)
             if run_dir and seen is None:
                 markers = jobctl.abort_markers(run_dir, launch)
                 leaving = [] if markers else jobctl.exit_markers(run_dir, launch)
@@ -179,6 +194,38 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
               file=sys.stderr)
         return 0
     return status
+
+
+#: Halt signals that came before the first launch could pass them on.
+_early_halts: list[int] = []
+
+
+def hold_halts(env: dict[str, str]) -> None:
+    """From the launcher's start, keep a halt signal for the launch to pass
+    on (its default action would end ``ulfmpy run`` and orphan nothing, but
+    the job would not halt). Main thread only."""
+    for sig in _halt_signals(env):
+        signal.signal(sig, lambda signum, _f: _early_halts.append(signum))
+
+
+#: A halt that comes while ranks start waits at most this long for them.
+HALT_DEFER_S = 20.0
+
+
+def _ranks_started(run_dir: str | None, launch: str, nprocs: int) -> bool:
+    """Whether ``nprocs`` processes of this launch logged their ``start`` (their
+    halt handlers are installed by then). Reads the event logs; local."""
+    if not run_dir or nprocs <= 0:
+        return True
+    tag = f'"launch": "{launch}"'
+    seen = 0
+    for path in Path(run_dir, "events").glob("rank-*.jsonl"):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                seen += any('"event": "start"' in line and tag in line for line in fh)
+        except OSError:
+            pass
+    return seen >= nprocs
 
 
 def _halt_signals(env: dict[str, str]) -> set[signal.Signals]:

@@ -90,10 +90,23 @@ def _revoke_world() -> None:
         pass
 
 
+def _hold_early_halts() -> None:
+    """A halt signal before the runtime starts is kept for it (``ulfmpy.halt.catch_early``)."""
+    if os.environ.get("ULFMPY_RESILIENCE", "1").lower() in ("0", "false", "no", "off"):
+        return
+    from ulfmpy.halt import catch_early, parse_signals
+
+    try:
+        catch_early(parse_signals(os.environ.get("ULFMPY_HALT_SIGNAL", "USR1,TERM")))
+    except ValueError:
+        pass  # a bad --halt-signal is refused by the runtime, with its message
+
+
 def main(argv: list[str]) -> None:
     from ulfmpy import jobctl
     from ulfmpy.errors import EXIT_UNRECOVERABLE
 
+    _hold_early_halts()
     jobctl.watch_launcher()
     run_dir = os.environ.get("ULFMPY_RUN_DIR")
     if run_dir and os.path.isdir(run_dir):

@@ -33,7 +33,43 @@ import time
 from typing import Any, Callable, Iterator
 
 __all__ = ["parse_signals", "slurm_end_time", "read_slurm_end", "deadline", "halt_times",
-           "HaltWatch", "HALT_WINDOW_S", "signals_blocked"]
+           "HaltWatch", "HALT_WINDOW_S", "signals_blocked", "catch_early"]
+
+#: The first halt signal caught before any HaltWatch existed, and when (empty: none).
+_early: list[tuple[signal.Signals, float]] = []
+_early_claimed = threading.Event()
+_early_held: set[signal.Signals] = set()
+#: How long an early halt signal waits for a Runtime to take it; a program that
+#: never makes one then gets the signal's default action (it ends).
+EARLY_PATIENCE_S = 20.0
+
+
+def catch_early(signals: tuple[signal.Signals, ...]) -> None:
+    """From a rank's start (``ulfmpy._rank``), hold on to a halt signal that
+    comes before the runtime installs its :class:`HaltWatch`: the signal's
+    default action would kill the rank, and the halt would be lost. Local."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def held(signum: int, _frame: Any) -> None:
+        if not _early:
+            _early.append((signal.Signals(signum), time.time()))
+            timer = threading.Timer(EARLY_PATIENCE_S, _unclaimed, args=(signum,))
+            timer.daemon = True
+            timer.start()
+
+    for sig in signals:
+        signal.signal(sig, held)
+        _early_held.add(sig)
+
+
+def _unclaimed(signum: int) -> None:
+    # A timer thread cannot restore the signal's default action: end as it would.
+    if not _early_claimed.is_set():
+        print(f"ulfmpy: {signal.Signals(signum).name} came and no ulfmpy Runtime took it "
+              f"within {EARLY_PATIENCE_S:.0f} s; ending", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
 
 #: While a halt can come, a segment runs at most this many seconds, so a halt
 #: lands within a few seconds and not after a 1000-step segment.
@@ -169,6 +205,13 @@ class HaltWatch:
         """Catch the halt signals (main thread only: elsewhere nothing is caught)."""
         if threading.current_thread() is not threading.main_thread():
             return
+        _early_claimed.set()
+        for sig in _early_held - set(self.signals):  # the program halts on others, or none
+            signal.signal(sig, signal.SIG_DFL)
+        _early_held.clear()
+        if _early and _early[0][0] in self.signals and self.reason is None:
+            sig, at = _early[0]  # it came during start-up
+            self.reason, self.requested_at = f"signal {sig.name}", at
         for sig in self.signals:
             self._old[sig] = signal.signal(sig, self._caught)
         if self.signals:

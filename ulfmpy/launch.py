@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ulfmpy import _launch_checks as _checks
+from ulfmpy import _launch_job as _job
 from ulfmpy import jobctl
 from ulfmpy._launch_job import (LAUNCH_RETRIES, LAUNCHER_FLAKES, _launch,  # noqa: F401
                                 _recovered_spawned_death, _with_forwarded)
@@ -351,6 +352,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise LaunchError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     env = config_env_from_args(args)
+    if not args.dry_run:
+        _job.hold_halts({**os.environ, **env})
     # The settings of this command line win over the app's keywords. Always
     # set, so a value inherited from the caller's environment never counts.
     # (--spares is among them: the code cannot change how many spares started.)

@@ -170,3 +170,52 @@ def test_bad_halt_settings_are_refused_before_mpirun(tmp_path):
                      timeout=60)
     assert res.returncode == 2 and "KILL" in res.stderr, res
     assert not (tmp_path / "run" / "events").exists()
+
+
+@pytest.mark.parametrize("moment", [".lock", "events"], ids=["launcher-starting", "ranks-starting"])
+def test_a_signal_during_start_up_is_not_lost(tmp_path, reference, moment):
+    """A halt asked before the ranks run (a requeue signal right after the job
+    starts) used to kill a rank that had no handler yet, and the halt was lost:
+    the launcher, waiting for the halt, then waited for the whole run. The
+    launcher now brings the signal once every rank has started, and a rank holds
+    a signal that comes before its runtime does."""
+    run_dir = tmp_path / "run"
+    proc = start_ulfmpy(["-n", "4", *STENCIL], run_dir)
+    # .lock: the launcher holds the run directory and has not started mpirun;
+    # events: the first rank opened its log, the others may not have started
+    wait_for(moment, (run_dir / moment).exists, timeout=60)
+    proc.send_signal(signal.SIGUSR1)
+    res = finish_ulfmpy(proc, run_dir, timeout=120)
+    assert res.returncode == EXIT_HALTED, res
+    halts = halt_events(res)
+    assert len(halts) == 4 and {h["reason"] for h in halts} >= {"signal SIGUSR1"}, halts
+    [step] = {h["step"] for h in halts}
+    assert step < 30000 and not (run_dir / "summary.json").exists()
+    resumed = run_ulfmpy(["-n", "4", "--resume", "auto", *STENCIL], run_dir, timeout=300)
+    assert resumed.returncode == 0 and resumed.summary["fingerprint"] == reference, resumed
+
+
+def test_an_early_signal_in_a_rank_waits_for_its_runtime():
+    """ulfmpy._rank holds a halt signal until the runtime's watch takes it over."""
+    code = ("import os, signal, time\n"
+            "from ulfmpy import halt\n"
+            "halt.catch_early((signal.SIGUSR1,))\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.05)\n"
+            "w = halt.HaltWatch((signal.SIGUSR1,), halt_at=None, end_at=None,\n"
+            "                   on_escalate=lambda r: None)\n"
+            "w.install()\n"
+            "print(w.due())\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "signal SIGUSR1", res
+    # a program that never makes a runtime still ends on the signal, after the patience
+    code = ("import os, signal, time\n"
+            "from ulfmpy import halt\n"
+            "halt.EARLY_PATIENCE_S = 0.2\n"
+            "halt.catch_early((signal.SIGUSR1,))\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(5)\n"
+            "print('survived')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 128 + signal.SIGUSR1 and "survived" not in res.stdout, res
+    assert "no ulfmpy Runtime took it" in res.stderr

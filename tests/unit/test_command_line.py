@@ -127,3 +127,21 @@ def test_summary_counts_this_launchs_steps_for_a_resumed_run():
     d = s.as_dict()
     assert (d["steps"], d["start_step"], d["steps_run"]) == (400, 196, 204)
     assert Summary(ranks=2, steps=400, wall_s=1, fingerprint="f").as_dict()["steps_run"] == 400
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_relaunch_message_says_whether_a_checkpoint_resumes(tmp_path, monkeypatch, capsys, script,
+                                                             committed):
+    from ulfmpy import launch
+
+    run = tmp_path / "r"
+    if committed:
+        (run / "ckpt").mkdir(parents=True)
+        (run / "ckpt" / "step-00000050.h5").write_bytes(b"")
+    codes = iter([75, 0])
+    monkeypatch.setattr(launch, "_launch", lambda argv, env: next(codes))
+    assert main(["run", "-n", "2", "--max-restarts", "1", "--run-dir", str(run), script]) == 0
+    err = capsys.readouterr().err
+    want = ("resuming from the newest committed checkpoint" if committed else
+            "starting over: no checkpoint was committed")
+    assert f"relaunch 1/1 {want}" in err

@@ -90,7 +90,8 @@ def test_uniformity_check():
 ON = {"mtbf": (3600.0, "1h"), "node_mtbf": (86400.0, "1d"), "ckpt_every": (5, "5"),
       "ckpt_seconds": (60.0, "1m"), "segment_steps": (10, "10"), "soft_mtbf": (600.0, "10m"),
       "segment_budget": (0.01, "0.01"), "resilience": (False, "0"),
-      "inject": (("bitflip:rank=0,step=1",), "bitflip:rank=0,step=1"), "detect_every": (1, "1")}
+      "inject": (("bitflip:rank=0,step=1",), "bitflip:rank=0,step=1"), "detect_every": (1, "1"),
+      "ckpt_final": (True, "1")}
 PAIRS = [(a, b) for a, b, _ in CONFLICTS]
 
 
@@ -100,8 +101,8 @@ def test_the_conflicts_listed():
         ("node_mtbf", "ckpt_seconds"), ("mtbf", "node_mtbf"), ("ckpt_every", "ckpt_seconds"),
         ("segment_steps", "soft_mtbf"), ("segment_budget", "segment_steps"),
         ("segment_budget", "soft_mtbf"),
-        *(("resilience", x) for x in ("ckpt_every", "ckpt_seconds", "mtbf", "node_mtbf",
-                                      "inject", "detect_every"))}
+        *(("resilience", x) for x in ("ckpt_every", "ckpt_seconds", "ckpt_final", "mtbf",
+                                      "node_mtbf", "inject", "detect_every"))}
 
 
 def _flags_of(a, b):
