@@ -200,12 +200,19 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
 _early_halts: list[int] = []
 
 
-def hold_halts(env: dict[str, str]) -> None:
+def hold_halts(env: dict[str, str]) -> dict[signal.Signals, Any]:
     """From the launcher's start, keep a halt signal for the launch to pass
-    on (its default action would end ``ulfmpy run`` and orphan nothing, but
-    the job would not halt). Main thread only."""
-    for sig in _halt_signals(env):
-        signal.signal(sig, lambda signum, _f: _early_halts.append(signum))
+    on (its default action would end ``ulfmpy run`` and the job would not
+    halt). Returns the handlers to put back (:func:`release_halts`). Main
+    thread only."""
+    _early_halts.clear()
+    return {sig: signal.signal(sig, lambda signum, _f: _early_halts.append(signum))
+            for sig in _halt_signals(env)}
+
+
+def release_halts(held: dict[signal.Signals, Any]) -> None:
+    for sig, old in held.items():
+        signal.signal(sig, old)
 
 
 #: A halt that comes while ranks start waits at most this long for them.

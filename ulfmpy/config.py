@@ -471,6 +471,10 @@ NO_RESILIENCE_HELP = ("run the plain loop, the baseline: no segments, detection,
                       "checkpoints or fault injection")
 
 
+_METAVARS = {"run_dir": "DIR", "inject": "FAULT", "resume": "FROM", "halt_signal": "SIGNALS",
+             "segment_steps": "N|auto", "segment_budget": "FRACTION"}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per setting (dest = setting name, default None)."""
     group = parser.add_argument_group("ulfmpy settings (also Runtime(...) keywords and "
@@ -485,6 +489,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kw["action"] = "append"
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
+        if not f.metadata.get("choices") and f.type != "bool":
+            kw["metavar"] = _METAVARS.get(f.name) or (
+                "TIME" if f.metadata["kind"] is _duration else
+                "N" if f.type == "int" else "LIST" if f.type.startswith("tuple") else "X")
         if f.type == "bool" and f.name != "resilience":
             # `--ckpt-final` alone turns it on; `--partner 0` still turns one off.
             kw.update(nargs="?", const="1", metavar="on|off")

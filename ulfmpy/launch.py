@@ -352,8 +352,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise LaunchError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     env = config_env_from_args(args)
-    if not args.dry_run:
-        _job.hold_halts({**os.environ, **env})
+    held = _job.hold_halts({**os.environ, **env}) if not args.dry_run else {}
+    try:
+        return _run_checked(args, program, env)
+    finally:
+        _job.release_halts(held)
+
+
+def _run_checked(args: argparse.Namespace, program: list[str], env: dict[str, str]) -> int:
     # The settings of this command line win over the app's keywords. Always
     # set, so a value inherited from the caller's environment never counts.
     # (--spares is among them: the code cannot change how many spares started.)
@@ -365,7 +371,9 @@ def run(args: argparse.Namespace) -> int:
                            relaunch_ranks=args.relaunch_ranks)
     argv, env_add = build_command(ranks=args.ranks, program=program, info=info,
                                   spares=args.spares, oversubscribe=args.oversubscribe,
-                                  env=env, ft=args.ft, extra_mpirun_args=[w for a in args.mpirun_arg for w in shlex.split(a)])
+                                  env=env, ft=args.ft,
+                                  extra_mpirun_args=[w for a in args.mpirun_arg
+                                                     for w in shlex.split(a)])
     if args.dry_run:
         print(format_command(argv, env_add))
         return 0

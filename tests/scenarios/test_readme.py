@@ -103,12 +103,12 @@ def _fingerprint(scratch: Path, run: str) -> str:
     return json.loads((scratch / "runs" / run / "summary.json").read_text())["fingerprint"]
 
 
+# The README's own commands show the stencil under every policy; here the
+# README's program, at the default detection (end of segment) and with a kill.
 @pytest.mark.parametrize("faults", [
     ["--detect", "finite,bounds", "--inject", "bitflip:rank=1,step=700,bit=62"],
-    ["--detect", "finite,bounds", "--detect-every", "1", "--inject", "bitflip:rank=1,step=700,bit=62"],
     ["--spares", "1", "--ckpt-every", "500", "--inject", "kill:rank=2,step=900"],
-    ["--recovery", "respawn", "--ckpt-every", "500", "--inject", "kill:rank=2,step=900"],
-], ids=["flip", "flip-per-step", "kill-spare", "kill-respawn"])
+], ids=["flip", "kill-spare"])
 def test_the_readme_program_is_protected(scratch, faults, request):
     require_ulfm()
     [program] = blocks("python")

@@ -90,7 +90,7 @@ def test_help_shows_defaults_and_reads_the_right_way(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--segment-steps SEGMENT_STEPS" in out and "(default: auto)" in out
+    assert "--segment-steps N|auto" in out and "(default: auto)" in out
     assert "(default: 30s)" in out  # --repair-timeout
     assert "(default: spares,respawn,shrink)" in out
     assert "--no-resilience run the plain loop, the baseline" in out
