@@ -73,17 +73,23 @@ def draw(rep: dict[str, Any], path: str) -> None:
     ax.set_xlabel("seconds since the first start")
     title = f"{rep['run_dir']}: {rep['steps']} steps, {len(rep['launches'])} launch(es)"
     ax.set_title(title, fontsize=9)
+    # The legend names what this run has, nothing else.
+    items = [it for lane in lanes for it in tl["lanes"][lane]]
+    kinds = {it["kind"] for it in items}
+    rounds = sorted({int(it["round"]) for it in items if it["kind"] == "reexecution"})
+    phases = [p for p in _PHASE_COLOURS if any(it.get("phase") == p for it in items)]
+    marks = [("checkpoint", "v", "#2ca02c", "checkpoint save"), ("flip", "*", "#ff7f0e", "bit flip"),
+             ("detection", "D", "#1f77b4", "detection"), ("kill", "X", "#d62728", "kill"),
+             ("stall", "s", "#8c564b", "stall"), ("failure", "^", "#d62728", "failure seen")]
     handles = [Patch(color="#a0a0a0", label="segment"),
-               *[Patch(color=c, label=f"re-execution round {i + 1}")
-                 for i, c in enumerate(_ROUND_COLOURS[:2])],
-               *[Patch(color=c, label=p) for p, c in _PHASE_COLOURS.items()],
-               Line2D([], [], marker="v", ls="", color="#2ca02c", label="checkpoint save"),
-               Line2D([], [], marker="*", ls="", color="#ff7f0e", label="bit flip"),
-               Line2D([], [], marker="D", ls="", color="#1f77b4", label="detection"),
-               Line2D([], [], marker="X", ls="", color="#d62728", label="kill"),
-               Line2D([], [], marker="s", ls="", color="#8c564b", label="stall"),
-               Line2D([], [], marker="^", ls="", color="#d62728", label="failure seen"),
-               Line2D([], [], marker="o", ls="", mfc="none", color="#9467bd", label="joins")]
+               *[Patch(color=_ROUND_COLOURS[(r - 1) % len(_ROUND_COLOURS)],
+                       label=f"re-execution round {r}") for r in rounds],
+               *[Patch(color=_PHASE_COLOURS[p], label=p) for p in phases],
+               *[Line2D([], [], marker=m, ls="", color=c, label=label)
+                 for kind, m, c, label in marks if kind in kinds]]
+    if "join" in kinds:
+        handles.append(Line2D([], [], marker="o", ls="", mfc="none", color="#9467bd",
+                              label="joins as a replacement"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

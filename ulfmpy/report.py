@@ -80,13 +80,20 @@ def _launches(sections: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 la["outcome"] = f"halted at step {e.get('step')} (exit 79)"
             elif ev == "failure":
                 la["last_step"] = max(la["last_step"], int(e.get("step") or 0))
+            elif ev == "inject" and e.get("kind") == "kill":
+                la.setdefault("_kills", []).append(f"rank {st.get('logical')} at step "
+                                                   f"{e.get('step')}")
             elif ev == "repair_stuck" and la["outcome"] == "running or died":
                 la["outcome"] = f"repair unfinished after {e.get('seconds')} s (exit 75)"
     launches = sorted(by.values(), key=lambda la: la["t0"])
-    for la in launches:
-        end, done = la.pop("_end", 0), la.pop("_done", False)
+    for i, la in enumerate(launches):
+        end, done, kills = la.pop("_end", 0), la.pop("_done", False), la.pop("_kills", [])
         if done:
             la["last_step"] = max(la["last_step"], end)
+        elif la["outcome"] == "running or died" and i < len(launches) - 1:
+            # A later launch exists, so this one ended without finishing.
+            la["outcome"] = (f"ended after a kill ({'; '.join(kills)})" if kills else
+                             "ended before finishing (killed, or a process died)")
     for i, la in enumerate(launches):
         la["index"] = i
         la["wall_s"] = la["t1"] - la["t0"]
