@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from ulfmpy.tally import tally
+from ulfmpy.tally import records, tally
 
 __all__ = ["build", "render"]
 
@@ -25,25 +25,12 @@ __all__ = ["build", "render"]
 _STOPS = ("failure", "finish", "exit", "job_end", "halt", "repair_stuck")
 
 
-def _records(path: Path) -> Iterable[dict[str, Any]]:
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError:
-        return
-    with fh:
-        for line in fh:
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue  # a torn last line: the process died mid-write
-
-
 def _sections(run_dir: Path) -> list[dict[str, Any]]:
     """One entry per process and launch: its start record and its events."""
     out: list[dict[str, Any]] = []
     for path in sorted((run_dir / "events").glob("rank-*.jsonl")):
         cur: dict[str, Any] | None = None
-        for rec in _records(path):
+        for rec in records(path):
             if rec.get("event") == "start":
                 cur = {"start": rec, "events": [], "file": path.name,
                        "launch": rec.get("launch") or f"relaunch-{rec.get('relaunch', 0)}"}

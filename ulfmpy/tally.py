@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["Tally", "tally", "unfired", "current_launch"]
+__all__ = ["Tally", "tally", "unfired", "current_launch", "records"]
 
 _ENDS = ("exit", "job_end")
 
@@ -40,7 +40,7 @@ class Tally:
         return self.injected_flips + self.injected_kills + self.injected_stalls
 
 
-def _records(path: Path) -> Iterable[dict[str, Any]]:
+def records(path: Path) -> Iterable[dict[str, Any]]:
     try:
         fh = open(path, encoding="utf-8")
     except OSError:
@@ -65,7 +65,7 @@ def tally(run_dir: str | os.PathLike[str], *, launch: str | None = None) -> Tall
     fired: set[str] = set()
     for path in sorted((Path(run_dir) / "events").glob("rank-*.jsonl")):
         section: dict[str, Any] | None = None
-        for rec in _records(path):
+        for rec in records(path):
             ev = rec.get("event")
             if ev == "start":
                 _died(section, launch, dead)
