@@ -96,6 +96,50 @@ def build_work(factory: Any, comm: Any, *, invariant: Any = None, snapshot: bool
     return Work(app, state, _AppView(app, invariant), Snapshot(state) if snapshot else None)
 
 
+def _same_memory(a: Any, b: Any) -> bool:
+    return (a is b or (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+                       and a.ctypes.data == b.ctypes.data))
+
+
+def sync_state(work: Work) -> None:
+    """Follow the arrays ``app.state`` names now: an app may swap buffers between
+    steps (``u, unew = unew, u``), so the snapshot, restore, checkpoints and the
+    fingerprint read the state by name at every boundary, not the arrays first
+    seen. ``work.state`` is updated in place (every holder sees the new arrays);
+    the snapshot's buffers stay (same shapes: nothing is allocated). Local.
+
+    Raises:
+        ConfigError: the state's names, an array's shape or dtype, or a
+            block's place in the global array changed.
+    """
+    from ulfmpy.errors import ConfigError
+    from ulfmpy.state import Block, local_array, normalize_state
+
+    cur, raw = work.state, work.app.state
+    try:
+        if len(raw) == len(cur) and all(
+                _same_memory(local_array(raw[k]), local_array(v)) for k, v in cur.items()):
+            return  # the common case: the same arrays
+    except (KeyError, TypeError, AttributeError):
+        pass  # normalize_state below names the problem
+    new = normalize_state(raw)
+    if list(new) != list(cur):
+        raise ConfigError(f"app.state changed its names from {sorted(cur)} to {sorted(new)}; "
+                          "it must name the same arrays at every step (swap buffers, keep names)")
+    for name, old in cur.items():
+        a, b = local_array(old), local_array(new[name])
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ConfigError(f"app.state[{name!r}] changed from {a.dtype}{list(a.shape)} to "
+                              f"{b.dtype}{list(b.shape)}; a swapped array must have the same "
+                              "shape and dtype")
+        if isinstance(old, Block) != isinstance(new[name], Block) or (
+                isinstance(old, Block) and (old.start, old.global_shape)
+                != (new[name].start, new[name].global_shape)):
+            raise ConfigError(f"app.state[{name!r}] moved in the global array; a swapped block "
+                              "must cover the same cells")
+    cur.update(new)
+
+
 def with_replay(me: Identity) -> Identity:
     """A duplicate of the compute communicator for replay traffic, so it never
     matches a message of the live run (docs/architecture.md, "Segments and local rollback"). Collective over ``me.compute``."""

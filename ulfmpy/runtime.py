@@ -34,7 +34,7 @@ from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure
 from ulfmpy.events import EventLog
 from ulfmpy.faults import hooks_for
 from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_world,
-                             with_replay)
+                             sync_state, with_replay)
 from ulfmpy import jobctl as _jobctl
 from ulfmpy.inject import FaultPlan, cannot_fire
 from ulfmpy.halt import HALT_WINDOW_S, HaltWatch, halt_times, parse_signals
@@ -256,6 +256,7 @@ class Runtime:
             try:
                 agreed = yield from self.segments.run(self.me, self.work, step, end, self._slots)
                 step = agreed.timing.end
+                sync_state(self.work)  # a save and the summary read the arrays named now
                 end = self.bounds.apply(agreed, self.me, self.comm.mpi_comm, self.work.state,
                                         self._hosts)
                 self._progress(step)
@@ -263,6 +264,7 @@ class Runtime:
                     self._halt(step)
             except GlobalRollback as gr:
                 global_rollbacks += 1
+                sync_state(self.work)
                 self.segments.abandon()
                 step = self.ckpts.global_rollback(self.comm.mpi_comm, self.work.state, gr,
                                                   global_rollbacks)
@@ -341,6 +343,8 @@ class Runtime:
         """Repair after a dead rank; the step to resume from. Collective over the
         live processes of the job (spares included)."""
         self._saw_failure = True
+        if self.work is not None:
+            sync_state(self.work)  # survivors restore into the arrays named now
         self.me, resumed = self.repairer.recover(
             self.me, exc, step=step, comm=self.comm, cur_step=self.segments.cur_step,
             known_ckpt=self.ckpts.last_committed_step, restore=self._restore)
@@ -389,6 +393,7 @@ class Runtime:
 
     def _finish(self, steps: int) -> None:
         comm = self.comm.mpi_comm if isinstance(self.comm, ResilientComm) else self.comm
+        sync_state(self.work)  # the fingerprint of the arrays the state names at the end
         self.ckpts.save_final(comm, self.work.state, steps)
         self.ckpts.drain()
         self._progress(steps, final=True)

@@ -26,9 +26,11 @@ class Snapshot:
     """
 
     def __init__(self, state: Mapping[str, StateValue]) -> None:
-        self._arrays = [local_array(v) for v in state.values()]
+        # The state dict itself: after a swap it names other arrays of the
+        # same shapes (identity.sync_state), and copies follow it by name.
+        self._state = state
         self._names = list(state)
-        self._buffers = [np.empty_like(a) for a in self._arrays]
+        self._buffers = [np.empty_like(local_array(v)) for v in state.values()]
         self.step: int | None = None
 
     @property
@@ -36,13 +38,13 @@ class Snapshot:
         return sum(b.nbytes for b in self._buffers)
 
     def take(self, step: int) -> None:
-        for buf, arr in zip(self._buffers, self._arrays):
-            np.copyto(buf, arr)
+        for buf, v in zip(self._buffers, self._state.values()):
+            np.copyto(buf, local_array(v))
         self.step = step
 
     def restore(self) -> None:
-        for buf, arr in zip(self._buffers, self._arrays):
-            np.copyto(arr, buf)
+        for buf, v in zip(self._buffers, self._state.values()):
+            np.copyto(local_array(v), buf)
 
 
 @dataclass(frozen=True)

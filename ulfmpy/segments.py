@@ -23,6 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ulfmpy.detect import run_detectors
+from ulfmpy.identity import sync_state
 from ulfmpy.errors import GlobalRollback
 from ulfmpy.segment import Report, agree_reports, closure
 
@@ -98,11 +99,14 @@ class SegmentRunner:
 
     # -- small pieces -------------------------------------------------------------
     def _detect(self, work: Any) -> tuple[str, str] | None:
+        sync_state(work)
         return run_detectors(self.config.detect, work.view, work.state)
 
     def _after_step(self, step: int, work: Any, logical: int | None, *, replay: bool) -> None:
         self.cur_step = step
         self.comm.check_failure()
+        if self.hooks.active:  # a flip strikes the array the state names now
+            sync_state(work)
         self.hooks.after_step(step, work.state, replay=replay, logical=logical)
 
     def abandon(self) -> None:
@@ -124,6 +128,7 @@ class SegmentRunner:
         """
         cfg, comm, app, snap, hooks = self.config, self.comm, work.app, work.snap, self.hooks
         t = time.perf_counter()
+        sync_state(work)
         snap.take(first)
         t_start = time.perf_counter()
         comm.begin_segment(end - first)
@@ -225,6 +230,7 @@ class SegmentRunner:
                 comm.fetch_originals(S - fetched)
                 fetched |= S
             if me.rank in S:
+                sync_state(work)
                 work.snap.restore()
                 comm.begin_replay(S, me.replay)
                 for r in range(first, end):
@@ -271,6 +277,7 @@ class SegmentRunner:
         self.events.log("detection", step=s, detector=hit[0], finding=hit[1], when="step")
         t0 = time.perf_counter()
         comm = self.comm
+        sync_state(work)
         work.snap.restore()
         comm.begin_replay({me.rank}, me.replay)
         for r in range(first, s + 1):
