@@ -31,18 +31,24 @@ class _Collectives:
         """
         if self._voided():
             return apply_logged(None)
+        # A call that fails returns the same placeholder as the calls after it
+        # (this rank's own contribution for the lowercase forms), never None:
+        # the step's results are thrown away, but the code that uses them
+        # (``total = comm.allreduce(x); u += total``) must not fail meanwhile.
         if self.mode == "off":
-            return self._guard(call, live, self._comm)
+            value = self._guard(call, live, self._comm)
+            return apply_logged(None) if self._voided() else value
         seq = self._ctr.next_coll()
         digest = _digest(contribution)
         if self.mode == "live":
             value = self._guard(call, live, self._comm)
             if self._voided():
-                return value
+                return apply_logged(None)
             self.log.collectives.append((call, digest, result_of(value)))
             return value
         if self._all_in_S:
-            return self._guard(call, live, self._replay_comm)
+            value = self._guard(call, live, self._replay_comm)
+            return apply_logged(None) if self._voided() else value
         if seq >= len(self.log.collectives) or self.log.collectives[seq][0] != call:
             self._diverged(f"{call} #{seq} was not called at this point originally")
             return apply_logged(None)
@@ -68,7 +74,7 @@ class _Collectives:
 
     def allreduce(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
         contrib = _pickle(sendobj) if self.mode != "off" else b""
-        return self._collective("allreduce", contrib, lambda c: c.allreduce(sendobj, op),
+        return self._collective("allreduce", contrib, lambda c: _tree_allreduce(c, sendobj, op),
                                 _pickle, lambda d: sendobj if d is None else pickle.loads(d))
 
     def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
@@ -112,3 +118,42 @@ class _Collectives:
         contrib = _pickle(sendobj) if self.mode != "off" else b""
         return self._collective("allgather", contrib, lambda c: c.allgather(sendobj), _pickle,
                                 lambda d: [sendobj] * self._size if d is None else pickle.loads(d))
+
+
+def _tree_allreduce(comm: MPI.Comm, obj: Any, op: Any) -> Any:
+    """``comm.allreduce(obj, op)`` for Python objects, over ``comm`` itself.
+
+    mpi4py runs its lowercase reductions as point-to-point messages on a
+    duplicate of the communicator it keeps privately; a revoke of ``comm``
+    never reaches that duplicate, so after a failure a rank waiting there for
+    a live peer that had gone on to the repair waited for ever (the hang of a
+    killed rank under a per-step ``allreduce``). This reduces over the same
+    binomial tree, so results are bitwise those of mpi4py, with messages on
+    ``comm`` (tag ``TAG_UB``, which receives in a segment cannot match: they
+    name their tag), then broadcasts. Collective over ``comm``.
+    """
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size == 1:
+        return pickle.loads(pickle.dumps(obj))
+    tag = _reserved_tag(comm)
+    result, mask = obj, 1
+    while mask < size:
+        if rank & mask:
+            comm.send(result, dest=rank & ~mask, tag=tag)
+            break
+        if rank | mask < size:
+            result = op(result, comm.recv(source=rank | mask, tag=tag))
+        mask <<= 1
+    return comm.bcast(result if rank == 0 else None, root=0)
+
+
+_TAG: list[int] = []
+
+
+def _reserved_tag(comm: MPI.Comm) -> int:
+    """The largest tag (MPI attaches ``TAG_UB`` to ``COMM_WORLD``; 32767 is the
+    least the standard allows)."""
+    if not _TAG:
+        tag = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+        _TAG.append(int(tag) if tag else 32767)
+    return _TAG[0]

@@ -270,17 +270,20 @@ class _PointToPoint:
 
     def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
                  source: int = MPI.ANY_SOURCE, recvtag: int = MPI.ANY_TAG, status: Any = None) -> Any:
+        # After a failure the step is thrown away; what this rank sends is the
+        # placeholder most like what a neighbour sends back (a halo exchange).
         if self._voided():
-            return None
+            return sendobj
         if self.mode == "off":
-            return self._guard("sendrecv", self._comm.sendrecv, sendobj, dest, sendtag,
-                               recvbuf, source, recvtag, status)
+            out = self._guard("sendrecv", self._comm.sendrecv, sendobj, dest, sendtag,
+                              recvbuf, source, recvtag, status)
+            return sendobj if self._voided() else out
         rreq = self.irecv(recvbuf, source, recvtag) if source != MPI.PROC_NULL else None
         sreq = self.isend(sendobj, dest, sendtag) if dest != MPI.PROC_NULL else None
         out = rreq.wait() if rreq is not None else None
         if sreq is not None:
             sreq.wait()
-        return out
+        return sendobj if self._voided() else out
 
     @staticmethod
     def Waitall(requests: Sequence[Request], statuses: Any = None) -> bool:  # noqa: N802

@@ -273,3 +273,25 @@ def test_unsupported_calls_name_themselves(rc):
     c.Alltoall(np.full(c.Get_size(), float(c.Get_rank())), out)
     ok &= np.array_equal(out, np.arange(c.Get_size(), dtype=float))
     all_true(MPI.COMM_WORLD, ok)
+
+
+@pytest.mark.parametrize("op", [MPI.SUM, MPI.PROD, MPI.MAX])
+def test_object_allreduce_is_bitwise_mpi4pys_on_every_size(op):
+    """ulfmpy reduces Python objects over the communicator itself (a revoke
+    reaches it), in mpi4py's own order: the same bits, on 1 to 4 ranks."""
+    world = MPI.COMM_WORLD
+    rng = np.random.default_rng(world.Get_rank() + 11)
+    oks = []
+    for n in range(1, world.Get_size() + 1):
+        sub = world.Split(0 if world.Get_rank() < n else MPI.UNDEFINED, world.Get_rank())
+        if sub != MPI.COMM_NULL:
+            sub.Set_errhandler(MPI.ERRORS_RETURN)
+            c = ResilientComm(sub)
+            x = float(rng.standard_normal() * 1e3) if op is not MPI.PROD else 1.0 + rng.random()
+            arr = rng.standard_normal(5)
+            ours, theirs = c.allreduce(x, op=op), sub.allreduce(x, op=op)
+            oks.append(ours == theirs and type(ours) is float)
+            if op is MPI.SUM:  # elementwise only for SUM/PROD (MAX of arrays is ambiguous)
+                oks.append(np.array_equal(c.allreduce(arr, op=op), sub.allreduce(arr, op=op)))
+            sub.Free()
+    all_true(world, all(oks))

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import APPS, REPO, TEST_APPS, _processes_of, run_ulfmpy
+from conftest import APPS, REPO, TEST_APPS, _processes_of, run_ulfmpy, stop_job
 
 STENCIL = [str(APPS / "stencil.py"), "--nx", "240", "--ny", "200", "--steps", "120"]
 ESCAPE = ["--segment-steps", "10", "--ckpt-every", "10",
@@ -261,8 +261,12 @@ def test_a_second_job_on_a_locked_run_directory_is_refused(tmp_path):
         assert res.returncode == 2, res
         assert "is in use by another job (ulfmpy run pid" in res.stderr
     finally:
-        os.killpg(job.pid, signal.SIGTERM)
-        job.wait(timeout=30)
+        os.killpg(job.pid, signal.SIGTERM)  # a halt: checkpoint, exit 79
+        try:
+            job.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            stop_job(job, run_dir)  # never leave the job running past the test
+            raise
     assert _wait_for(lambda: not _processes_of(run_dir), 10)
 
 
