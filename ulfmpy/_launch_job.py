@@ -91,9 +91,9 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
                             stdout=subprocess.PIPE if bar else None,
                             preexec_fn=jobctl.die_with_parent)
     write = view.write if view is not None else None
-    tees = [threading.Thread(target=_tee_stderr, args=(proc.stderr, flakes, write), daemon=True)]
+    tees = [threading.Thread(target=_tee, args=(proc.stderr, flakes, write), daemon=True)]
     if bar:
-        tees.append(threading.Thread(target=_tee_stderr, args=(
+        tees.append(threading.Thread(target=_tee, args=(
             proc.stdout, None, lambda line: view.write(line, to=sys.stdout)), daemon=True))
     for tee in tees:
         tee.start()
@@ -357,8 +357,10 @@ def _recovered_spawned_death(run_dir: str, started: float) -> bool:
     return False
 
 
-def _tee_stderr(stream: Any, flakes: list[str] | None,
-                write: Callable[[bytes], None] | None = None) -> None:
+def _tee(stream: Any, flakes: list[str] | None,
+         write: Callable[[bytes], None] | None = None) -> None:
+    """Pass the job's output through line by line (to ``write``, else stderr);
+    lines matching LAUNCHER_FLAKES go to ``flakes``."""
     out = getattr(sys.stderr, "buffer", None)
     for line in iter(stream.readline, b""):
         if write is not None:

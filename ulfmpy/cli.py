@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 __all__ = ["main", "COMMANDS"]
 
@@ -24,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object, Any]:
     parser = argparse.ArgumentParser(
         prog="ulfmpy", allow_abbrev=False,
         description="Make mpi4py timestep loops survive faults: run a protected program, pick "
@@ -32,25 +33,24 @@ def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
         epilog="Each command has its own help: ulfmpy COMMAND --help")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     name = next((a for a in argv if not a.startswith("-")), None)
-    module = None
+    module = chosen = None
     for cmd, (modname, help_) in COMMANDS.items():
         # No prefix matching: `ulfmpy run -n 2 app.py --n 96` must reach the app.
         p = sub.add_parser(cmd, help=help_, description=help_, allow_abbrev=False)
         if cmd == name:
-            module = importlib.import_module(modname)
+            module, chosen = importlib.import_module(modname), p
             module.configure(p)
-    return parser, module
+    return parser, module, chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ulfmpy`` console script and ``python -m ulfmpy``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, module = _parser(argv)
+    parser, module, sub = _parser(argv)
     split = getattr(module, "split_program", None)
     if split is not None:
         # The program's own arguments never reach argparse (``-m mod --steps 5``).
         at = argv.index(next(a for a in argv if not a.startswith("-"))) + 1
-        sub = parser._subparsers._group_actions[0].choices[argv[at - 1]]  # type: ignore[union-attr]
         head, program = split(argv[at:], sub)
         args = parser.parse_args(argv[:at] + head)
         args.program = program

@@ -506,7 +506,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_table() -> str:
     """The README's settings table (Markdown), one row per setting. Pure.
 
-    ``tests/unit/test_readme.py`` checks that the README holds exactly this;
+    ``tests/unit/test_readme_settings.py`` checks that the README holds exactly this;
     ``python -m ulfmpy.config --write-readme`` rewrites it.
     """
     rows = ["| `Runtime(...)` keyword | `ulfmpy run` flag | default | what it does |",

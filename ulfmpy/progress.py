@@ -87,6 +87,13 @@ class Reporter:
         self._written = self._printed = float("-inf")
         self._first: dict[str, Any] | None = None
 
+    def due(self) -> bool:
+        """Whether an :meth:`update` now would write or print anything (cheap: the
+        caller builds its counts only then, and may ask every step)."""
+        now = self.clock()
+        return (now - self._written >= WRITE_EVERY_S
+                or (self.printing and now - self._printed >= self.every))
+
     def update(self, step: int, counts: dict[str, int], *, final: bool = False) -> None:
         now = self.clock()
         snap = {"launch": self.launch, "t": now, "step": int(step), "total": self.total,

@@ -382,6 +382,8 @@ class Runtime:
             rep = self._reporter = Reporter(self.run_dir, self.config.progress, total=self._steps,
                                             launch=_jobctl.launch_id() or "",
                                             every=self.config.progress_every)
+        if not final and not rep.due():  # the plain loop asks every step
+            return
         store = self.ckpts.store
         recoveries = self.repairer.recoveries
         rep.update(step, {

@@ -45,13 +45,16 @@ def test_reporter_writes_the_file_at_most_once_a_second_and_at_the_end(tmp_path)
     clock = Clock()
     rep = Reporter(str(tmp_path), "lines", total=100, launch="L", clock=clock,
                    environ={progress.VIEW_ENV: "1"}, out=io.StringIO())
+    assert rep.due()  # nothing written yet
     rep.update(10, COUNTS)
+    assert not rep.due()  # the runtime then skips building its counts
     path = tmp_path / progress.FILE
     assert json.loads(path.read_text())["step"] == 10
     clock.t += 0.5
     rep.update(20, COUNTS)
     assert json.loads(path.read_text())["step"] == 10  # too soon
     clock.t += 0.6
+    assert rep.due()
     rep.update(30, COUNTS)
     snap = json.loads(path.read_text())
     assert (snap["step"], snap["total"], snap["launch"], snap["done"]) == (30, 100, "L", False)
