@@ -1,7 +1,10 @@
 """Collective calls of the resilient communicator (a mixin).
 
-:class:`_Collectives` holds ``Allreduce``/``Bcast``/``Barrier``/``Allgather``
-and their lowercase forms, all run, logged or replayed by ``_collective``.
+:class:`_Collectives` holds ``Allreduce``/``Bcast``/``Barrier``/``Allgather``,
+``Reduce``/``Gather(v)``/``Scatter(v)``/``Allgatherv``/``Alltoall(v)``/
+``Reduce_scatter(_block)``/``Scan``/``Exscan`` and their lowercase forms,
+all run, logged or replayed by ``_collective``: this rank's contribution is
+digested, its result logged, and replay hands the logged result back.
 :class:`~ulfmpy.comm.ResilientComm` inherits them; they use its state and
 plumbing (``_guard``, ``_voided``, ``_diverged``, ``log``, ``_ctr``, ...).
 """
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from ulfmpy.msglog import _array, _digest, _pickle
+from ulfmpy.msglog import _array, _digest, _payload, _pickle
 
 
 class _Collectives:
@@ -31,6 +34,8 @@ class _Collectives:
         """
         if self._voided():
             return apply_logged(None)
+        if self._pending:
+            self._settle()
         # A call that fails returns the same placeholder as the calls after it
         # (this rank's own contribution for the lowercase forms), never None:
         # the step's results are thrown away, but the code that uses them
@@ -114,28 +119,135 @@ class _Collectives:
         self._collective("Allgather", contrib, lambda c: c.Allgather(sendbuf, recvbuf),
                          lambda _: rb.copy(), apply)
 
+
+    # -- the rest of MPI's collectives: one pattern ------------------------------
+    def _buffers(self, call: str, sendbuf: Any, recvbuf: Any, run: Any, *,
+                 sends: bool = True, receives: bool = True) -> None:
+        """A buffer collective: ``sends``/``receives`` say whether this rank's
+        send and receive buffers take part (a root's, for rooted calls)."""
+        rb, contrib = None, b""
+        if self.mode != "off":
+            if receives and recvbuf is not None:
+                rb = _array(recvbuf, call)
+            if sendbuf is MPI.IN_PLACE:
+                contrib = np.array(rb, copy=True) if rb is not None else b""
+            elif sends and sendbuf is not None:
+                contrib = _payload(sendbuf, call)
+
+        def apply(logged: Any) -> None:
+            if logged is not None and rb is not None:
+                np.copyto(rb, logged)
+
+        self._collective(call, contrib, run, lambda _: None if rb is None else rb.copy(), apply)
+
+    def Reduce(self, sendbuf: Any, recvbuf: Any, op: Any = MPI.SUM, root: int = 0) -> None:  # noqa: N802
+        me = self._rank == root
+        self._buffers("Reduce", sendbuf, recvbuf if me else None,
+                      lambda c: c.Reduce(sendbuf, recvbuf, op, root), receives=me)
+
+    def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
+        me = self._rank == root
+        self._buffers("Gather", sendbuf, recvbuf if me else None,
+                      lambda c: c.Gather(sendbuf, recvbuf, root), receives=me)
+
+    def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
+        me = self._rank == root
+        self._buffers("Gatherv", sendbuf, recvbuf if me else None,
+                      lambda c: c.Gatherv(sendbuf, recvbuf, root), receives=me)
+
+    def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
+        me = self._rank == root
+        self._buffers("Scatter", sendbuf if me else None, recvbuf,
+                      lambda c: c.Scatter(sendbuf, recvbuf, root), sends=me)
+
+    def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
+        me = self._rank == root
+        self._buffers("Scatterv", sendbuf if me else None, recvbuf,
+                      lambda c: c.Scatterv(sendbuf, recvbuf, root), sends=me)
+
+    def Allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        self._buffers("Allgatherv", sendbuf, recvbuf, lambda c: c.Allgatherv(sendbuf, recvbuf))
+
+    def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        self._buffers("Alltoall", sendbuf, recvbuf, lambda c: c.Alltoall(sendbuf, recvbuf))
+
+    def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        self._buffers("Alltoallv", sendbuf, recvbuf, lambda c: c.Alltoallv(sendbuf, recvbuf))
+
+    def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Any = MPI.SUM) -> None:  # noqa: N802
+        self._buffers("Reduce_scatter_block", sendbuf, recvbuf,
+                      lambda c: c.Reduce_scatter_block(sendbuf, recvbuf, op))
+
+    def Reduce_scatter(self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None,
+                       op: Any = MPI.SUM) -> None:  # noqa: N802
+        self._buffers("Reduce_scatter", sendbuf, recvbuf,
+                      lambda c: c.Reduce_scatter(sendbuf, recvbuf, recvcounts, op))
+
+    def Scan(self, sendbuf: Any, recvbuf: Any, op: Any = MPI.SUM) -> None:  # noqa: N802
+        self._buffers("Scan", sendbuf, recvbuf, lambda c: c.Scan(sendbuf, recvbuf, op))
+
+    def Exscan(self, sendbuf: Any, recvbuf: Any, op: Any = MPI.SUM) -> None:  # noqa: N802
+        self._buffers("Exscan", sendbuf, recvbuf, lambda c: c.Exscan(sendbuf, recvbuf, op))
+
+    # -- lowercase --------------------------------------------------------------
+    def _objects(self, call: str, contrib: Any, run: Any, placeholder: Any) -> Any:
+        """A lowercase collective; after a failure the placeholder stands in
+        (the step is thrown away, the code using the result must not fail)."""
+        data = _pickle(contrib) if self.mode != "off" else b""
+        return self._collective(call, data, run, _pickle,
+                                lambda d: placeholder() if d is None else pickle.loads(d))
+
+    def gather(self, sendobj: Any, root: int = 0) -> Any:
+        me = self._rank == root
+        return self._objects("gather", sendobj, lambda c: c.gather(sendobj, root),
+                             lambda: [sendobj] * self._size if me else None)
+
+    def scatter(self, sendobj: Any, root: int = 0) -> Any:
+        me = self._rank == root
+        last = getattr(self, "_last_scatter", None)
+
+        def run(c: Any) -> Any:
+            out = c.scatter(sendobj, root)
+            self._last_scatter = out
+            return out
+
+        return self._objects("scatter", sendobj if me else None, run,
+                             lambda: sendobj[self._rank] if me and sendobj is not None else last)
+
+    def alltoall(self, sendobj: Any) -> Any:
+        return self._objects("alltoall", sendobj, lambda c: c.alltoall(sendobj),
+                             lambda: list(sendobj))
+
     def allgather(self, sendobj: Any) -> list[Any]:
-        contrib = _pickle(sendobj) if self.mode != "off" else b""
-        return self._collective("allgather", contrib, lambda c: c.allgather(sendobj), _pickle,
-                                lambda d: [sendobj] * self._size if d is None else pickle.loads(d))
+        return self._objects("allgather", sendobj, lambda c: c.allgather(sendobj),
+                             lambda: [sendobj] * self._size)
+
+    def reduce(self, sendobj: Any, op: Any = MPI.SUM, root: int = 0) -> Any:
+        me = self._rank == root
+        return self._objects("reduce", sendobj, lambda c: _tree_reduce(c, sendobj, op, root),
+                             lambda: sendobj if me else None)
+
+    def scan(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
+        return self._objects("scan", sendobj, lambda c: _prefix(c, sendobj, op, False),
+                             lambda: sendobj)
+
+    def exscan(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
+        return self._objects("exscan", sendobj, lambda c: _prefix(c, sendobj, op, True),
+                             lambda: sendobj if self._rank else None)
 
 
-def _tree_allreduce(comm: MPI.Comm, obj: Any, op: Any) -> Any:
-    """``comm.allreduce(obj, op)`` for Python objects, over ``comm`` itself.
+# mpi4py runs its lowercase reductions (reduce, allreduce, scan, exscan) as
+# point-to-point messages on a duplicate of the communicator it keeps
+# privately; a revoke of the communicator never reaches that duplicate, so
+# after a failure a rank waiting there for a live peer that had gone on to
+# the repair waited for ever (the hang of a killed rank under a per-step
+# ``allreduce``). These run the same trees (results bitwise mpi4py's) with
+# messages on the communicator itself, tag ``TAG_UB``, which receives in a
+# segment cannot match: those name their source and never use the largest
+# tag. Collective over ``comm``.
 
-    mpi4py runs its lowercase reductions as point-to-point messages on a
-    duplicate of the communicator it keeps privately; a revoke of ``comm``
-    never reaches that duplicate, so after a failure a rank waiting there for
-    a live peer that had gone on to the repair waited for ever (the hang of a
-    killed rank under a per-step ``allreduce``). This reduces over the same
-    binomial tree, so results are bitwise those of mpi4py, with messages on
-    ``comm`` (tag ``TAG_UB``, which receives in a segment cannot match: they
-    name their tag), then broadcasts. Collective over ``comm``.
-    """
+def _reduce_to_zero(comm: MPI.Comm, obj: Any, op: Any, tag: int) -> Any:
     size, rank = comm.Get_size(), comm.Get_rank()
-    if size == 1:
-        return pickle.loads(pickle.dumps(obj))
-    tag = _reserved_tag(comm)
     result, mask = obj, 1
     while mask < size:
         if rank & mask:
@@ -144,8 +256,51 @@ def _tree_allreduce(comm: MPI.Comm, obj: Any, op: Any) -> Any:
         if rank | mask < size:
             result = op(result, comm.recv(source=rank | mask, tag=tag))
         mask <<= 1
-    return comm.bcast(result if rank == 0 else None, root=0)
+    return result
 
+
+def _tree_reduce(comm: MPI.Comm, obj: Any, op: Any, root: int) -> Any:
+    """``comm.reduce(obj, op, root)``: the binomial tree to rank 0, then to the root."""
+    if comm.Get_size() == 1:
+        return pickle.loads(pickle.dumps(obj))
+    tag, rank = _reserved_tag(comm), comm.Get_rank()
+    result = _reduce_to_zero(comm, obj, op, tag)
+    if root != 0:
+        if rank == 0:
+            comm.send(result, dest=root, tag=tag)
+        elif rank == root:
+            result = comm.recv(source=0, tag=tag)
+    return result if rank == root else None
+
+
+def _prefix(comm: MPI.Comm, obj: Any, op: Any, exclusive: bool) -> Any:
+    """``comm.scan``/``comm.exscan``: recursive doubling, as mpi4py does it."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size == 1:
+        return None if exclusive else pickle.loads(pickle.dumps(obj))
+    tag = _reserved_tag(comm)
+    partial, result, have = obj, (None if exclusive else obj), not exclusive
+    mask = 1
+    while mask < size:
+        peer = rank ^ mask
+        if peer < size:
+            got = comm.sendrecv(partial, dest=peer, sendtag=tag, source=peer, recvtag=tag)
+            if rank > peer:
+                partial = op(got, partial)
+                result = op(got, result) if have else got
+                have = True
+            else:
+                partial = op(partial, got)
+        mask <<= 1
+    return None if exclusive and rank == 0 else result
+
+
+def _tree_allreduce(comm: MPI.Comm, obj: Any, op: Any) -> Any:
+    """``comm.allreduce(obj, op)``: the reduction to rank 0, then a broadcast."""
+    if comm.Get_size() == 1:
+        return pickle.loads(pickle.dumps(obj))
+    result = _reduce_to_zero(comm, obj, op, _reserved_tag(comm))
+    return comm.bcast(result if comm.Get_rank() == 0 else None, root=0)
 
 _TAG: list[int] = []
 

@@ -1,43 +1,82 @@
-"""The request a :class:`~ulfmpy.comm.ResilientComm` nonblocking call returns."""
+"""The request a :class:`~ulfmpy.comm.ResilientComm` nonblocking call returns.
+
+It is an ``mpi4py.MPI.Request`` (a subclass holding the same MPI handle), so
+``MPI.Request.Waitall(reqs)`` and the other completion calls of mpi4py work
+on it. What a receive must log on completion happens in three places, the
+first that applies (docs/internals.md, "Requests"):
+
+1. its own ``Wait``/``Test``, or this class's ``Waitall``/``Waitany``/
+   ``Waitsome``/``Testall``/... (inside ``rt.loop`` the name
+   ``MPI.Request`` is this class, so ``MPI.Request.Waitall`` is these);
+2. otherwise, at the next call on its communicator or at the segment's
+   boundary, which find it completed (its handle is ``REQUEST_NULL``) and
+   log the receive buffer then. A receive buffer the app changes between
+   a completion by mpi4py's own class and that point is logged as changed;
+   the README's porting rules say so.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from mpi4py import MPI
+
 from ulfmpy.errors import UnsupportedCall
 
 __all__ = ["Request"]
 
+_MPIRequest = MPI.Request  # the class itself: MPI.Request may name ours inside rt.loop
+_NULL = MPI.REQUEST_NULL
 
-class Request:
-    """A request returned by :class:`ResilientComm` nonblocking calls.
 
-    Use its ``Wait``/``Test`` (or ``Request.Waitall`` /
-    ``ResilientComm.Waitall``) — not ``MPI.Request.Waitall``, which cannot
-    see the logging this request does on completion.
-    """
+class Request(_MPIRequest):
+    """A request returned by :class:`ResilientComm` nonblocking calls. Local."""
 
-    __slots__ = ("_comm", "_req", "_done", "_on_complete", "_value", "_call")
+    _comm: Any = None  # the ResilientComm (no import: no cycle)
+    _call = "Request"
+    _on_complete: Any = None
+    _value: Any = None
+    _keep: Any = None  # the request mpi4py returned: it holds the buffers alive
+    _lower = False  # a pickled-object request: mpi4py's own object unpickles
 
-    def __init__(self, comm: Any, req: Any, call: str,  # the ResilientComm (no import: no cycle)
-                 on_complete: Any = None, value: Any = None) -> None:
-        self._comm = comm
-        self._req = req
-        self._call = call
-        self._done = req is None
-        self._on_complete = on_complete
-        self._value = value
+    @classmethod
+    def make(cls, comm: Any, req: Any, call: str, on_complete: Any = None,
+             value: Any = None) -> "Request":
+        """Wrap ``req`` (None: nothing to wait for). ``on_complete(value,
+        status)`` logs what arrived, once, whoever completes the request.
 
-    def _finish(self, value: Any = None) -> Any:
-        self._done = True
-        if self._on_complete is not None:
-            out = self._on_complete(value)
+        A lowercase (pickled object) request keeps mpi4py's own request,
+        which unpickles, and completes through it; it holds no handle itself.
+        """
+        lower = call.islower()
+        self = cls(req if req is not None and not lower else _NULL)
+        self._comm, self._call, self._value, self._lower = comm, call, value, lower
+        if req is not None:
+            self._keep = req
+            if on_complete is not None:
+                self._on_complete = on_complete
+                comm._pending.append(self)
+        return self
+
+    def _finish(self, value: Any = None, status: Any = None) -> Any:
+        cb = self._on_complete
+        if cb is not None:
             self._on_complete = None
+            out = cb(value, status)
             if out is not None:
                 self._value = out
         elif value is not None:
             self._value = value
         return self._value
+
+    def _settled(self) -> bool:
+        """Whether nothing is left to log; logs a receive mpi4py completed."""
+        if self._on_complete is None:
+            return True
+        if not self._lower and _MPIRequest.__eq__(self, _NULL):
+            self._finish()
+            return True
+        return False
 
     def Wait(self, status: Any = None) -> bool:  # noqa: N802 (mpi4py names)
         """Complete the request. Local (completes a point-to-point operation)."""
@@ -46,15 +85,29 @@ class Request:
 
     def wait(self, status: Any = None) -> Any:
         """Complete the request and return the received object (lowercase irecv)."""
-        if self._done:
+        comm = self._comm
+        if comm is None:
+            return _MPIRequest.wait(self, status)
+        if comm._voided():
+            self._on_complete = None
             return self._value
-        if self._comm._voided():
-            self._done = True
+        if status is None and self._on_complete is not None:
+            status = MPI.Status()
+        if self._lower:
+            if self._keep is None:
+                return self._value
+            value = comm._guard(self._call + ".wait", self._keep.wait, status)
+            self._keep = None
+        elif _MPIRequest.__eq__(self, _NULL):
+            self._settled()  # nothing to wait for, or mpi4py completed it
             return self._value
-        value = self._comm._guard(self._call + ".Wait", self._req.wait, status)
-        if self._comm._voided():
+        else:
+            value = comm._guard(self._call + ".Wait", _MPIRequest.Wait, self, status)
+            value = None
+        if comm._voided():
+            self._on_complete = None
             return self._value
-        return self._finish(value)
+        return self._finish(value, status)
 
     def Test(self, status: Any = None) -> bool:  # noqa: N802
         """Return True and finish the request if it completed. Local."""
@@ -62,24 +115,123 @@ class Request:
         return flag
 
     def test(self, status: Any = None) -> tuple[bool, Any]:
-        if self._done or self._comm._voided():
+        comm = self._comm
+        if comm is None:
+            return _MPIRequest.test(self, status)
+        if comm._voided():
+            self._on_complete = None
             return True, self._value
-        flag, value = self._comm._guard(self._call + ".Test", self._req.test, status)
-        if flag:
-            return True, self._finish(value)
-        return False, None
+        if status is None and self._on_complete is not None:
+            status = MPI.Status()
+        if self._lower:
+            if self._keep is None:
+                return True, self._value
+            out = comm._guard(self._call + ".test", self._keep.test, status)
+        elif _MPIRequest.__eq__(self, _NULL):
+            self._settled()
+            return True, self._value
+        else:
+            out = comm._guard(self._call + ".Test", _MPIRequest.Test, self, status), None
+        if comm._voided() or out is None:
+            self._on_complete = None
+            return True, self._value
+        flag, value = out
+        if not flag:
+            return False, None
+        if self._lower:
+            self._keep = None
+        return True, self._finish(value, status)
 
+    # -- completion of many (mpi4py's names) ------------------------------
     @staticmethod
-    def Waitall(requests: Sequence["Request"], statuses: Any = None) -> bool:  # noqa: N802
-        """Complete all requests. Local."""
-        Request.waitall(requests)
+    def Waitall(requests: Sequence[Any], statuses: Any = None) -> bool:  # noqa: N802
+        """Complete every request (ulfmpy's and mpi4py's). Local."""
+        _wait_each(requests, statuses)
         return True
 
     @staticmethod
-    def waitall(requests: Sequence["Request"]) -> list[Any]:
-        for r in requests:
-            if not isinstance(r, Request):
-                raise UnsupportedCall(
-                    f"Request.Waitall: got {type(r).__name__}; pass the requests the "
-                    "resilient communicator returned")
-        return [r.wait() for r in requests]
+    def waitall(requests: Sequence[Any], statuses: Any = None) -> list[Any]:
+        """Complete every request; the received objects, in order. Local."""
+        return _wait_each(requests, statuses)
+
+    @staticmethod
+    def Testall(requests: Sequence[Any], statuses: Any = None) -> bool:  # noqa: N802
+        """Test every request; True when all have completed. Local."""
+        return all(_test(r, statuses, i)[0] for i, r in enumerate(requests))
+
+    @staticmethod
+    def testall(requests: Sequence[Any], statuses: Any = None) -> tuple[bool, list[Any] | None]:
+        done = [_test(r, statuses, i) for i, r in enumerate(requests)]
+        if all(f for f, _ in done):
+            return True, [v for _, v in done]
+        return False, None
+
+    @staticmethod
+    def Waitany(requests: Sequence[Any], status: Any = None) -> int:  # noqa: N802
+        """Complete one request; its index (``UNDEFINED`` if none is active). Local.
+
+        ulfmpy's requests complete in list order here (the first still
+        active), so replay sees the order the original run saw.
+        """
+        for i, r in enumerate(requests):
+            if _active(r):
+                _wait_one(r, status)
+                return i
+        return MPI.UNDEFINED
+
+    @staticmethod
+    def waitany(requests: Sequence[Any], status: Any = None) -> tuple[int, Any]:
+        for i, r in enumerate(requests):
+            if _active(r):
+                return i, _wait_one(r, status)
+        return MPI.UNDEFINED, None
+
+    @staticmethod
+    def Waitsome(requests: Sequence[Any], statuses: Any = None) -> list[int] | None:  # noqa: N802
+        """Complete at least one request; the indices completed. Local."""
+        i = Request.Waitany(requests)
+        return None if i == MPI.UNDEFINED else [i]
+
+    @staticmethod
+    def Testany(requests: Sequence[Any], status: Any = None) -> tuple[int, bool]:  # noqa: N802
+        for i, r in enumerate(requests):
+            if _active(r):
+                flag, _ = _test(r, None, 0, status)
+                return (i, True) if flag else (MPI.UNDEFINED, False)
+        return MPI.UNDEFINED, True
+
+
+def _active(r: Any) -> bool:
+    if isinstance(r, Request) and r._comm is not None and r._lower:
+        return r._keep is not None
+    return not _MPIRequest.__eq__(r, _NULL) or (
+        isinstance(r, Request) and r._on_complete is not None)
+
+
+def _wait_one(r: Any, status: Any) -> Any:
+    if isinstance(r, Request):
+        return r.wait(status)
+    if isinstance(r, _MPIRequest):
+        return r.wait(status)
+    return _bad(r)
+
+
+def _wait_each(requests: Sequence[Any], statuses: Any) -> list[Any]:
+    if statuses is not None and len(statuses) < len(requests):
+        raise ValueError("Waitall: fewer statuses than requests")
+    return [_wait_one(r, statuses[i] if statuses is not None else None)
+            for i, r in enumerate(requests)]
+
+
+def _test(r: Any, statuses: Any, i: int, status: Any = None) -> tuple[bool, Any]:
+    st = statuses[i] if statuses is not None else status
+    if isinstance(r, Request):
+        return r.test(st)
+    if isinstance(r, _MPIRequest):
+        return r.test(st)
+    return _bad(r)
+
+
+def _bad(r: Any) -> Any:
+    raise UnsupportedCall(f"Request.Waitall: got {type(r).__name__}; pass the requests "
+                          "the communicator's nonblocking calls returned")

@@ -105,6 +105,13 @@ class ResilientComm(_PointToPoint, _Collectives):
         # _resent for verify_resent at the segment's end.
         self._have_originals = False
         self._resent: dict[tuple[int, int, int], np.ndarray] = {}
+        # Receive requests not yet logged: a request completed by mpi4py's
+        # own MPI.Request calls is logged at the next call or boundary.
+        self._pending: list[Request] = []
+
+    def _settle(self) -> None:
+        """Log the receives of requests mpi4py completed behind our back. Local."""
+        self._pending = [r for r in self._pending if not r._settled()]
 
     # -- plumbing ---------------------------------------------------------
     @property
@@ -189,6 +196,7 @@ class ResilientComm(_PointToPoint, _Collectives):
         self.mode = "off"
         self.log.release()
         self._ctr = _Counters()
+        self._pending = []
         self._forget_originals()
 
     def check_failure(self) -> None:
@@ -199,6 +207,7 @@ class ResilientComm(_PointToPoint, _Collectives):
     # -- segment modes (driven by the runtime) ----------------------------
     def begin_segment(self, steps: int = 0) -> None:
         """Start logging a new segment (of ``steps`` steps, if known). Local."""
+        self._pending = []
         self.mode = "live"
         self.log.clear()
         if steps:
@@ -208,6 +217,7 @@ class ResilientComm(_PointToPoint, _Collectives):
 
     def end_segment(self) -> None:
         """Stop logging (segment committed). Local."""
+        self._pending = []
         self.mode = "off"
         self.log.clear()
         self._forget_originals()
@@ -226,19 +236,16 @@ class ResilientComm(_PointToPoint, _Collectives):
         the comparisons of a replay round or of :meth:`verify_resent`. Live
         logging therefore copies each payload once, at the receiver.
         """
+        if self._pending:
+            self._settle()
         senders = frozenset(senders)
         me = self._rank
         out: list[dict | None] = [None] * self._size
-        for (src, tag), ch in self.log.rx.items():
-            if src not in senders or src == me:
-                continue
-            for seq in range(ch.n):
-                data = ch.items[seq]
-                if data is not None:
-                    box = out[src]
-                    if box is None:
-                        box = out[src] = {}
-                    box[(me, tag, seq)] = data
+        for src, key, data in self.log.originals_for(me, senders):
+            box = out[src]
+            if box is None:
+                box = out[src] = {}
+            box[key] = data
         got = self._comm.alltoall(out)
         if me in senders:
             sent = self.log.sent
@@ -252,8 +259,10 @@ class ResilientComm(_PointToPoint, _Collectives):
         """Ranks whose original messages differ from what a lone re-execution
         re-sent (after :meth:`fetch_originals`). Local; clears the stash."""
         sent, bad = self.log.sent, set()
-        for key, data in self._resent.items():
+        for key, (data, any_key) in self._resent.items():
             orig = sent.get(key)
+            if orig is None:
+                orig = sent.get(any_key)
             if orig is None or not _same(orig, data):
                 bad.add(key[0])
         self._resent = {}
@@ -261,6 +270,9 @@ class ResilientComm(_PointToPoint, _Collectives):
 
     def begin_replay(self, S: Iterable[int], replay_comm: MPI.Comm) -> None:
         """Re-execute with the ranks in ``S`` live, everyone else from the log. Local."""
+        if self._pending:
+            self._settle()
+        self._pending = []
         self.mode = "replay"
         self._S = frozenset(S)
         self._all_in_S = len(self._S) == self._size

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from mpi4py import MPI
 
 from ulfmpy.errors import UnsupportedCall
 
@@ -29,10 +30,18 @@ def _digest(data: Any) -> int:
 
 
 def _same(orig: Any, data: Any) -> bool:
-    """Whether a re-executed send carries the bytes the original did (NaN-safe)."""
+    """Whether a re-executed send carries the bytes the original did (NaN-safe).
+
+    A payload packed from a datatype is raw bytes (uint8): it equals a typed
+    array on the other side when the bytes on the wire are the same.
+    """
     if isinstance(orig, np.ndarray):
-        return (isinstance(data, np.ndarray) and orig.dtype == data.dtype
-                and orig.shape == data.shape and orig.tobytes() == data.tobytes())
+        if not isinstance(data, np.ndarray):
+            return False
+        if orig.dtype == data.dtype and orig.shape == data.shape:
+            return orig.tobytes() == data.tobytes()
+        return (np.uint8 in (orig.dtype, data.dtype) and orig.nbytes == data.nbytes
+                and orig.tobytes() == data.tobytes())
     return bool(orig == data)
 
 
@@ -44,6 +53,106 @@ def _array(buf: Any, call: str) -> np.ndarray:
     raise UnsupportedCall(
         f"{call}: inside a segment buffers must be numpy arrays (or [array, datatype]); "
         f"got {type(buf).__name__}")
+
+
+class _Layout:
+    """The elements ``count`` items of a datatype cover, from a byte offset:
+    packed to log a message (the bytes on the wire, not the whole array)
+    and unpacked to hand a logged message back."""
+
+    __slots__ = ("type", "offset", "span", "scratch")
+
+    def __init__(self, dt: Any, count: int, displ: int) -> None:
+        base = dt.Create_contiguous(count)
+        lb, extent = base.Get_extent()
+        tlb, textent = base.Get_true_extent()
+        if min(lb, tlb) < 0:
+            base.Free()
+            raise UnsupportedCall("a datatype with a negative lower bound cannot be logged; "
+                                  "give the buffer from its first element")
+        self.offset = displ * dt.Get_extent()[1]
+        self.span = max(lb + extent, tlb + textent)
+        # Pack and Unpack count whole extents in the memory they are given:
+        # with the extent resized to the span, that memory holds exactly one.
+        self.type = base.Create_resized(0, self.span).Commit()
+        base.Free()
+        self.scratch = np.empty(self.type.Pack_size(1, MPI.COMM_SELF), dtype=np.uint8)
+
+    def memory(self, arr: np.ndarray, readonly: bool) -> Any:
+        if arr.nbytes < self.offset + self.span:
+            raise UnsupportedCall(
+                f"a buffer of {arr.nbytes} bytes is too small for its datatype "
+                f"({self.offset + self.span} bytes from the array's start)")
+        return MPI.buffer.fromaddress(arr.ctypes.data + self.offset, self.span, readonly=readonly)
+
+    def pack(self, arr: np.ndarray) -> np.ndarray:
+        """The elements, packed into a scratch buffer (valid until the next pack)."""
+        self.type.Pack(self.memory(arr, True), self.scratch, 0, MPI.COMM_SELF)
+        return self.scratch
+
+    def unpack(self, data: np.ndarray, arr: np.ndarray) -> None:
+        if data.nbytes != self.scratch.nbytes:
+            raise UnsupportedCall(f"a logged message of {data.nbytes} bytes does not fit a "
+                                  f"datatype of {self.scratch.nbytes} bytes")
+        self.type.Unpack(np.ascontiguousarray(data).view(np.uint8).reshape(-1), 0,
+                         self.memory(arr, False), MPI.COMM_SELF)
+
+
+_LAYOUTS: dict[tuple[int, int, int], _Layout] = {}
+
+
+def _layout(buf: Any, call: str) -> tuple[np.ndarray, _Layout] | None:
+    """For a buffer given as ``[array, datatype]``, ``[array, count, datatype]``,
+    ``[array, (count, displ), datatype]`` or ``[array, count, displ, datatype]``
+    with a derived datatype or an explicit count: the array and its layout
+    (cached per datatype, count and displacement). None for a whole array of
+    a predefined type."""
+    if not (isinstance(buf, (list, tuple)) and buf and isinstance(buf[0], np.ndarray)):
+        return None
+    arr, dt, mid = buf[0], buf[-1], buf[1:-1]
+    if len(buf) < 2 or not isinstance(dt, MPI.Datatype):
+        return None
+    if len(mid) == 1 and isinstance(mid[0], tuple):
+        mid = mid[0]
+    if not all(isinstance(m, (int, np.integer)) for m in mid) or len(mid) > 2:
+        raise UnsupportedCall(f"{call}: buffer spec {[type(b).__name__ for b in buf]} is not "
+                              "[array, datatype], [array, count, datatype] or "
+                              "[array, count, displ, datatype]")
+    if not mid and dt.is_predefined:
+        return None
+    extent = dt.Get_extent()[1]
+    count = int(mid[0]) if mid else (arr.nbytes // extent if extent else 0)
+    displ = int(mid[1]) if len(mid) == 2 else 0
+    if not arr.flags.c_contiguous:
+        raise UnsupportedCall(f"{call}: a buffer with a datatype must be a contiguous array")
+    key = (dt.handle, count, displ)
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        lay = _LAYOUTS[key] = _Layout(dt, count, displ)
+    return arr, lay
+
+
+def _payload(buf: Any, call: str) -> np.ndarray:
+    """What a message carries, to log or compare: the array itself, or the
+    elements a datatype selects, packed (a scratch buffer: copy to keep)."""
+    if type(buf) is np.ndarray:
+        return buf
+    spec = _layout(buf, call)
+    if spec is None:
+        return _array(buf, call)
+    return spec[1].pack(spec[0])
+
+
+def _deliver(buf: Any, data: Any, call: str) -> None:
+    """Write a logged message into a receive buffer (only the datatype's elements)."""
+    if type(buf) is np.ndarray:
+        np.copyto(buf, data)
+        return
+    spec = _layout(buf, call)
+    if spec is None:
+        np.copyto(_array(buf, call), data)
+    else:
+        spec[1].unpack(data, spec[0])
 
 
 def _pickle(obj: Any) -> bytes:
@@ -64,13 +173,25 @@ class _Channel:
     broadcasting or casting.
     """
 
-    __slots__ = ("n", "items", "views", "last")
+    __slots__ = ("n", "items", "views", "last", "tags")
 
     def __init__(self) -> None:
         self.n = 0
         self.items: list[Any] = []
         self.views: list[memoryview | None] = []
         self.last = 0  # messages in the last segment that had any
+        # For a channel of ANY_TAG receives: the tag each message had (None:
+        # not known, its request was completed without a status).
+        self.tags: list[int | None] | None = None
+
+    def tag(self, i: int, tag: int | None) -> None:
+        """Record the tag message ``i`` of an ANY_TAG channel arrived with."""
+        tags = self.tags
+        if tags is None:
+            tags = self.tags = []
+        if i >= len(tags):
+            tags.extend([None] * (i + 1 - len(tags)))
+        tags[i] = tag
 
     def grow(self, count: int) -> None:
         """Make room for ``count`` messages like the last one, in one block.
@@ -129,13 +250,17 @@ class MessageLog:
     fetched from their receivers (:meth:`ResilientComm.fetch_originals`).
     """
 
-    __slots__ = ("rx", "sent", "collectives", "steps")
+    __slots__ = ("rx", "sent", "collectives", "steps", "sources", "probes")
 
     def __init__(self) -> None:
         self.rx: dict[tuple[int, int], _Channel] = {}
         self.sent: dict[tuple[int, int, int], Any] = {}
         self.collectives: list[tuple[str, int, Any]] = []
         self.steps = 0  # steps in the segment being logged (0: not said)
+        # The source each ANY_SOURCE receive matched, in call order, and each
+        # Iprobe's answer: replay gives the same ones back.
+        self.sources: list[int] = []
+        self.probes: list[tuple[bool, int, int, int]] = []
 
     def channel(self, source: int, tag: int) -> _Channel:
         ch = self.rx.get((source, tag))
@@ -177,6 +302,30 @@ class MessageLog:
             ch.n = 0
         self.sent.clear()
         self.collectives.clear()
+        self.sources.clear()
+        self.probes.clear()
+
+    def originals_for(self, me: int, senders: frozenset[int]) -> list[tuple[int, tuple, Any]]:
+        """(sender, key, payload) of every message received this segment, keyed
+        as its sender counts sends: (receiver, tag, seq) for a receive that
+        named the tag, (receiver, ANY_TAG, n) for the n-th message from a
+        source whose receives were all ANY_TAG (messages from one source
+        match those in the order they were sent, whatever their tags). Where
+        one source met both kinds the order between them is not known, so its
+        messages are left out: their sender then counts its re-sends as
+        changed and the receiver re-executes too (more work, never a wrong
+        result)."""
+        kinds: dict[int, set[bool]] = {}
+        for (src, tag), ch in self.rx.items():
+            if ch.n:
+                kinds.setdefault(src, set()).add(tag == MPI.ANY_TAG)
+        out = []
+        for (src, tag), ch in self.rx.items():
+            if src not in senders or src == me or ch.n == 0 or len(kinds[src]) > 1:
+                continue
+            out.extend((src, (me, tag, seq), ch.items[seq]) for seq in range(ch.n)
+                       if ch.items[seq] is not None)
+        return out
 
     def expect(self, steps: int) -> None:
         """Size every channel's buffers for a segment of ``steps`` steps.
@@ -208,13 +357,21 @@ class MessageLog:
 
 @dataclass
 class _Counters:
-    send: dict[tuple[int, int], int] = field(default_factory=dict)
+    send: dict[tuple[int, int | None], int] = field(default_factory=dict)
     recv: dict[tuple[int, int], int] = field(default_factory=dict)
     coll: int = 0
+    last_any: int = 0
+    source: int = 0  # ANY_SOURCE receives replayed
+    probe: int = 0  # Iprobe answers replayed
 
     def next_send(self, dest: int, tag: int) -> int:
+        """The send's number among those to ``dest`` with ``tag``; its number
+        among all sends to ``dest`` is left in ``last_any``."""
         n = self.send.get((dest, tag), 0)
         self.send[(dest, tag)] = n + 1
+        k = self.send.get((dest, None), 0)
+        self.send[(dest, None)] = k + 1
+        self.last_any = k
         return n
 
     def next_recv(self, source: int, tag: int) -> int:

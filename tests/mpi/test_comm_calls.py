@@ -1,0 +1,254 @@
+"""The calls apps write as tutorials write them, logged and replayed on 4 ranks:
+datatypes, wildcards, mpi4py's own request completion, probes, send modes,
+and the rest of MPI's collectives.
+
+Run: mpirun -n 4 python -m mpi4py -m pytest --with-mpi tests/mpi
+"""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from ulfmpy._comm_request import Request, _MPIRequest
+from ulfmpy.comm import ResilientComm
+
+pytestmark = pytest.mark.mpi(min_size=4)
+
+
+@pytest.fixture
+def rc():
+    base = MPI.COMM_WORLD.Dup()
+    base.Set_errhandler(MPI.ERRORS_RETURN)
+    replay = base.Dup()
+    c = ResilientComm(base)
+    yield c, replay
+    base.Barrier()
+    replay.Free()
+    base.Free()
+
+
+def all_true(comm, ok):
+    flags = comm.allgather(bool(ok))
+    assert all(flags), f"check failed on ranks {[r for r, f in enumerate(flags) if not f]}"
+
+
+def replay_alone(c, replay, rank, body):
+    """Rank ``rank`` re-executes ``body`` alone (everything from the log);
+    returns its outcome there, None elsewhere."""
+    c.fetch_originals({rank})
+    if c.Get_rank() != rank:
+        return None
+    c.begin_replay({rank}, replay)
+    body()
+    return c.end_replay()
+
+
+def test_column_datatype_logs_the_column_and_replay_writes_only_it(rc):
+    """A halo column sent as [u, 1, column]: the log holds its 6 doubles, not
+    the 6x5 array; replay writes those 6 and leaves the rest alone; the same
+    re-sent column is not a contamination."""
+    c, replay = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    left, right = (rank - 1) % size, (rank + 1) % size
+    col = MPI.DOUBLE.Create_vector(6, 1, 5).Commit()
+    u = np.arange(30.0).reshape(6, 5) + 100 * rank
+
+    def exchange(u):
+        # the last interior column to the right, into the first (ghost) column from the left
+        reqs = [c.Irecv([u, 1, col], source=left),
+                c.Isend([u.reshape(-1)[3:], 1, col], dest=right)]
+        MPI.Request.Waitall(reqs)  # mpi4py's own class: logged at the next call
+
+    c.begin_segment()
+    exchange(u)
+    c.Barrier()
+    ch = c.log.rx[(left, MPI.ANY_TAG)]
+    ok = ch.n == 1 and ch.items[0].nbytes == 6 * 8
+    ok &= np.array_equal(ch.items[0].view(np.float64), np.arange(3.0, 30, 5) + 100 * left)
+    ok &= ch.tags == [None]  # completed by mpi4py's class: no status, the tag is not known
+    ok &= np.array_equal(u[:, 0], np.arange(3.0, 30, 5) + 100 * left)
+    v = np.full((6, 5), -1.0)
+    v.reshape(-1)[3::5] = u.reshape(-1)[3::5]
+    out = replay_alone(c, replay, 2, lambda: (exchange(v), c.Barrier()))
+    if out is not None:
+        ok &= np.array_equal(v[:, 0], u[:, 0]) and (v[:, 1:3] == -1).all()
+        ok &= out.contaminated == set() and not out.diverged
+    c.end_segment()
+    col.Free()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_any_tag_with_a_named_source_replays_in_order(rc, change):
+    """Default tags (Isend tag 0, Irecv ANY_TAG) and a second message with
+    another tag: replay hands each receive what it got, with its tag; a
+    changed re-send names its receiver."""
+    c, replay = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    left, right = (rank - 1) % size, (rank + 1) % size
+    got = [np.zeros(2), np.zeros(2)]
+
+    def body(shift):
+        reqs = [c.Irecv(got[0], source=left), c.Irecv(got[1], source=left)]
+        c.Isend(np.full(2, rank + shift), dest=right).Wait()
+        c.Send(np.full(2, rank + 0.5), dest=right, tag=5)
+        st = MPI.Status()
+        Request.Waitall(reqs, [st, MPI.Status()])
+        return st
+
+    c.begin_segment()
+    body(0.0)
+    first = [g.copy() for g in got]
+    ok = np.array_equal(first[0], np.full(2, float(left))) and np.array_equal(first[1], np.full(2, left + 0.5))
+    ok &= c.log.rx[(left, MPI.ANY_TAG)].tags == [0, 5]
+    got = [np.zeros(2), np.zeros(2)]
+    out = replay_alone(c, replay, 1, lambda: body(7.0 if change else 0.0))
+    if out is not None:
+        ok &= all(np.array_equal(a, b) for a, b in zip(got, first))
+        ok &= out.contaminated == ({2} if change else set())
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_any_source_recv_replays_the_source_it_matched(rc):
+    c, replay = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    buf, st = np.zeros(1), MPI.Status()
+    order = []
+
+    def body():
+        order.clear()
+        if rank == 0:
+            for _ in range(size - 1):
+                c.Recv(buf, MPI.ANY_SOURCE, 3, st)
+                order.append((st.Get_source(), float(buf[0])))
+        else:
+            c.Send(np.full(1, 10.0 * rank), 0, 3)
+
+    c.begin_segment()
+    body()
+    first = list(order)
+    ok = rank != 0 or sorted(first) == [(r, 10.0 * r) for r in range(1, size)]
+    out = replay_alone(c, replay, 0, body)
+    if out is not None:
+        ok &= order == first and not out.diverged
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_iprobe_answers_and_send_modes_replay(rc):
+    """An Iprobe's answer depends on timing: replay gives back the logged one.
+    Ssend, Bsend, Rsend and Sendrecv_replace are logged like Send."""
+    c, replay = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    left, right = (rank - 1) % size, (rank + 1) % size
+    answers = []
+    MPI.Attach_buffer(bytearray(1 << 16))
+    buf = np.zeros(3)
+
+    def body():
+        answers.clear()
+        answers.append(c.Iprobe(left, 9))
+        c.Ssend(np.full(3, rank + 0.25), right, 9) if rank % 2 else None
+        c.Recv(buf, left, 9) if left % 2 else None
+        c.Bsend(np.full(3, rank + 0.5), right, 10)
+        c.Recv(buf, left, 10)
+        answers.append(float(buf[0]))
+        rb = np.full(3, float(rank))
+        c.Sendrecv_replace(rb, right, 11, left, 11)
+        answers.append(float(rb[0]))
+        c.Barrier()
+
+    c.begin_segment()
+    body()
+    first = list(answers)
+    ok = first[1:] == [left + 0.5, float(left)]
+    out = replay_alone(c, replay, 3, body)
+    if out is not None:
+        ok &= answers == first and not out.diverged and out.contaminated == set()
+    c.end_segment()
+    MPI.Detach_buffer()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_more_collectives_equal_mpi4py_and_replay_from_the_log(rc):
+    c, replay = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    world = c.mpi_comm
+    x = np.arange(size * 2, dtype=np.float64) + rank * 0.1
+
+    def calls(comm):
+        out = {}
+        r = np.zeros_like(x) if comm.Get_rank() == 1 else None
+        comm.Reduce(x, r, MPI.SUM, 1)
+        out["Reduce"] = r
+        g = np.zeros((size, 2)) if comm.Get_rank() == 0 else None
+        comm.Gather(x[:2], g, 0)
+        out["Gather"] = g
+        s = np.zeros(2)
+        comm.Scatter(x.reshape(size, 2) if comm.Get_rank() == 2 else None, s, 2)
+        out["Scatter"] = s
+        a = np.zeros_like(x)
+        comm.Alltoall(x, a)
+        out["Alltoall"] = a
+        counts = np.arange(1, size + 1)
+        av = np.zeros(int(counts.sum()))
+        send = np.full(comm.Get_rank() + 1, float(comm.Get_rank()))
+        comm.Allgatherv(send, [av, counts, np.r_[0, np.cumsum(counts)[:-1]], MPI.DOUBLE])
+        out["Allgatherv"] = av
+        sc = np.zeros_like(x)
+        comm.Scan(x, sc, MPI.SUM)
+        out["Scan"] = sc
+        rs = np.zeros(2)
+        comm.Reduce_scatter_block(x, rs, MPI.SUM)
+        out["Reduce_scatter_block"] = rs
+        f = 1.5 ** comm.Get_rank() + 0.1
+        out["reduce"] = comm.reduce(f, MPI.SUM, 3)
+        out["scan"] = comm.scan(f, MPI.SUM)
+        out["exscan"] = comm.exscan(f, MPI.PROD)
+        out["gather"] = comm.gather(("r", comm.Get_rank()), 1)
+        out["scatter"] = comm.scatter(list(range(10, 10 + size)) if comm.Get_rank() == 0 else None, 0)
+        out["alltoall"] = comm.alltoall([comm.Get_rank() * 10 + k for k in range(size)])
+        return out
+
+    def same(a, b):
+        return all((a[k] is None and b[k] is None) or np.array_equal(np.asarray(a[k], dtype=object),
+                                                                      np.asarray(b[k], dtype=object))
+                   for k in a)
+
+    plain = calls(world)
+    c.begin_segment()
+    live = calls(c)
+    ok = same(live, plain)
+    ok &= [k for k, _, _ in c.log.collectives][:3] == ["Reduce", "Gather", "Scatter"]
+    got = {}
+    out = replay_alone(c, replay, 2, lambda: got.update(calls(c)))
+    if out is not None:
+        ok &= same(got, plain) and not out.diverged and not out.collective_mismatch
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_requests_are_mpi4py_requests(rc):
+    """ulfmpy's requests are MPI.Request objects: mpi4py's Waitall, Testall and
+    Waitany complete them; a receive completed that way is logged at the
+    next call on the communicator."""
+    c, _ = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    left, right = (rank - 1) % size, (rank + 1) % size
+    c.begin_segment()
+    got = np.zeros(4)
+    r = c.Irecv(got, left, 4)
+    s = c.Isend(np.full(4, float(rank)), right, 4)
+    ok = isinstance(r, _MPIRequest) and isinstance(s, _MPIRequest)
+    _MPIRequest.Waitall([r, s])
+    ok &= c.log.rx[(left, 4)].items[0] is None or not np.array_equal(
+        c.log.rx[(left, 4)].items[0], got)  # not logged yet
+    c.Barrier()  # the next call logs it
+    ok &= np.array_equal(c.log.rx[(left, 4)].items[0], np.full(4, float(left)))
+    r = c.Irecv(got, left, 6)
+    c.Send(np.full(4, rank + 1.0), right, 6)
+    ok &= Request.Waitany([r]) == 0 and Request.Testall([r])
+    ok &= np.array_equal(c.log.rx[(left, 6)].items[0], np.full(4, left + 1.0))
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
