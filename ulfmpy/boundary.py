@@ -83,7 +83,7 @@ class Boundaries:
             p.observe_boundary(t.t_start - self._from)
         p.observe_snapshot(t.snapshot_s)
         p.observe_segment(t.t_steps_end - t.t_start, t.end - t.first, clean=t.clean,
-                          log_bytes=comm.log.nbytes, state_bytes=state_nbytes(work.state))
+                          log_bytes=comm.log_bytes, state_bytes=state_nbytes(work.state))
         b = p.boundary(t.end, time.perf_counter())
         for name, fields in b.events:
             self.events.log(name, **fields)

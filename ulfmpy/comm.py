@@ -62,6 +62,16 @@ _LOCAL = frozenset({
 })
 
 
+# Calls that make a communicator ulfmpy would not protect (a subset of the
+# ranks, or a topology it does not map): refused even outside segments,
+# since an app using one would run unprotected without a word.
+_MAKES_COMM = frozenset({
+    "Split", "Split_type", "Create", "Create_group", "Create_graph", "Create_dist_graph",
+    "Create_dist_graph_adjacent", "Create_intercomm", "Idup", "Dup_with_info", "Idup_with_info",
+    "Create_from_group", "Spawn", "Spawn_multiple", "Accept", "Connect",
+})
+
+
 class ReplayDivergence(UlfmpyError):
     """Re-execution made a call the original run did not (not replay-deterministic)."""
 
@@ -108,6 +118,11 @@ class ResilientComm(_PointToPoint, _Collectives):
         # Receive requests not yet logged: a request completed by mpi4py's
         # own MPI.Request calls is logged at the next call or boundary.
         self._pending: list[Request] = []
+        # Derived communicators (Create_cart, Dup): each has a context of its
+        # own, a slot in the pools opened at every start and repair, so a
+        # replacement building its app gets the survivors' slots in order.
+        self._children: list[Any] = []
+        self._pools: tuple[list[MPI.Comm], list[MPI.Comm]] = ([], [])
 
     def _settle(self) -> None:
         """Log the receives of requests mpi4py completed behind our back. Local."""
@@ -134,6 +149,11 @@ class ResilientComm(_PointToPoint, _Collectives):
         return self._size
 
     def __getattr__(self, name: str) -> Any:
+        if name in _MAKES_COMM:
+            raise UnsupportedCall(
+                f"Comm.{name} would give a communicator ulfmpy does not protect (the app would "
+                "run unprotected without a word); rt.comm.Create_cart(dims, periods) and "
+                "rt.comm.Dup() give protected ones over the same ranks")
         attr = getattr(self._comm, name)
         if name in _LOCAL or not callable(attr):
             return attr
@@ -172,15 +192,13 @@ class ResilientComm(_PointToPoint, _Collectives):
             self.failure = err
         # The detecting rank revokes so ranks blocked elsewhere learn too.
         if not isinstance(err, CommRevoked):
-            try:
-                self._comm.Revoke()
-            except MPI.Exception:
-                pass
-            if self._replay_comm is not None:
-                try:
-                    self._replay_comm.Revoke()
-                except MPI.Exception:
-                    pass
+            for c in self._family():
+                for mc in (c._comm, c._replay_comm):
+                    if mc is not None:
+                        try:
+                            mc.Revoke()
+                        except MPI.Exception:
+                            pass
 
     def clear_failure(self) -> None:
         """Forget a handled failure. Local."""
@@ -191,36 +209,104 @@ class ResilientComm(_PointToPoint, _Collectives):
         self._comm = comm
         self._rank = comm.Get_rank()
         self._size = comm.Get_size()
-        self._replay_comm = None
         self.failure = None
         self.mode = "off"
-        self.log.release()
-        self._ctr = _Counters()
-        self._pending = []
-        self._forget_originals()
+        for c in self._family():
+            c._replay_comm = None
+            c.log.release()
+            c._ctr = _Counters()
+            c._pending = []
+            c._forget_originals()
 
     def check_failure(self) -> None:
         """Raise the failure a voided call recorded, if any. Local."""
         if self.failure is not None:
             raise self.failure
 
+    # -- derived communicators (ulfmpy/_comm_derived.py) -------------------
+    POOL = 4  # derived communicators an app may make
+
+    def open_contexts(self, replay: MPI.Comm | None) -> None:
+        """Open the pools of contexts for derived communicators over the
+        current communicator and ``replay``, and hand every derived one its
+        new pair. Collective over the compute ranks (at the start, before the
+        factory, and after every repair)."""
+        live = [self._comm.Dup() for _ in range(self.POOL)]
+        rep = [replay.Dup() for _ in range(self.POOL)] if replay is not None else []
+        for c in live + rep:
+            c.Set_errhandler(MPI.ERRORS_RETURN)
+        old = self._pools
+        self._pools = (live, rep)
+        for child in self._children:
+            child._attach()
+        for c in old[0] + old[1]:
+            try:
+                c.Free()
+            except MPI.Exception:
+                pass  # a context of a broken communicator: nothing to free
+
+    def _slot(self, call: str) -> int:
+        """The next free context, for a derived communicator. Local."""
+        if self.mode != "off":
+            raise UnsupportedCall(f"Comm.{call} inside a segment: make derived communicators "
+                                  "in the factory, before the loop")
+        j = len(self._children)
+        if j >= self.POOL:
+            raise UnsupportedCall(f"Comm.{call}: at most {self.POOL} derived communicators are "
+                                  "protected; reuse the ones the factory made")
+        if not self._pools[0]:
+            raise UnsupportedCall(f"Comm.{call}: derived communicators need the runtime's "
+                                  "contexts (call it in the factory given to rt.loop)")
+        return j
+
+    def drop_children(self) -> None:
+        """Forget the derived communicators (the factory runs again). Local."""
+        self._children = []
+
+    def _family(self) -> list[Any]:
+        return [self, *self._children]
+
+    def Create_cart(self, dims: Any, periods: Any = None, reorder: bool = False) -> Any:  # noqa: N802
+        """A Cartesian communicator over the same ranks, protected: logged,
+        replayed and rebuilt after a repair like this one. ``reorder`` is
+        ignored (ranks keep their order: MPI allows it). Local (the contexts
+        were opened collectively by the runtime)."""
+        from ulfmpy._comm_derived import CartComm
+
+        return CartComm(self, self._slot("Create_cart"), dims, periods)
+
+    def Dup(self) -> Any:  # noqa: N802
+        """A duplicate over the same ranks, protected. Local (see Create_cart)."""
+        from ulfmpy._comm_derived import DerivedComm
+
+        return DerivedComm(self, self._slot("Dup"))
+
+    Clone = Dup
+
     # -- segment modes (driven by the runtime) ----------------------------
     def begin_segment(self, steps: int = 0) -> None:
         """Start logging a new segment (of ``steps`` steps, if known). Local."""
-        self._pending = []
         self.mode = "live"
-        self.log.clear()
-        if steps:
-            self.log.expect(steps)
-        self._ctr = _Counters()
-        self._forget_originals()
+        for c in self._family():
+            c._pending = []
+            c.log.clear()
+            if steps:
+                c.log.expect(steps)
+            c._ctr = _Counters()
+            c._forget_originals()
 
     def end_segment(self) -> None:
         """Stop logging (segment committed). Local."""
-        self._pending = []
         self.mode = "off"
-        self.log.clear()
-        self._forget_originals()
+        for c in self._family():
+            c._pending = []
+            c.log.clear()
+            c._forget_originals()
+
+    @property
+    def log_bytes(self) -> int:
+        """Bytes the message logs of this communicator and its derived ones hold. Local."""
+        return sum(c.log.nbytes for c in self._family())
 
     def _forget_originals(self) -> None:
         if self._have_originals or self._resent:
@@ -236,55 +322,61 @@ class ResilientComm(_PointToPoint, _Collectives):
         the comparisons of a replay round or of :meth:`verify_resent`. Live
         logging therefore copies each payload once, at the receiver.
         """
-        if self._pending:
-            self._settle()
         senders = frozenset(senders)
         me = self._rank
         out: list[dict | None] = [None] * self._size
-        for src, key, data in self.log.originals_for(me, senders):
-            box = out[src]
-            if box is None:
-                box = out[src] = {}
-            box[key] = data
+        family = self._family()
+        for slot, c in enumerate(family):
+            if c._pending:
+                c._settle()
+            for src, key, data in c.log.originals_for(me, senders):
+                box = out[src]
+                if box is None:
+                    box = out[src] = {}
+                box[(slot, *key)] = data
         got = self._comm.alltoall(out)
         if me in senders:
-            sent = self.log.sent
             for box in got:
                 if box:
-                    for key, data in box.items():
-                        sent.setdefault(key, data)
-            self._have_originals = True
+                    for (slot, *key), data in box.items():
+                        family[slot].log.sent.setdefault(tuple(key), data)
+            for c in family:
+                c._have_originals = True
 
     def verify_resent(self) -> set[int]:
         """Ranks whose original messages differ from what a lone re-execution
         re-sent (after :meth:`fetch_originals`). Local; clears the stash."""
-        sent, bad = self.log.sent, set()
-        for key, (data, any_key) in self._resent.items():
-            orig = sent.get(key)
-            if orig is None:
-                orig = sent.get(any_key)
-            if orig is None or not _same(orig, data):
-                bad.add(key[0])
-        self._resent = {}
+        bad = set()
+        for c in self._family():
+            sent = c.log.sent
+            for key, (data, any_key) in c._resent.items():
+                orig = sent.get(key)
+                if orig is None:
+                    orig = sent.get(any_key)
+                if orig is None or not _same(orig, data):
+                    bad.add(key[0])
+            c._resent = {}
         return bad
 
     def begin_replay(self, S: Iterable[int], replay_comm: MPI.Comm) -> None:
         """Re-execute with the ranks in ``S`` live, everyone else from the log. Local."""
-        if self._pending:
-            self._settle()
-        self._pending = []
+        for c in self._family():
+            if c._pending:
+                c._settle()
+            c._pending = []
+            c._ctr = _Counters()
+            c._replay_comm = replay_comm if c is self else c._replay_context()
         self.mode = "replay"
         self._S = frozenset(S)
         self._all_in_S = len(self._S) == self._size
-        self._replay_comm = replay_comm
-        self._ctr = _Counters()
         self.outcome = ReplayOutcome()
 
     def end_replay(self, resume_live: bool = False) -> ReplayOutcome:
         """Leave replay; ``resume_live`` continues logging where the original run was."""
         out = self.outcome
         # Live logging needs no counters: a channel's length is its next seq.
-        self._ctr = _Counters()
+        for c in self._family():
+            c._ctr = _Counters()
         self.mode = "live" if resume_live else "off"
         return out
 

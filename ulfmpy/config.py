@@ -114,6 +114,9 @@ class Config:
         _csv, "detectors run at segment end, comma-separated: finite (no NaN/Inf), bounds "
         "(app.bounds = {name: (lo, hi)}), invariant (app.invariant() is True), checksum, or "
         "your own (ulfmpy.register_detector)"))
+    bounds: tuple[str, ...] = field(default=(), metadata=_opt(
+        _csv, "limits for the bounds detector when the app sets no app.bounds, "
+        "NAME=LO:HI comma-separated (e.g. u=0:1); adds bounds to --detect"))
     detect_every: int = field(default=0, metadata=_opt(
         _steps, "also run the detectors every N steps inside a segment (1 = every step, 0 = only at segment end)"))
     max_retries: int = field(default=3, metadata=_opt(
@@ -186,6 +189,22 @@ class Config:
     progress_every: float = field(default=10.0, metadata=_opt(
         _duration, "seconds between two progress lines"))
 
+    def bounds_map(self) -> dict[str, tuple[float, float]]:
+        """``--bounds u=0:1,v=-1:1`` as {name: (lo, hi)}."""
+        out = {}
+        for item in self.bounds:
+            name, eq, rng = item.partition("=")
+            lo, colon, hi = rng.partition(":")
+            try:
+                if not (eq and colon and name.strip()):
+                    raise ValueError
+                out[name.strip()] = (float(lo), float(hi))
+            except ValueError:
+                raise ConfigError(f"bounds {item!r}: give NAME=LO:HI, e.g. --bounds u=0:1") from None
+            if not out[name.strip()][0] <= out[name.strip()][1]:
+                raise ConfigError(f"bounds {item!r}: LO must not exceed HI")
+        return out
+
     def __post_init__(self) -> None:
         if self.segment_steps < 0:
             raise ConfigError(f"segment_steps must be >= 1 (or auto / 0), got {self.segment_steps}")
@@ -194,6 +213,10 @@ class Config:
                               f"got {self.segment_budget}")
         if self.detect_every < 0:
             raise ConfigError(f"detect_every must be >= 0, got {self.detect_every}")
+        if self.bounds:
+            self.bounds_map()  # the format, checked before any rank starts
+            if "bounds" not in self.detect:
+                object.__setattr__(self, "detect", (*self.detect, "bounds"))
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.ckpt_keep < 2:

@@ -73,8 +73,11 @@ def _finite(app: Any, state: Mapping[str, Any]) -> str | None:
 def _bounds(app: Any, state: Mapping[str, Any]) -> str | None:
     bounds = getattr(app, "bounds", None)
     if not bounds:
-        raise ConfigError("detector 'bounds' needs app.bounds = {name: (lo, hi)}")
+        raise ConfigError("detector 'bounds' needs app.bounds = {name: (lo, hi)} "
+                          "or --bounds NAME=LO:HI")
     for name, (lo, hi) in bounds.items():
+        if name not in state:
+            raise ConfigError(f"bounds name {name!r} is not in app.state ({sorted(state)})")
         arr = local_array(state[name])
         if arr.size == 0:
             continue

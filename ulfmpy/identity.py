@@ -76,16 +76,19 @@ class Work:
 class _AppView:
     """The app as detectors see it, with a ``Runtime(invariant=...)`` override."""
 
-    def __init__(self, app: Any, invariant: Any) -> None:
-        self._app, self._invariant = app, invariant
+    def __init__(self, app: Any, invariant: Any, bounds: Any = None) -> None:
+        self._app, self._invariant, self._bounds = app, invariant, bounds
 
     def __getattr__(self, name: str) -> Any:
         if name == "invariant" and self._invariant is not None:
             return lambda: self._invariant(self._app)
+        if name == "bounds" and self._bounds and not getattr(self._app, "bounds", None):
+            return self._bounds  # --bounds, for an app that sets none
         return getattr(self._app, name)
 
 
-def build_work(factory: Any, comm: Any, *, invariant: Any = None, snapshot: bool = True) -> Work:
+def build_work(factory: Any, comm: Any, *, invariant: Any = None, snapshot: bool = True,
+               bounds: Any = None) -> Work:
     """Run the app's factory on ``comm`` and wrap what it built. Local (the
     factory may communicate: then collective, as the app's own set-up is)."""
     from ulfmpy.segment import Snapshot
@@ -93,7 +96,7 @@ def build_work(factory: Any, comm: Any, *, invariant: Any = None, snapshot: bool
 
     app = factory(comm)
     state = normalize_state(app.state)
-    return Work(app, state, _AppView(app, invariant), Snapshot(state) if snapshot else None)
+    return Work(app, state, _AppView(app, invariant, bounds), Snapshot(state) if snapshot else None)
 
 
 def _same_memory(a: Any, b: Any) -> bool:

@@ -27,10 +27,10 @@ from ulfmpy import recovery as _rec
 from ulfmpy import respawn as _respawn
 from ulfmpy import teardown as _td
 from ulfmpy.checkpoints import Checkpoints, RestoreContext
-from ulfmpy.comm import ResilientComm
+from ulfmpy.comm import Request, ResilientComm
 from ulfmpy.config import Config
 from ulfmpy.detect import get_detector
-from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure
+from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure, SpareIdle
 from ulfmpy.events import EventLog
 from ulfmpy.faults import hooks_for
 from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_world,
@@ -148,6 +148,12 @@ class Runtime:
         self.hooks = hooks_for(plan, self.events, uid=me.uid, size=self.size, host=self._host,
                                t0=self._t0, whoami=self._whoami)
         self.comm = ResilientComm(me.compute, ft=self.ft) if cfg.resilience else me.compute
+        if cfg.resilience:
+            # Inside the with block MPI.Request is ulfmpy's request class, so
+            # an app's MPI.Request.Waitall(reqs) logs and voids like the
+            # communicator's own calls (ulfmpy/_comm_request.py).
+            self._mpi_request = MPI.Request
+            MPI.Request = Request
         self.segments = SegmentRunner(cfg, self.comm, self.events, self.hooks)
         self.ckpts = Checkpoints(cfg, self.run_dir, self.events, self.hooks)
         self.repairer = Repairer(cfg, self.events, self.hooks, self.run_dir, ft=self.ft,
@@ -169,9 +175,14 @@ class Runtime:
             self.events.log("config_override", **o)
 
     def __exit__(self, etype: Any, exc: Any, tb: Any) -> None:
+        if getattr(self, "_mpi_request", None) is not None:
+            MPI.Request = self._mpi_request
         self.events.log("exit", error=None if exc is None else repr(exc))
         self.ckpts.close()
         me = self.me
+        idle = isinstance(exc, SpareIdle)
+        if idle:
+            exc = None
         if exc is not None:
             if self.ft:
                 _td.end_job(exc, uid=me.uid, run_dir=self.run_dir, events=self.events,
@@ -180,6 +191,8 @@ class Runtime:
         saw = self._saw_failure or getattr(self.comm, "failure", None) is not None
         _td.leave(me, self.events,
                   failed=bool(self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw))
+        if idle:
+            _td.end_idle_spare()
 
     def _place(self, world: MPI.Comm) -> tuple[str, list[str]]:
         """This process's node and every world rank's (``--virtual-nodes``,
@@ -207,7 +220,10 @@ class Runtime:
 
     # -- building the app ----------------------------------------------------------
     def _build(self) -> Work:
+        if isinstance(self.comm, ResilientComm):
+            self.comm.drop_children()  # the factory makes them again
         return build_work(self._factory, self.comm, invariant=self._invariant,
+                          bounds=self.config.bounds_map(),
                           snapshot=self.config.resilience)
 
     def _make_planner(self) -> None:
@@ -244,7 +260,7 @@ class Runtime:
             return
         first = self._begin(start)
         if first is None:
-            return  # a spare the run did not need
+            raise SpareIdle()  # a spare the run did not need: Runtime.__exit__ ends it
         self.comm.void_on_failure = self.ft
         step, end = first, self._restart(first)
         self.events.log("segments", k=self.planner.k, auto=not self.config.segment_steps
@@ -302,12 +318,13 @@ class Runtime:
             me, step, saw = wait_as_spare(self.me, self.events, self.hooks, self._spare_repair)
             self._saw_failure |= saw
             return step
+        self.me = with_replay(self.me)
+        self.comm.open_contexts(self.me.replay)  # before the factory: it may derive communicators
         self.work = self._build()
         step = self.ckpts.resume(self.comm.mpi_comm, self.work.state, start)
         self.ckpts.open(self.comm.mpi_comm, self.work.state, wait=True)
         self._hosts = self.comm.mpi_comm.allgather(self._host)
         self._make_planner()
-        self.me = with_replay(self.me)
         return step
 
     def _restart(self, step: int) -> int:
@@ -361,6 +378,7 @@ class Runtime:
         """Application recovery on the repaired communicator. Collective."""
         self.me = me
         self.comm.reset(me.compute)
+        self.comm.open_contexts(me.replay)
         t0 = time.perf_counter()
         ctx = RestoreContext.after(plan, target, old_logical=old_logical, logical=me.logical)
         self.work, how = self.ckpts.restore_after_repair(self.comm.mpi_comm, me, ctx,

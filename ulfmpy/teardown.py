@@ -344,6 +344,22 @@ def leave(me: Any, events: Any, *, failed: bool) -> None:
                 pass
 
 
+def end_idle_spare() -> None:
+    """An idle spare ends its process where the loop ended: the app's code
+    after the loop (and after the ``with`` block) is for compute ranks only.
+    Finalizes unless it lived through a failure (:func:`guard_finalize`). Local."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not _FINALIZE_SKIPPED and not MPI.Is_finalized():
+        MPI.Finalize()
+    from ulfmpy.respawn import stop_zygote
+
+    stop_zygote()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def refuse_settings(comm: Any, error: BaseException | None) -> None:
     """Settings refused on some rank: say so once and end the job. Collective; does not return.
 
