@@ -132,7 +132,7 @@ class _Collectives:
             if sendbuf is MPI.IN_PLACE:
                 contrib = np.array(rb, copy=True) if rb is not None else b""
             elif sends and sendbuf is not None:
-                contrib = _payload(sendbuf, call)
+                contrib = _contribution(sendbuf, call)
 
         def apply(logged: Any) -> None:
             if logged is not None and rb is not None:
@@ -234,6 +234,17 @@ class _Collectives:
     def exscan(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
         return self._objects("exscan", sendobj, lambda c: _prefix(c, sendobj, op, True),
                              lambda: sendobj if self._rank else None)
+
+
+def _contribution(buf: Any, call: str) -> Any:
+    """What a rank puts into a collective: the datatype's elements, or for a
+    vector spec ``[array, counts, displs, datatype]`` the whole array."""
+    if isinstance(buf, (list, tuple)) and any(
+            isinstance(m, (list, tuple, np.ndarray)) and not isinstance(m, tuple) or
+            (isinstance(m, tuple) and any(not isinstance(x, (int, np.integer)) for x in m))
+            for m in buf[1:-1]):
+        return _array(buf, call)
+    return _payload(buf, call)
 
 
 # mpi4py runs its lowercase reductions (reduce, allreduce, scan, exscan) as

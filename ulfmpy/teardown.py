@@ -336,7 +336,9 @@ def leave(me: Any, events: Any, *, failed: bool) -> None:
     if failed and me.uid < UID_STRIDE:
         guard_finalize()
     events.close()
-    for c in (me.replay, me.compute, me.world):
+    # The compute communicator stays: rt.comm (and what the app derived
+    # from it) still works after the with block, passing calls through.
+    for c in (me.replay, me.world):
         if c is not None:
             try:
                 c.Free()
