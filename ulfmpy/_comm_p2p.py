@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 from ulfmpy._comm_request import Request
 from ulfmpy.errors import UnsupportedCall
-from ulfmpy.msglog import _deliver, _payload, _pickle, _put, _same
+from ulfmpy.msglog import _check_buffer, _deliver, _layout, _payload, _pickle, _put, _same
 
 _PROC_NULL, _ANY_SOURCE, _ANY_TAG = MPI.PROC_NULL, MPI.ANY_SOURCE, MPI.ANY_TAG
 _ndarray = np.ndarray
@@ -131,8 +131,9 @@ class _PointToPoint:
         fn = getattr(self._comm, call)
         if self.mode == "off" or dest == _PROC_NULL:
             return self._guard(call, fn, buf, dest, tag)
-        data = _payload(buf, call)
         if self.mode == "live":
+            if type(buf) is not _ndarray:
+                _check_buffer(buf, call)
             self._guard(call, fn, buf, dest, tag)
         elif self._live(dest):
             self._ctr.next_send(dest, tag)
@@ -141,7 +142,7 @@ class _PointToPoint:
             self._guard(call, getattr(self._replay_comm, "Send" if call == "Rsend" else call),
                         buf, dest, tag)
         else:
-            self._send_token(call, dest, tag, data)
+            self._send_token(call, dest, tag, _payload(buf, call))
 
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802
         self._send("Send", buf, dest, tag)
@@ -160,17 +161,20 @@ class _PointToPoint:
             return Request.make(self, None, call)
         if self._pending:
             self._settle()
+        if dest == _PROC_NULL and self.void_on_failure:
+            return Request.make(self, None, call)  # completes at once: no MPI call needed
         if self.mode == "off" or dest == _PROC_NULL:
             return self._off_request(call, getattr(self._comm, call), buf, dest, tag)
-        data = _payload(buf, call)
         if self.mode == "live":
+            if type(buf) is not _ndarray:
+                _check_buffer(buf, call)
             return Request.make(self, self._guard(call, getattr(self._comm, call), buf, dest, tag),
                                 call)
         if self._live(dest):
             self._ctr.next_send(dest, tag)
             fn = getattr(self._replay_comm, "Isend" if call == "Irsend" else call)
             return Request.make(self, self._guard(call, fn, buf, dest, tag), call)
-        self._send_token(call, dest, tag, data)
+        self._send_token(call, dest, tag, _payload(buf, call))
         return Request.make(self, None, call)
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:  # noqa: N802
@@ -226,20 +230,29 @@ class _PointToPoint:
             return Request.make(self, None, "Irecv")
         if self._pending:
             self._settle()
+        if source == _PROC_NULL and self.void_on_failure:
+            return Request.make(self, None, "Irecv")  # completes at once, receives nothing
         if self.mode == "off" or source == _PROC_NULL:
             return self._off_request("Irecv", self._comm.Irecv, buf, source, tag)
         if source == _ANY_SOURCE:
             self._no_any_source("Irecv")
-        _payload(buf, "Irecv")  # the buffer's rules, checked before anything is posted
+        spec = None
+        if type(buf) is not _ndarray:
+            _check_buffer(buf, "Irecv")  # the buffer's rules, before anything is posted
+            spec = _layout(buf, "Irecv")
         if self.mode == "live":
             req = self._guard("Irecv", self._comm.Irecv, buf, source, tag)
             # The sequence number is the posting order, whatever order they
             # complete in: messages from one source match in that order.
             ch, seq = self.log.reserve(source, tag)
             wild = tag == _ANY_TAG
+            if spec is not None:
+                lay, arr = spec[1], spec[0]
+            else:
+                lay, arr = None, _payload(buf, "Irecv")  # the array itself
 
             def keep(_: Any, status: Any) -> None:
-                _put(ch, seq, _payload(buf, "Irecv"))
+                _put(ch, seq, arr if lay is None else lay.pack(arr))
                 if wild:
                     ch.tag(seq, status.Get_tag() if status is not None else None)
 
@@ -270,10 +283,10 @@ class _PointToPoint:
             wild = False
             if live:
                 if dest != _PROC_NULL and type(sendbuf) is not _ndarray:
-                    _payload(sendbuf, "Sendrecv")  # the same rules as Send
+                    _check_buffer(sendbuf, "Sendrecv")  # the same rules as Send
                 if source != _PROC_NULL:
                     if type(recvbuf) is not _ndarray:
-                        _payload(recvbuf, "Sendrecv")
+                        _check_buffer(recvbuf, "Sendrecv")
                     if source == _ANY_SOURCE or recvtag == _ANY_TAG:
                         wild = True
                         if status is None:

@@ -219,8 +219,35 @@ def _wait_one(r: Any, status: Any) -> Any:
 def _wait_each(requests: Sequence[Any], statuses: Any) -> list[Any]:
     if statuses is not None and len(statuses) < len(requests):
         raise ValueError("Waitall: fewer statuses than requests")
+    comm = None
+    for r in requests:
+        if type(r) is not Request or r._comm is None or r._lower:
+            break
+        comm = r._comm
+    else:
+        if comm is not None:
+            return _wait_batch(comm, requests, statuses)
     return [_wait_one(r, statuses[i] if statuses is not None else None)
             for i, r in enumerate(requests)]
+
+
+def _wait_batch(comm: Any, requests: Sequence[Request], statuses: Any) -> list[Any]:
+    """ulfmpy's handle requests (one communicator family: one failure, one
+    segment): one MPI_Waitall, then each logs what it received."""
+    if not comm._voided():
+        st = statuses
+        if st is None and any(r._on_complete is not None for r in requests):
+            st = [MPI.Status() for _ in requests]
+        try:
+            _MPIRequest.Waitall(requests, st)
+        except MPI.Exception as exc:
+            comm._fail("Request.Waitall", exc)  # returns only when the failure voids the step
+        else:
+            return [r._finish(None, st[i] if st is not None else None)
+                    for i, r in enumerate(requests)]
+    for r in requests:
+        r._on_complete = None
+    return [r._value for r in requests]
 
 
 def _test(r: Any, statuses: Any, i: int, status: Any = None) -> tuple[bool, Any]:

@@ -306,6 +306,9 @@ class ResilientComm(_PointToPoint, _Collectives):
     @property
     def log_bytes(self) -> int:
         """Bytes the message logs of this communicator and its derived ones hold. Local."""
+        for c in self._family():
+            if c._pending:
+                c._settle()
         return sum(c.log.nbytes for c in self._family())
 
     def _forget_originals(self) -> None:

@@ -56,13 +56,13 @@ def _array(buf: Any, call: str) -> np.ndarray:
 
 
 class _Layout:
-    """The elements ``count`` items of a datatype cover, from a byte offset:
-    packed to log a message (the bytes on the wire, not the whole array)
-    and unpacked to hand a logged message back."""
+    """The elements ``count`` items of a datatype cover, from a byte offset,
+    in an array of a given size: packed to log a message (the bytes on the
+    wire, not the whole array) and unpacked to hand a logged message back."""
 
     __slots__ = ("type", "offset", "span", "scratch")
 
-    def __init__(self, dt: Any, count: int, displ: int) -> None:
+    def __init__(self, dt: Any, count: int, displ: int, nbytes: int) -> None:
         base = dt.Create_contiguous(count)
         lb, extent = base.Get_extent()
         tlb, textent = base.Get_true_extent()
@@ -72,22 +72,26 @@ class _Layout:
                                   "give the buffer from its first element")
         self.offset = displ * dt.Get_extent()[1]
         self.span = max(lb + extent, tlb + textent)
-        # Pack and Unpack count whole extents in the memory they are given:
-        # with the extent resized to the span, that memory holds exactly one.
-        self.type = base.Create_resized(0, self.span).Commit()
+        if nbytes < self.offset + self.span:
+            base.Free()
+            raise UnsupportedCall(
+                f"a buffer of {nbytes} bytes is too small for its datatype "
+                f"({self.offset + self.span} bytes from the array's start)")
+        # Pack and Unpack count whole extents in the memory they are given
+        # (the array from the offset): with the extent resized to that
+        # memory's length, it holds exactly one.
+        self.type = base.Create_resized(0, nbytes - self.offset).Commit()
         base.Free()
         self.scratch = np.empty(self.type.Pack_size(1, MPI.COMM_SELF), dtype=np.uint8)
 
-    def memory(self, arr: np.ndarray, readonly: bool) -> Any:
-        if arr.nbytes < self.offset + self.span:
-            raise UnsupportedCall(
-                f"a buffer of {arr.nbytes} bytes is too small for its datatype "
-                f"({self.offset + self.span} bytes from the array's start)")
-        return MPI.buffer.fromaddress(arr.ctypes.data + self.offset, self.span, readonly=readonly)
+    def memory(self, arr: np.ndarray) -> Any:
+        if self.offset:
+            return arr.reshape(-1).view(np.uint8)[self.offset:]
+        return arr
 
     def pack(self, arr: np.ndarray) -> np.ndarray:
         """The elements, packed into a scratch buffer (valid until the next pack)."""
-        self.type.Pack(self.memory(arr, True), self.scratch, 0, MPI.COMM_SELF)
+        self.type.Pack(self.memory(arr), self.scratch, 0, MPI.COMM_SELF)
         return self.scratch
 
     def unpack(self, data: np.ndarray, arr: np.ndarray) -> None:
@@ -95,41 +99,61 @@ class _Layout:
             raise UnsupportedCall(f"a logged message of {data.nbytes} bytes does not fit a "
                                   f"datatype of {self.scratch.nbytes} bytes")
         self.type.Unpack(np.ascontiguousarray(data).view(np.uint8).reshape(-1), 0,
-                         self.memory(arr, False), MPI.COMM_SELF)
+                         self.memory(arr), MPI.COMM_SELF)
 
 
-_LAYOUTS: dict[tuple[int, int, int], _Layout] = {}
+_LAYOUTS: dict[tuple[int, Any, Any, int], tuple[Any, _Layout]] = {}
 
 
 def _layout(buf: Any, call: str) -> tuple[np.ndarray, _Layout] | None:
     """For a buffer given as ``[array, datatype]``, ``[array, count, datatype]``,
     ``[array, (count, displ), datatype]`` or ``[array, count, displ, datatype]``
     with a derived datatype or an explicit count: the array and its layout
-    (cached per datatype, count and displacement). None for a whole array of
-    a predefined type."""
-    if not (isinstance(buf, (list, tuple)) and buf and isinstance(buf[0], np.ndarray)):
+    (cached per datatype, count, displacement and array size). None for a
+    whole array of a predefined type."""
+    if not (isinstance(buf, (list, tuple)) and len(buf) >= 2 and type(buf[0]) is np.ndarray):
         return None
-    arr, dt, mid = buf[0], buf[-1], buf[1:-1]
-    if len(buf) < 2 or not isinstance(dt, MPI.Datatype):
+    arr, dt = buf[0], buf[-1]
+    if not isinstance(dt, MPI.Datatype):
         return None
-    if len(mid) == 1 and isinstance(mid[0], tuple):
-        mid = mid[0]
-    if not all(isinstance(m, (int, np.integer)) for m in mid) or len(mid) > 2:
+    n = len(buf)
+    if n == 2:
+        if dt.is_predefined:
+            return None
+        count, displ = None, 0
+    elif n == 3 and isinstance(buf[1], tuple) and len(buf[1]) == 2:
+        count, displ = buf[1]
+    elif n in (3, 4):
+        count, displ = buf[1], (buf[2] if n == 4 else 0)
+    else:
+        count = displ = "?"
+    if not (count is None or isinstance(count, (int, np.integer))) or \
+            not isinstance(displ, (int, np.integer)):
         raise UnsupportedCall(f"{call}: buffer spec {[type(b).__name__ for b in buf]} is not "
                               "[array, datatype], [array, count, datatype] or "
                               "[array, count, displ, datatype]")
-    if not mid and dt.is_predefined:
-        return None
-    extent = dt.Get_extent()[1]
-    count = int(mid[0]) if mid else (arr.nbytes // extent if extent else 0)
-    displ = int(mid[1]) if len(mid) == 2 else 0
-    if not arr.flags.c_contiguous:
-        raise UnsupportedCall(f"{call}: a buffer with a datatype must be a contiguous array")
-    key = (dt.handle, count, displ)
-    lay = _LAYOUTS.get(key)
-    if lay is None:
-        lay = _LAYOUTS[key] = _Layout(dt, count, displ)
-    return arr, lay
+    if count is None:
+        extent = dt.Get_extent()[1]
+        count = arr.nbytes // extent if extent else 0
+    # Keyed by the datatype object, which the entry keeps alive (so its id
+    # is never reused): the layout is a type of ulfmpy's own, derived from
+    # it, and stays valid whatever the app does with its datatype later.
+    key = (id(dt), count, displ, arr.nbytes)
+    hit = _LAYOUTS.get(key)
+    if hit is None:
+        if not arr.flags.c_contiguous:
+            raise UnsupportedCall(f"{call}: a buffer with a datatype must be a contiguous array")
+        hit = _LAYOUTS[key] = (dt, _Layout(dt, int(count), int(displ), arr.nbytes))
+    return arr, hit[1]
+
+
+def _check_buffer(buf: Any, call: str) -> None:
+    """The rule for buffers inside a segment, cheaply (what a message
+    carries is taken only where it is needed)."""
+    if type(buf) is np.ndarray or (
+            isinstance(buf, (list, tuple)) and buf and type(buf[0]) is np.ndarray):
+        return
+    _array(buf, call)
 
 
 def _payload(buf: Any, call: str) -> np.ndarray:
