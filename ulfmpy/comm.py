@@ -52,7 +52,21 @@ from ulfmpy.errors import (CommRevoked, ProcessFailure, UnsupportedCall, UlfmpyE
 from ulfmpy.msglog import (_Channel, _Counters, _array, _digest, _pickle, _put,  # noqa: F401
                            _same, MessageLog)
 
-__all__ = ["ResilientComm", "Request", "MessageLog", "ReplayDivergence"]
+__all__ = ["ResilientComm", "PlainComm", "Request", "MessageLog", "ReplayDivergence"]
+
+
+class PlainComm(MPI.Intracomm):
+    """``rt.comm`` under ``--no-resilience``: mpi4py's communicator itself (the
+    same handle), plus the ``Waitall`` the resilient one offers, so an app
+    runs unchanged in both modes."""
+
+    @staticmethod
+    def Waitall(requests: Any, statuses: Any = None) -> bool:  # noqa: N802
+        return MPI.Request.Waitall(requests, statuses)
+
+    @staticmethod
+    def waitall(requests: Any, statuses: Any = None) -> Any:
+        return MPI.Request.waitall(requests, statuses)
 
 # Local queries that never communicate: always safe to pass through.
 _LOCAL = frozenset({
@@ -258,6 +272,15 @@ class ResilientComm(_PointToPoint, _Collectives):
             raise UnsupportedCall(f"Comm.{call}: derived communicators need the runtime's "
                                   "contexts (call it in the factory given to rt.loop)")
         return j
+
+    def close(self) -> None:
+        """Free the contexts of derived communicators (before MPI_Finalize). Local."""
+        for c in self._pools[0] + self._pools[1]:
+            try:
+                c.Free()
+            except MPI.Exception:
+                pass
+        self._pools = ([], [])
 
     def drop_children(self) -> None:
         """Forget the derived communicators (the factory runs again). Local."""

@@ -47,7 +47,14 @@ class EventLog:
     def log(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one event and return it."""
         record = {"t": time.time(), "rank": self.rank, "event": event, **fields}
-        self._fh.write(json.dumps(record, default=_default) + "\n")
+        line = json.dumps(record, default=_default) + "\n"
+        if self._fh.closed:
+            # After the runtime closed its log, a late event (a signal that
+            # escalates a halt already done) is appended all the same.
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        else:
+            self._fh.write(line)
         return record
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ back → on a process failure, repair (:mod:`~ulfmpy.repair`) → finish
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import time
@@ -27,7 +28,7 @@ from ulfmpy import recovery as _rec
 from ulfmpy import respawn as _respawn
 from ulfmpy import teardown as _td
 from ulfmpy.checkpoints import Checkpoints, RestoreContext
-from ulfmpy.comm import Request, ResilientComm
+from ulfmpy.comm import PlainComm, Request, ResilientComm
 from ulfmpy.config import Config
 from ulfmpy.detect import get_detector
 from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure, SpareIdle
@@ -147,7 +148,7 @@ class Runtime:
                          marker_dir=os.path.join(self.run_dir, "injected"))
         self.hooks = hooks_for(plan, self.events, uid=me.uid, size=self.size, host=self._host,
                                t0=self._t0, whoami=self._whoami)
-        self.comm = ResilientComm(me.compute, ft=self.ft) if cfg.resilience else me.compute
+        self.comm = ResilientComm(me.compute, ft=self.ft) if cfg.resilience else PlainComm(me.compute)
         if cfg.resilience:
             # Inside the with block MPI.Request is ulfmpy's request class, so
             # an app's MPI.Request.Waitall(reqs) logs and voids like the
@@ -191,8 +192,12 @@ class Runtime:
         saw = self._saw_failure or getattr(self.comm, "failure", None) is not None
         _td.leave(me, self.events,
                   failed=bool(self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw))
+        rc = self.comm if isinstance(self.comm, ResilientComm) else None
         if idle:
+            _td.free_at_exit([me.compute], rc)
             _td.end_idle_spare()
+        # Registered after mpi4py's finalize: runs before it.
+        atexit.register(_td.free_at_exit, [me.compute], rc)
 
     def _place(self, world: MPI.Comm) -> tuple[str, list[str]]:
         """This process's node and every world rank's (``--virtual-nodes``,

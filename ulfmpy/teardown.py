@@ -336,9 +336,28 @@ def leave(me: Any, events: Any, *, failed: bool) -> None:
     if failed and me.uid < UID_STRIDE:
         guard_finalize()
     events.close()
-    # The compute communicator stays: rt.comm (and what the app derived
-    # from it) still works after the with block, passing calls through.
+    # The compute communicator stays until the interpreter exits: rt.comm
+    # (and what the app derived from it) still works after the with block.
+    # It must be gone before MPI_Finalize: a respawned process's finalize
+    # disconnects every communicator it shares with the dead (Open MPI 5
+    # was seen to segfault sending to one), so the caller frees it then
+    # (free_at_exit).
     for c in (me.replay, me.world):
+        if c is not None:
+            try:
+                c.Free()
+            except MPI.Exception:
+                pass
+
+
+def free_at_exit(comms: Any, resilient: Any = None) -> None:
+    """Free what outlived the with block, before MPI_Finalize: the derived
+    communicators' contexts and the compute communicator. Local."""
+    if MPI.Is_finalized():
+        return
+    if resilient is not None:
+        resilient.close()
+    for c in comms:
         if c is not None:
             try:
                 c.Free()

@@ -252,3 +252,52 @@ def test_requests_are_mpi4py_requests(rc):
     ok &= np.array_equal(c.log.rx[(left, 6)].items[0], np.full(4, left + 1.0))
     c.end_segment()
     all_true(MPI.COMM_WORLD, ok)
+
+
+@pytest.mark.parametrize("dims,periods", [([2, 2], [False, False]), ([2, 2], [True, False]),
+                                          ([4], [True]), ([1, 4], [False, True]),
+                                          ([2, 1, 2], [True, True, False])])
+def test_cart_topology_is_mpis(rc, dims, periods):
+    """The Cartesian mapping ulfmpy computes (Open MPI's topology component is
+    not fault tolerant) answers exactly as MPI's own Cartcomm does."""
+    c, replay = rc
+    c.open_contexts(replay)
+    mine = c.Create_cart(dims, periods=periods, reorder=True)
+    ref = c.mpi_comm.Create_cart(dims, periods=periods, reorder=False)
+    ok = mine.Get_topo() == ref.Get_topo() and mine.dims == ref.dims
+    ok &= all(mine.Get_coords(r) == ref.Get_coords(r) for r in range(c.Get_size()))
+    for d in range(len(dims)):
+        for disp in (1, -1, 2):
+            ok &= tuple(mine.Shift(d, disp)) == tuple(ref.Shift(d, disp))
+    ok &= mine.Get_cart_rank(ref.Get_coords(c.Get_rank())) == c.Get_rank()
+    ref.Free()
+    c.drop_children()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_derived_comm_messages_are_logged_and_unprotected_ones_refused(rc):
+    """A Dup'ed communicator logs its own receives (its own context: a
+    message on it never matches one on the parent); Split is refused."""
+    c, replay = rc
+    c.open_contexts(replay)
+    d = c.Dup()
+    rank, size = c.Get_rank(), c.Get_size()
+    left, right = (rank - 1) % size, (rank + 1) % size
+    c.begin_segment()
+    a, b = np.zeros(2), np.zeros(2)
+    r1 = d.Irecv(a, left, 0)
+    r2 = c.Irecv(b, left, 0)
+    c.Send(np.full(2, 1.0 + rank), right, 0)
+    d.Send(np.full(2, 100.0 + rank), right, 0)
+    MPI.Request.Waitall([r1, r2])
+    ok = np.array_equal(a, np.full(2, 100.0 + left)) and np.array_equal(b, np.full(2, 1.0 + left))
+    c.Barrier()
+    ok &= np.array_equal(d.log.rx[(left, 0)].items[0], a) and c.log.rx[(left, 0)].n == 1
+    c.end_segment()
+    try:
+        c.Split(0, rank)
+        ok = False
+    except Exception as exc:
+        ok &= "does not protect" in str(exc)
+    c.drop_children()
+    all_true(MPI.COMM_WORLD, ok)

@@ -340,8 +340,8 @@ def test_persistent_fault_ends_with_clear_error(ulfmpy_run, every):
 UNSUPPORTED = TEST_APPS / "unsupported.py"
 
 
-@pytest.mark.parametrize("call,only_rank", [("Alltoall", None), ("Scan", 1)],
-                         ids=["Alltoall-all-ranks", "Scan-rank1-only"])
+@pytest.mark.parametrize("call,only_rank", [("Alltoallw", None), ("Alltoallw", 1)],
+                         ids=["Alltoallw-all-ranks", "Alltoallw-rank1-only"])
 def test_unsupported_call_in_segment_is_a_clear_error(ulfmpy_run, call, only_rank):
     extra = ["--only-rank", str(only_rank)] if only_rank is not None else []
     res = ulfmpy_run(["-n", "4", "--", str(UNSUPPORTED), "--call", call, "--at-step", "3",

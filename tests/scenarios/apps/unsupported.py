@@ -48,6 +48,11 @@ def make_call(comm, name: str) -> None:
         comm.Reduce(np.ones(1), np.empty(1), op=MPI.SUM, root=0)
     elif name == "gather":
         comm.gather(comm.Get_rank(), root=0)
+    elif name == "Alltoallw":
+        t = [MPI.DOUBLE] * size
+        one, zero = [1] * size, list(range(size))
+        comm.Alltoallw([np.ones(size), one, [8 * d for d in zero], t],
+                       [np.empty(size), one, [8 * d for d in zero], t])
     elif name == "Iprobe":
         comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
     else:
