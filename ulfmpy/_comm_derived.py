@@ -51,6 +51,8 @@ class DerivedComm(ResilientComm):
     ft = _shared("ft")
     _S = _shared("_S")
     _all_in_S = _shared("_all_in_S")
+    # One list for the family: any member's next call logs what mpi4py completed.
+    _pending = _shared("_pending")
 
     def __init__(self, parent: ResilientComm, slot: int) -> None:  # noqa: D107
         root = getattr(parent, "_root", parent)
@@ -61,7 +63,6 @@ class DerivedComm(ResilientComm):
         self._ctr = _Counters()
         self._have_originals = False
         self._resent = {}
-        self._pending = []
         self._children = []
         self._pools = ([], [])
         self._attach()
