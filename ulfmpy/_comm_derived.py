@@ -22,6 +22,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from ulfmpy._comm_handle import set_handle
 from ulfmpy.comm import ResilientComm
 from ulfmpy.errors import UnsupportedCall
 from ulfmpy.msglog import MessageLog, _Counters
@@ -72,6 +73,7 @@ class DerivedComm(ResilientComm):
         """Take this slot's context from the root's current pool. Local."""
         root = self._root
         self._comm = root._pools[0][self._index]
+        set_handle(self, self._comm)
         self._rank, self._size = root._rank, root._size
         self._replay_comm = None
 

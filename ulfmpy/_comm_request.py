@@ -32,12 +32,14 @@ _NULL = MPI.REQUEST_NULL
 class Request(_MPIRequest):
     """A request returned by :class:`ResilientComm` nonblocking calls. Local."""
 
-    _comm: Any = None  # the ResilientComm (no import: no cycle)
-    _call = "Request"
-    _on_complete: Any = None
-    _value: Any = None
-    _keep: Any = None  # the request mpi4py returned: it holds the buffers alive
-    _lower = False  # a pickled-object request: mpi4py's own object unpickles
+    # _comm: the ResilientComm (no import: no cycle); _keep: the request
+    # mpi4py returned (it holds the buffers alive); _lower: a pickled-object
+    # request, completed through mpi4py's own object, which unpickles.
+    __slots__ = ("_comm", "_call", "_on_complete", "_value", "_keep", "_lower")
+
+    def __init__(self, request: Any = None) -> None:  # noqa: D107 (mpi4py's constructor)
+        self._comm = self._on_complete = self._value = self._keep = None
+        self._call, self._lower = "Request", False
 
     @classmethod
     def make(cls, comm: Any, req: Any, call: str, on_complete: Any = None,
@@ -51,11 +53,10 @@ class Request(_MPIRequest):
         lower = call.islower()
         self = cls(req if req is not None and not lower else _NULL)
         self._comm, self._call, self._value, self._lower = comm, call, value, lower
-        if req is not None:
-            self._keep = req
-            if on_complete is not None:
-                self._on_complete = on_complete
-                comm._pending.append(self)
+        self._keep = req
+        if req is not None and on_complete is not None:
+            self._on_complete = on_complete
+            comm._pending.append(self)
         return self
 
     def _finish(self, value: Any = None, status: Any = None) -> Any:

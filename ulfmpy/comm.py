@@ -45,6 +45,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ulfmpy._comm_coll import _Collectives
+from ulfmpy._comm_handle import install_guards, set_handle
 from ulfmpy._comm_p2p import _ANY_SOURCE, _ANY_TAG, _PROC_NULL, _PointToPoint  # noqa: F401
 from ulfmpy._comm_request import Request
 from ulfmpy.errors import (CommRevoked, ProcessFailure, UnsupportedCall, UlfmpyError,
@@ -99,7 +100,7 @@ class ReplayOutcome:
     diverged: str | None = None
 
 
-class ResilientComm(_PointToPoint, _Collectives):
+class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
     """The communicator apps receive from the runtime (``rt.comm``).
 
     Args:
@@ -110,7 +111,11 @@ class ResilientComm(_PointToPoint, _Collectives):
             first rank to notice a dead peer).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ResilientComm":
+        return MPI.Intracomm.__new__(cls)  # COMM_NULL until set_handle
+
     def __init__(self, comm: MPI.Comm, *, ft: bool = True) -> None:
+        set_handle(self, comm)
         self._comm = comm
         self._replay_comm: MPI.Comm | None = None
         self.ft = ft
@@ -162,7 +167,17 @@ class ResilientComm(_PointToPoint, _Collectives):
     def size(self) -> int:
         return self._size
 
+    def Free(self) -> None:  # noqa: N802
+        """Nothing: the runtime owns this communicator and frees it at the end."""
+
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)  # private names never pass through
+        return self._passthrough(name)
+
+    def _passthrough(self, name: str) -> Any:
+        """The mpi4py call ``name`` as rt.comm offers it: through, guarded,
+        outside segments; refused inside one. Local."""
         if name in _MAKES_COMM:
             raise UnsupportedCall(
                 f"Comm.{name} would give a communicator ulfmpy does not protect (the app would "
@@ -176,8 +191,9 @@ class ResilientComm(_PointToPoint, _Collectives):
             if self.mode != "off":
                 raise UnsupportedCall(
                     f"Comm.{name} cannot be logged for local rollback and is not allowed "
-                    "inside a segment; use Send/Recv/Sendrecv/Isend/Irecv, their lowercase "
-                    "forms, Allreduce/Bcast/Barrier/Allgather, or call it outside rt.loop")
+                    "inside a segment; the README's rules list the calls that are (point "
+                    "to point, the collectives, their lowercase forms), or call it outside "
+                    "rt.loop")
             return self._guard(name, attr, *args, **kwargs)
 
         return call
@@ -220,6 +236,7 @@ class ResilientComm(_PointToPoint, _Collectives):
 
     def reset(self, comm: MPI.Comm) -> None:
         """Continue on a repaired communicator (after a failure). Local."""
+        set_handle(self, comm)
         self._comm = comm
         self._rank = comm.Get_rank()
         self._size = comm.Get_size()
@@ -412,3 +429,6 @@ class ResilientComm(_PointToPoint, _Collectives):
     def _diverged(self, what: str) -> None:
         if self.outcome.diverged is None:
             self.outcome.diverged = what
+
+
+install_guards(ResilientComm, ResilientComm._passthrough, _LOCAL)

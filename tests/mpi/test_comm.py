@@ -10,25 +10,13 @@ from mpi4py import MPI
 from ulfmpy.comm import ResilientComm
 from ulfmpy.errors import UnsupportedCall
 
+from conftest import all_true  # noqa: E402
+
 pytestmark = pytest.mark.mpi(min_size=4)
 
 
-@pytest.fixture
-def rc():
-    base = MPI.COMM_WORLD.Dup()
-    base.Set_errhandler(MPI.ERRORS_RETURN)
-    replay = base.Dup()
-    c = ResilientComm(base)
-    yield c, replay
-    base.Barrier()
-    replay.Free()
-    base.Free()
 
 
-def all_true(comm, ok):
-    """Every rank fails together when any rank's check failed."""
-    flags = comm.allgather(bool(ok))
-    assert all(flags), f"check failed on ranks {[r for r, f in enumerate(flags) if not f]}"
 
 
 def ring_step(c, data, out):

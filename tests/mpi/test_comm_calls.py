@@ -10,26 +10,14 @@ import pytest
 from mpi4py import MPI
 
 from ulfmpy._comm_request import Request, _MPIRequest
-from ulfmpy.comm import ResilientComm
+
+from conftest import all_true  # noqa: E402
 
 pytestmark = pytest.mark.mpi(min_size=4)
 
 
-@pytest.fixture
-def rc():
-    base = MPI.COMM_WORLD.Dup()
-    base.Set_errhandler(MPI.ERRORS_RETURN)
-    replay = base.Dup()
-    c = ResilientComm(base)
-    yield c, replay
-    base.Barrier()
-    replay.Free()
-    base.Free()
 
 
-def all_true(comm, ok):
-    flags = comm.allgather(bool(ok))
-    assert all(flags), f"check failed on ranks {[r for r, f in enumerate(flags) if not f]}"
 
 
 def replay_alone(c, replay, rank, body):
@@ -300,4 +288,38 @@ def test_derived_comm_messages_are_logged_and_unprotected_ones_refused(rc):
     except Exception as exc:
         ok &= "does not protect" in str(exc)
     c.drop_children()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_rt_comm_is_an_mpi4py_communicator_that_follows_repairs(rc):
+    """rt.comm goes where mpi4py wants a communicator (MPI.File.Open), and
+    after a reset onto another communicator (what a repair does) its handle
+    is that one's; mpi4py calls ulfmpy does not log are refused in segments."""
+    import os
+    import tempfile
+
+    c, _ = rc
+    rank = c.Get_rank()
+    ok = isinstance(c, MPI.Intracomm) and c.handle == c.mpi_comm.handle
+    d = MPI.COMM_WORLD.bcast(tempfile.mkdtemp() if rank == 0 else None)
+    other = c.mpi_comm.Dup()
+    other.Set_errhandler(MPI.ERRORS_RETURN)
+    old = c.mpi_comm
+    for i, comm in enumerate((old, other)):
+        c.reset(comm)
+        ok &= c.handle == comm.handle and c.Get_size() == comm.Get_size()
+        fh = MPI.File.Open(c, os.path.join(d, f"f{i}"),
+                           MPI.MODE_CREATE | MPI.MODE_WRONLY)
+        fh.Write_at_all(8 * rank, np.full(1, float(rank)))
+        fh.Close()
+    c.begin_segment()
+    try:
+        c.Ialltoallw  # exists on mpi4py's class: routed through ulfmpy's check
+        c.Iallreduce(np.ones(1), np.zeros(1))
+        ok = False
+    except Exception as exc:
+        ok &= "cannot be logged" in str(exc)
+    c.end_segment()
+    c.reset(old)
+    other.Free()
     all_true(MPI.COMM_WORLD, ok)

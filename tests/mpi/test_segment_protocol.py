@@ -9,12 +9,11 @@ from mpi4py import MPI
 
 from tests.segment_app import Corrupt, free, reference, run_segment, setup
 
+from conftest import all_true  # noqa: E402
+
 pytestmark = pytest.mark.mpi(min_size=4)
 
 
-def all_true(comm, ok, what=""):
-    flags = comm.allgather(bool(ok))
-    assert all(flags), f"{what}: check failed on ranks {[r for r, f in enumerate(flags) if not f]}"
 
 
 @pytest.mark.parametrize("step,index,expect", [(15, 3, [1]), (19, 0, [1]), (18, 0, [1, 2])],
