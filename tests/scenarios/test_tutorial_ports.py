@@ -41,7 +41,9 @@ def plain(tmp_path_factory):
 
 CASES = [
     # at the defaults: a flip found at the end of its segment (the automatic length)
-    ("heat2d", ["--bounds", "u=0:1", "--inject", "bitflip:rank=2,step=40,bit=62"]),
+    # with a spare that is never needed: it must end inside rt.loop, not run
+    # the code after it (heat2d.py reports after the with block)
+    ("heat2d", ["--spares", "1", "--bounds", "u=0:1", "--inject", "bitflip:rank=2,step=40,bit=62"]),
     ("heat2d", ["--spares", "1", "--detect-every", "1", "--bounds", "u=0:1",
                 "--inject", "bitflip:rank=1,step=30,bit=62", "--inject", "kill:rank=2,step=60"]),
     ("heat2d", ["--recovery", "shrink", "--ckpt-every", "20", "--inject", "kill:rank=3,step=60"]),
@@ -67,3 +69,11 @@ def test_protected_port_is_exact(tmp_path, plain, name, args):
     kills, flips = (sum(a.startswith(k) for a in args) for k in ("kill", "bitflip"))
     assert s["escaped_faults"] == 0 and len(s["recoveries"]) == kills, s
     assert len(res.events("detection")) >= flips, s  # each flip was found
+
+
+def test_the_port_runs_as_plain_mpi4py_with_no_resilience(tmp_path, plain):
+    """--no-resilience: rt.comm is mpi4py's communicator, Create_cart is MPI's own."""
+    res = run_ulfmpy(["-n", "4", "--no-resilience", str(APPS / "tutorials" / "heat2d.py"), *STEPS],
+                     tmp_path / "run")
+    assert res.returncode == 0, res
+    assert checksum(res) == plain["heat2d"]
