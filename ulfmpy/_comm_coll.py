@@ -320,6 +320,8 @@ def _reserved_tag(comm: MPI.Comm) -> int:
     """The largest tag (MPI attaches ``TAG_UB`` to ``COMM_WORLD``; 32767 is the
     least the standard allows)."""
     if not _TAG:
-        tag = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+        from ulfmpy._comm_handle import genuine_world
+
+        tag = genuine_world().Get_attr(MPI.TAG_UB)
         _TAG.append(int(tag) if tag else 32767)
     return _TAG[0]

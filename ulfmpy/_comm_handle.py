@@ -63,3 +63,27 @@ def install_guards(cls: type, guard: Any, keep: frozenset[str]) -> None:
         method.__name__ = method.__qualname__ = name
         method.__doc__ = f"mpi4py's ``Comm.{name}``: passes through outside segments."
         setattr(cls, name, method)
+
+
+# -- the names an app's code reaches inside the with block -------------------------
+_SAVED: list[tuple[Any, Any]] = []
+
+
+def shim_mpi(comm: Any, request_cls: type) -> None:
+    """Inside ``with ulfmpy.Runtime(...)``: ``MPI.COMM_WORLD`` is ``rt.comm``
+    and ``MPI.Request`` ulfmpy's request class, so set-up code and
+    ``MPI.Request.Waitall(reqs)`` in the loop need no change (Relight's idea:
+    shim the API). Local; :func:`unshim_mpi` puts mpi4py's back."""
+    _SAVED.append((MPI.COMM_WORLD, MPI.Request))
+    MPI.COMM_WORLD = comm
+    MPI.Request = request_cls
+
+
+def unshim_mpi() -> None:
+    if _SAVED:
+        MPI.COMM_WORLD, MPI.Request = _SAVED.pop()
+
+
+def genuine_world() -> Any:
+    """mpi4py's own COMM_WORLD, shimmed or not (for ulfmpy's own use)."""
+    return _SAVED[0][0] if _SAVED else MPI.COMM_WORLD

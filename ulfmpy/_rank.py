@@ -65,12 +65,18 @@ def _fail(code: int, summary: str, exc: BaseException | None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _world(mpi: object) -> object:
+    """mpi4py's own COMM_WORLD (the runtime shims the name inside its block)."""
+    handle = sys.modules.get("ulfmpy._comm_handle")
+    return handle.genuine_world() if handle is not None else mpi.COMM_WORLD
+
+
 def _world_rank() -> int:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None:
         try:
             if mpi.Is_initialized() and not mpi.Is_finalized():
-                return mpi.COMM_WORLD.Get_rank()
+                return _world(mpi).Get_rank()
         except Exception:  # noqa: BLE001 (a broken MPI must not hide the first error)
             pass
     for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
@@ -85,7 +91,7 @@ def _revoke_world() -> None:
         return
     try:
         if mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.COMM_WORLD.Revoke()
+            _world(mpi).Revoke()
     except Exception:  # noqa: BLE001 (no ULFM: mpirun ends the job on our death anyway)
         pass
 

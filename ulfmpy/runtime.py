@@ -28,6 +28,7 @@ from ulfmpy import recovery as _rec
 from ulfmpy import respawn as _respawn
 from ulfmpy import teardown as _td
 from ulfmpy.checkpoints import Checkpoints, RestoreContext
+from ulfmpy._comm_handle import shim_mpi, unshim_mpi
 from ulfmpy.comm import PlainComm, Request, ResilientComm
 from ulfmpy.config import Config
 from ulfmpy.detect import get_detector
@@ -150,11 +151,12 @@ class Runtime:
                                t0=self._t0, whoami=self._whoami)
         self.comm = ResilientComm(me.compute, ft=self.ft) if cfg.resilience else PlainComm(me.compute)
         if cfg.resilience:
-            # Inside the with block MPI.Request is ulfmpy's request class, so
-            # an app's MPI.Request.Waitall(reqs) logs and voids like the
+            # Inside the with block MPI.COMM_WORLD is rt.comm and MPI.Request
+            # ulfmpy's request class: set-up code on COMM_WORLD is protected,
+            # and an app's MPI.Request.Waitall(reqs) logs and voids like the
             # communicator's own calls (ulfmpy/_comm_request.py).
-            self._mpi_request = MPI.Request
-            MPI.Request = Request
+            shim_mpi(self.comm, Request)
+            self._shimmed = True
         self.segments = SegmentRunner(cfg, self.comm, self.events, self.hooks)
         self.ckpts = Checkpoints(cfg, self.run_dir, self.events, self.hooks)
         self.repairer = Repairer(cfg, self.events, self.hooks, self.run_dir, ft=self.ft,
@@ -176,8 +178,9 @@ class Runtime:
             self.events.log("config_override", **o)
 
     def __exit__(self, etype: Any, exc: Any, tb: Any) -> None:
-        if getattr(self, "_mpi_request", None) is not None:
-            MPI.Request = self._mpi_request
+        if getattr(self, "_shimmed", False):
+            unshim_mpi()
+            self._shimmed = False
         self.events.log("exit", error=None if exc is None else repr(exc))
         self.ckpts.close()
         me = self.me

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import APPS, require_ulfm, run_ulfmpy
+from conftest import APPS, TEST_APPS, require_ulfm, run_ulfmpy
 
 pytestmark = [pytest.mark.scenario]
 
@@ -77,3 +77,14 @@ def test_the_port_runs_as_plain_mpi4py_with_no_resilience(tmp_path, plain):
                      tmp_path / "run")
     assert res.returncode == 0, res
     assert checksum(res) == plain["heat2d"]
+
+
+def test_set_up_code_on_comm_world_is_protected(tmp_path, plain):
+    """Inside the with block MPI.COMM_WORLD is rt.comm: a factory that builds
+    on it (not on its argument) gets a protected Cartesian communicator."""
+    require_ulfm()
+    res = run_ulfmpy(["-n", "4", "--spares", "1", "--inject", "kill:rank=1,step=60",
+                      str(TEST_APPS / "world_setup.py"), *STEPS], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert checksum(res) == plain["heat2d"]
+    assert len(res.summary["recoveries"]) == 1
