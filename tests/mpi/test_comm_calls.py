@@ -323,3 +323,25 @@ def test_rt_comm_is_an_mpi4py_communicator_that_follows_repairs(rc):
     c.reset(old)
     other.Free()
     all_true(MPI.COMM_WORLD, ok)
+
+
+def test_a_voided_lowercase_receive_stands_in_the_last_object(rc):
+    """After a failure the step is thrown away, but the code using what a
+    lowercase receive returned runs on: it gets the last object from that
+    source and tag, not None."""
+    from ulfmpy.errors import ProcessFailure
+
+    c, _ = rc
+    rank, size = c.Get_rank(), c.Get_size()
+    left, right = (rank - 1) % size, (rank + 1) % size
+    c.begin_segment()
+    c.send({"step": 1, "from": rank}, right, 3)
+    got = c.recv(source=left, tag=3)
+    c.void_on_failure, c.failure = True, ProcessFailure("a test's failure")
+    again = c.recv(source=left, tag=3)
+    req = c.irecv(source=left, tag=3)
+    ok = got == {"step": 1, "from": left} and again == got and req.wait() == got
+    ok &= c.recv(source=left, tag=4) is None  # nothing ever came with that tag
+    c.void_on_failure, c.failure = False, None
+    c.end_segment()
+    all_true(MPI.COMM_WORLD, ok)
