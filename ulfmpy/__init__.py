@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Runtime",
+    "range",
     "Block",
     "fingerprint",
     "register_detector",
@@ -38,6 +39,10 @@ def __getattr__(name: str):
         from ulfmpy.runtime import Runtime
 
         return Runtime
+    if name == "range":  # the inline loop: ulfmpy.range(steps, state=lambda: {...})
+        from ulfmpy.runtime import inline_range
+
+        return inline_range
     if name in ("Block", "fingerprint"):
         # numpy too is imported on first use: the respawn zygote starts as
         # ``python -m ulfmpy.zygote`` and imports it at idle priority.

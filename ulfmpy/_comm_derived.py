@@ -69,6 +69,16 @@ class DerivedComm(ResilientComm):
         self._attach()
         root._children.append(self)
 
+    _dropped = False
+
+    def _voided(self) -> bool:
+        if self._dropped:
+            raise UnsupportedCall(
+                "a communicator derived for an app the runtime has since rebuilt (the factory "
+                "ran again after a repair) was used; use the ones the new app holds")
+        root = self._root
+        return root.failure is not None and root.void_on_failure
+
     def _attach(self) -> None:
         """Take this slot's context from the root's current pool. Local."""
         root = self._root

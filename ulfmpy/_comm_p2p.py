@@ -269,7 +269,7 @@ class _PointToPoint:
     def Sendrecv(self, sendbuf: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
                  source: int = MPI.ANY_SOURCE, recvtag: int = MPI.ANY_TAG,
                  status: Any = None) -> None:  # noqa: N802
-        if self.failure is not None and self.void_on_failure:
+        if self._voided():
             return
         if self._pending:
             self._settle()

@@ -256,6 +256,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
     # -- derived communicators (ulfmpy/_comm_derived.py) -------------------
     POOL = 4  # derived communicators an app may make
+    waiting_spare = False  # the runtime sets it on a spare's communicator
 
     def open_contexts(self, replay: MPI.Comm | None) -> None:
         """Open the pools of contexts for derived communicators over the
@@ -286,8 +287,13 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
             raise UnsupportedCall(f"Comm.{call}: at most {self.POOL} derived communicators are "
                                   "protected; reuse the ones the factory made")
         if not self._pools[0]:
+            if self.waiting_spare:
+                raise UnsupportedCall(
+                    f"Comm.{call} on a waiting spare: the inline loop (ulfmpy.range) cannot use "
+                    "--spares, since a spare would run the set-up code; put the set-up in a "
+                    "factory for rt.loop(factory, steps), or leave out --spares")
             raise UnsupportedCall(f"Comm.{call}: derived communicators need the runtime's "
-                                  "contexts (call it in the factory given to rt.loop)")
+                                  "contexts (make them inside the with block)")
         return j
 
     def close(self) -> None:
@@ -300,7 +306,10 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         self._pools = ([], [])
 
     def drop_children(self) -> None:
-        """Forget the derived communicators (the factory runs again). Local."""
+        """Forget the derived communicators (the factory runs again); a dropped
+        one refuses every further call instead of running unprotected. Local."""
+        for child in self._children:
+            child._dropped = True
         self._children = []
 
     def _family(self) -> list[Any]:

@@ -51,6 +51,30 @@ from ulfmpy.state import state_nbytes
 __all__ = ["Runtime"]
 
 
+_ACTIVE: list["Runtime"] = []
+
+
+class _InlineApp:
+    """The app of the inline loop: its state is whatever the loop's callable names now."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self._state = state
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._state()
+
+
+def inline_range(start: int, stop: int | None = None, *,
+                 state: Callable[[], dict[str, Any]]) -> Iterator[int]:
+    """``ulfmpy.range``: :meth:`Runtime.range` of the runtime whose ``with``
+    block this is, so a loop inside a function needs no ``rt``. Collective."""
+    if not _ACTIVE:
+        raise ConfigError("ulfmpy.range(...) runs inside `with ulfmpy.Runtime(MPI.COMM_WORLD):`; "
+                          "wrap the call of the code that holds the loop in it")
+    return _ACTIVE[-1].range(start, stop, state=state)
+
+
 class Runtime:
     """Fault-tolerance runtime of one job. Use as a context manager.
 
@@ -73,6 +97,7 @@ class Runtime:
                  **settings: Any) -> None:
         parent = MPI.Comm.Get_parent()
         self._parent = parent if parent != MPI.COMM_NULL else None
+        self._inline = False  # rt.range: the app is the loop's own variables
         error = None
         try:
             self.config, self._overrides = Config.load_with_sources(**settings)
@@ -104,6 +129,7 @@ class Runtime:
     is_spare, role = property(lambda self: self.me.is_spare), property(lambda self: self.me.role)
 
     def __enter__(self) -> "Runtime":
+        _ACTIVE.append(self)
         if self._parent is not None:
             return self._enter_respawned()
         world, self.run_dir = open_world(self._user_comm, self.config)
@@ -117,6 +143,13 @@ class Runtime:
                                        wanted=self.ft and cfg.zygote and "respawn" in cfg.recovery,
                                        node=self._node if self._virtual else None)
         self._setup(initial_identity(world, self.size, nodes), zygote)
+        if cfg.resilience and self.me.is_spare:
+            self.comm.waiting_spare = True
+        elif cfg.resilience:
+            # The contexts of derived communicators exist before any app code
+            # runs: the inline loop's set-up code, or the factory, may make some.
+            self.me = with_replay(self.me)
+            self.comm.open_contexts(self.me.replay)
         return self
 
     def _enter_respawned(self) -> "Runtime":
@@ -178,6 +211,8 @@ class Runtime:
             self.events.log("config_override", **o)
 
     def __exit__(self, etype: Any, exc: Any, tb: Any) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         if getattr(self, "_shimmed", False):
             unshim_mpi()
             self._shimmed = False
@@ -228,7 +263,7 @@ class Runtime:
 
     # -- building the app ----------------------------------------------------------
     def _build(self) -> Work:
-        if isinstance(self.comm, ResilientComm):
+        if isinstance(self.comm, ResilientComm) and not self._inline:
             self.comm.drop_children()  # the factory makes them again
         return build_work(self._factory, self.comm, invariant=self._invariant,
                           bounds=self.config.bounds_map(),
@@ -301,6 +336,38 @@ class Runtime:
                 end = self._restart(step)
         self._finish(steps)
 
+    def range(self, start: int, stop: int | None = None, *,
+              state: Callable[[], dict[str, Any]]) -> Iterator[int]:
+        """The inline form, no factory: ``for it in rt.range(steps, state=lambda:
+        {"u": u}):`` (docs/architecture.md, "The inline loop").
+
+        Collective over the runtime's communicator. ``state`` is called at
+        every boundary, so it names the loop's arrays as they are then
+        (swaps included); everything else follows ``rt.loop``. Hard failures
+        are recovered by a relaunch only: a replacement process would have
+        to run the program's own set-up code, which only the factory form
+        gives it. So a dead rank ends the job (exit 75) and ``ulfmpy run
+        --max-restarts K`` or a Slurm requeue resumes it from the last
+        checkpoint; ``rt.loop(factory, steps)`` also recovers inside the job.
+        """
+        if stop is None:
+            start, stop = 0, start
+        if not callable(state):
+            raise ConfigError("rt.range(..., state=...) takes a callable that returns the "
+                              "state dict, e.g. state=lambda: {'u': u}")
+        if self.config.resilience and self.config.spares:
+            raise ConfigError("the inline loop (rt.range / ulfmpy.range) cannot use --spares: a "
+                              "spare would need the app, which only a factory builds; use "
+                              "rt.loop(factory, steps) or leave out --spares")
+        if self.config.resilience and self.config.recovery:
+            self.events.log("inline_loop", recovery_was=list(self.config.recovery),
+                            recovery="relaunch")
+            object.__setattr__(self.config, "recovery", ())  # every rank alike
+        app = _InlineApp(state)
+        self._inline = True  # the set-up code's derived communicators stay
+        for step, _ in self.loop(lambda comm: app, steps=stop, start=start):
+            yield step
+
     def _check_loop(self, steps: int, start: int) -> None:
         """Refuse a loop or a fault that cannot work, once, before any step. Every
         process of the job is here with the same arguments, so all refuse alike."""
@@ -326,8 +393,6 @@ class Runtime:
             me, step, saw = wait_as_spare(self.me, self.events, self.hooks, self._spare_repair)
             self._saw_failure |= saw
             return step
-        self.me = with_replay(self.me)
-        self.comm.open_contexts(self.me.replay)  # before the factory: it may derive communicators
         self.work = self._build()
         step = self.ckpts.resume(self.comm.mpi_comm, self.work.state, start)
         self.ckpts.open(self.comm.mpi_comm, self.work.state, wait=True)

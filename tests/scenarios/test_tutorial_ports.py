@@ -88,3 +88,39 @@ def test_set_up_code_on_comm_world_is_protected(tmp_path, plain):
     assert res.returncode == 0, res
     assert checksum(res) == plain["heat2d"]
     assert len(res.summary["recoveries"]) == 1
+
+
+INLINE = str(APPS / "tutorials" / "heat2d_inline.py")
+
+
+@pytest.mark.parametrize("args", [
+    ["--bounds", "u=0:1", "--inject", "bitflip:rank=2,step=40,bit=62"],
+    ["--detect-every", "1", "--bounds", "u=0:1", "--inject", "bitflip:rank=1,step=30,bit=62"],
+], ids=["flip-defaults", "flip-per-step"])
+def test_the_inline_loop_is_exact_under_flips(tmp_path, plain, args):
+    """ulfmpy.range: the Cartesian grid the set-up code makes on COMM_WORLD
+    inside the with block is protected, and rollbacks restore what the
+    state callable names (a swapped buffer)."""
+    require_ulfm()
+    res = run_ulfmpy(["-n", "4", *args, INLINE, *STEPS], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert checksum(res) == plain["heat2d"]
+    assert res.summary["escaped_faults"] == 0 and res.events("detection"), res.summary
+
+
+def test_the_inline_loop_recovers_a_kill_by_relaunch(tmp_path, plain):
+    require_ulfm()
+    res = run_ulfmpy(["-n", "4", "--max-restarts", "1", "--ckpt-every", "20",
+                      "--inject", "kill:rank=1,step=60", INLINE, *STEPS], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert "relaunch 1/1" in res.stderr
+    assert checksum(res) == plain["heat2d"]
+    start = res.summary["start_step"]
+    assert 0 < start <= 60 and start % 20 == 0, start  # resumed from a checkpoint
+
+
+def test_the_inline_loop_refuses_spares_with_a_message(tmp_path):
+    require_ulfm()
+    res = run_ulfmpy(["-n", "4", "--spares", "1", INLINE, *STEPS], tmp_path / "run")
+    assert res.returncode == 76, res
+    assert "cannot use --spares" in res.stderr, res
