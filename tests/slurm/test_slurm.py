@@ -145,7 +145,10 @@ def test_no_in_job_recovery_exits_75_requeues_and_resumes(cluster, tmp_path):
     assert "exit 75 (no in-job recovery left): requeueing" in text
     s = summary(run_dir)
     assert s["fingerprint"] == ref, text
-    assert s["restored_from"]["step"] == 1500 and s["launches"] >= 2, s
+    # Resumed from a checkpoint before the kill at 1700: 1500, or 1000 when
+    # the kill came before 1500's commit (the helper's write and the commit
+    # poll run beside the loop, so how far it got depends on the machine).
+    assert s["restored_from"]["step"] in (1000, 1500) and s["launches"] >= 2, s
 
 
 def test_an_array_of_seeded_injection_runs_each_in_its_own_run_directory(cluster, tmp_path):
