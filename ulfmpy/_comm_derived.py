@@ -1,7 +1,7 @@
 """Communicators derived from ``rt.comm`` (docs/internals.md, "Derived communicators").
 
-``rt.comm.Create_cart(...)`` and ``rt.comm.Dup()`` return communicators
-over the same ranks that are protected like ``rt.comm`` itself: their
+``rt.comm.Create_cart(...)``, ``rt.comm.Create_dist_graph_adjacent(...)``
+and ``rt.comm.Dup()`` return communicators over the same ranks that are protected like ``rt.comm`` itself: their
 messages are logged and replayed, a failure on them voids the step and
 revokes the whole family, and after a repair they go on over the repaired
 ranks. Each has a context of its own (a communicator from the pools the
@@ -27,7 +27,7 @@ from ulfmpy.comm import ResilientComm
 from ulfmpy.errors import UnsupportedCall
 from ulfmpy.msglog import MessageLog, _Counters
 
-__all__ = ["DerivedComm", "CartComm"]
+__all__ = ["DerivedComm", "CartComm", "DistGraphComm"]
 
 
 def _shared(name: str) -> property:
@@ -104,6 +104,12 @@ class DerivedComm(ResilientComm):
 
     def Create_cart(self, dims: Any, periods: Any = None, reorder: bool = False) -> "CartComm":  # noqa: N802
         return CartComm(self._root, self._root._slot("Create_cart"), dims, periods)
+
+    def Create_dist_graph_adjacent(self, sources: Any, destinations: Any,  # noqa: N802
+                                   sourceweights: Any = None, destweights: Any = None,
+                                   info: Any = None, reorder: bool = False) -> "DistGraphComm":
+        return DistGraphComm(self._root, self._root._slot("Create_dist_graph_adjacent"),
+                             sources, destinations, sourceweights, destweights)
 
     def Free(self) -> None:  # noqa: N802
         """Kept until the run ends: the context belongs to the runtime's pool."""
@@ -219,3 +225,112 @@ class CartComm(DerivedComm):
         raise UnsupportedCall(
             "Cartcomm.Sub gives a communicator over a subset of the ranks, which ulfmpy "
             "does not protect yet; use the full grid with Shift, or rt.comm's collectives")
+
+
+class DistGraphComm(DerivedComm):
+    """A protected distributed-graph communicator
+    (``rt.comm.Create_dist_graph_adjacent``): the neighbour lists are kept
+    here and the neighbour collectives run as point-to-point messages on
+    its own context, so they are logged and replayed like any other."""
+
+    def __init__(self, parent: ResilientComm, slot: int, sources: Any, destinations: Any,
+                 sourceweights: Any = None, destweights: Any = None) -> None:  # noqa: D107
+        size = parent.Get_size()
+        self._sources = [int(r) for r in sources]
+        self._dests = [int(r) for r in destinations]
+        for r in self._sources + self._dests:
+            if not 0 <= r < size:
+                raise UnsupportedCall(f"Create_dist_graph_adjacent: rank {r} is not in 0..{size - 1}")
+        weighted = sourceweights is not None and sourceweights is not MPI.UNWEIGHTED
+        self._weights = ((list(sourceweights), list(destweights)) if weighted else None)
+        super().__init__(parent, slot)
+
+    def Get_topology(self) -> int:  # noqa: N802
+        return MPI.DIST_GRAPH
+
+    @property
+    def topology(self) -> int:
+        return MPI.DIST_GRAPH
+
+    def Get_dist_neighbors_count(self) -> tuple[int, int, bool]:  # noqa: N802
+        return len(self._sources), len(self._dests), self._weights is not None
+
+    def Get_dist_neighbors(self) -> tuple[list[int], list[int], Any]:  # noqa: N802
+        return list(self._sources), list(self._dests), self._weights
+
+    @property
+    def inedges(self) -> list[int]:
+        return list(self._sources)
+
+    @property
+    def outedges(self) -> list[int]:
+        return list(self._dests)
+
+    @property
+    def indegree(self) -> int:
+        return len(self._sources)
+
+    @property
+    def outdegree(self) -> int:
+        return len(self._dests)
+
+    # -- neighbour collectives over the lists, in list order ---------------------
+    def _exchange(self, sends: list[Any], recvs: list[Any]) -> None:
+        tag = _neighbour_tag()
+        reqs = [self.Irecv(buf, src, tag) for src, buf in zip(self._sources, recvs)]
+        reqs += [self.Isend(buf, dst, tag) for dst, buf in zip(self._dests, sends)]
+        self.Waitall(reqs)
+
+    def Neighbor_allgather(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        """Send ``sendbuf`` to every destination; block i of ``recvbuf`` from source i."""
+        blocks = _blocks(recvbuf, len(self._sources), "Neighbor_allgather")
+        self._exchange([sendbuf] * len(self._dests), blocks)
+
+    def Neighbor_alltoall(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        """Block j of ``sendbuf`` to destination j; block i of ``recvbuf`` from source i."""
+        self._exchange(_blocks(sendbuf, len(self._dests), "Neighbor_alltoall"),
+                       _blocks(recvbuf, len(self._sources), "Neighbor_alltoall"))
+
+    def neighbor_allgather(self, sendobj: Any) -> list[Any]:
+        tag = _neighbour_tag()
+        reqs = [self.irecv(source=src, tag=tag) for src in self._sources]
+        sreqs = [self.isend(sendobj, dst, tag) for dst in self._dests]
+        out = [r.wait() for r in reqs]
+        for r in sreqs:
+            r.wait()
+        return out
+
+    def neighbor_alltoall(self, sendobjs: Any) -> list[Any]:
+        sendobjs = list(sendobjs)
+        if len(sendobjs) != len(self._dests):
+            raise UnsupportedCall(f"neighbor_alltoall: {len(sendobjs)} objects for "
+                                  f"{len(self._dests)} destinations")
+        tag = _neighbour_tag()
+        reqs = [self.irecv(source=src, tag=tag) for src in self._sources]
+        sreqs = [self.isend(obj, dst, tag) for dst, obj in zip(self._dests, sendobjs)]
+        out = [r.wait() for r in reqs]
+        for r in sreqs:
+            r.wait()
+        return out
+
+
+def _blocks(buf: Any, n: int, call: str) -> list[Any]:
+    import numpy as np
+
+    arr = buf[0] if isinstance(buf, (list, tuple)) else buf
+    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
+        raise UnsupportedCall(f"{call}: buffers must be contiguous numpy arrays")
+    if n == 0:
+        return []
+    flat = arr.reshape(-1)
+    if flat.size % n:
+        raise UnsupportedCall(f"{call}: {flat.size} elements do not split into {n} blocks")
+    return list(flat.reshape(n, -1))
+
+
+def _neighbour_tag() -> int:
+    """Neighbour collectives use the tag below the reserved TAG_UB (on the
+    derived communicator's own context, which nothing else uses)."""
+    from ulfmpy._comm_coll import _reserved_tag
+
+    return _reserved_tag(None) - 1

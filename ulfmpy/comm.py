@@ -82,7 +82,7 @@ _LOCAL = frozenset({
 # since an app using one would run unprotected without a word.
 _MAKES_COMM = frozenset({
     "Split", "Split_type", "Create", "Create_group", "Create_graph", "Create_dist_graph",
-    "Create_dist_graph_adjacent", "Create_intercomm", "Idup", "Dup_with_info", "Idup_with_info",
+    "Create_intercomm", "Idup", "Dup_with_info", "Idup_with_info",
     "Create_from_group", "Spawn", "Spawn_multiple", "Accept", "Connect",
 })
 
@@ -259,26 +259,42 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
     waiting_spare = False  # the runtime sets it on a spare's communicator
 
     def open_contexts(self, replay: MPI.Comm | None) -> None:
-        """Open the pools of contexts for derived communicators over the
-        current communicator and ``replay``, and hand every derived one its
-        new pair. Collective over the compute ranks (at the start, before the
-        factory, and after every repair)."""
-        live = [self._comm.Dup() for _ in range(self.POOL)]
-        rep = [replay.Dup() for _ in range(self.POOL)] if replay is not None else []
-        for c in live + rep:
-            c.Set_errhandler(MPI.ERRORS_RETURN)
+        """Where derived communicators get their contexts: duplicates of the
+        current communicator and of ``replay``. Collective over the compute
+        ranks (at the start and after every repair, before any app code).
+
+        The pools are made when the first one is derived (a collective point
+        of the app's own set-up), so an app that derives none pays nothing.
+        After a repair every process (survivors and replacements alike)
+        agrees whether the app had them, and if so they are made again now
+        and every derived communicator gets its new pair."""
         old = self._pools
-        self._pools = (live, rep)
-        for child in self._children:
-            child._attach()
+        self._replay_base = replay
+        self._pools = ([], [])
+        had = bool(self._comm.allreduce(bool(old[0]), op=MPI.LOR)) if self._size > 1 \
+            else bool(old[0])
+        if had:
+            self._make_pools()
+            for child in self._children:
+                child._attach()
         for c in old[0] + old[1]:
             try:
                 c.Free()
             except MPI.Exception:
                 pass  # a context of a broken communicator: nothing to free
 
+    def _make_pools(self) -> None:
+        """Collective over the compute ranks."""
+        live = [self._comm.Dup() for _ in range(self.POOL)]
+        base = getattr(self, "_replay_base", None)
+        rep = [base.Dup() for _ in range(self.POOL)] if base is not None else []
+        for c in live + rep:
+            c.Set_errhandler(MPI.ERRORS_RETURN)
+        self._pools = (live, rep)
+
     def _slot(self, call: str) -> int:
-        """The next free context, for a derived communicator. Local."""
+        """The next free context, for a derived communicator. Local, except
+        the first time: then collective (the app's set-up, on every rank)."""
         if self.mode != "off":
             raise UnsupportedCall(f"Comm.{call} inside a segment: make derived communicators "
                                   "in the factory, before the loop")
@@ -292,8 +308,10 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
                     f"Comm.{call} on a waiting spare: the inline loop (ulfmpy.range) cannot use "
                     "--spares, since a spare would run the set-up code; put the set-up in a "
                     "factory for rt.loop(factory, steps), or leave out --spares")
-            raise UnsupportedCall(f"Comm.{call}: derived communicators need the runtime's "
-                                  "contexts (make them inside the with block)")
+            if not hasattr(self, "_replay_base"):
+                raise UnsupportedCall(f"Comm.{call}: derived communicators need the runtime's "
+                                      "contexts (make them inside the with block)")
+            self._make_pools()
         return j
 
     def close(self) -> None:
@@ -323,6 +341,16 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         from ulfmpy._comm_derived import CartComm
 
         return CartComm(self, self._slot("Create_cart"), dims, periods)
+
+    def Create_dist_graph_adjacent(self, sources: Any, destinations: Any,  # noqa: N802
+                                   sourceweights: Any = None, destweights: Any = None,
+                                   info: Any = None, reorder: bool = False) -> Any:
+        """A distributed-graph communicator over the same ranks, protected; its
+        neighbour collectives are logged point-to-point messages. Local."""
+        from ulfmpy._comm_derived import DistGraphComm
+
+        return DistGraphComm(self, self._slot("Create_dist_graph_adjacent"), sources,
+                             destinations, sourceweights, destweights)
 
     def Dup(self) -> Any:  # noqa: N802
         """A duplicate over the same ranks, protected. Local (see Create_cart)."""

@@ -345,3 +345,42 @@ def test_a_voided_lowercase_receive_stands_in_the_last_object(rc):
     c.void_on_failure, c.failure = False, None
     c.end_segment()
     all_true(MPI.COMM_WORLD, ok)
+
+
+def test_dist_graph_neighbour_collectives_equal_mpis_and_replay(rc):
+    """Create_dist_graph_adjacent gives a protected communicator whose
+    neighbour collectives answer as MPI's own do, logged: replayed alone
+    from the log they give the same result."""
+    c, replay = rc
+    c.open_contexts(replay)
+    rank, size = c.Get_rank(), c.Get_size()
+    srcs, dsts = [(rank - 1) % size, (rank + 2) % size], [(rank + 1) % size, (rank - 2) % size]
+    mine = c.Create_dist_graph_adjacent(srcs, dsts)
+    ref = c.mpi_comm.Create_dist_graph_adjacent(srcs, dsts, reorder=False)
+    ok = mine.Get_dist_neighbors()[:2] == ref.Get_dist_neighbors()[:2]
+    send = np.arange(4.0) + 10 * rank
+    want_a2a, want_ag = np.zeros(4), np.zeros(8)
+    ref.Neighbor_alltoall(send, want_a2a)
+    ref.Neighbor_allgather(send, want_ag)
+
+    def calls():
+        a2a, ag = np.zeros(4), np.zeros(8)
+        mine.Neighbor_alltoall(send, a2a)
+        mine.Neighbor_allgather(send, ag)
+        objs = mine.neighbor_alltoall([("to", d, rank) for d in dsts])
+        return a2a, ag, objs
+
+    c.begin_segment()
+    a2a, ag, objs = calls()
+    ok &= np.array_equal(a2a, want_a2a) and np.array_equal(ag, want_ag)
+    ok &= objs == [("to", rank, s) for s in srcs]
+    got = []
+    out = replay_alone(c, replay, 1, lambda: got.append(calls()))
+    if out is not None:
+        r = got[0]
+        ok &= np.array_equal(r[0], a2a) and np.array_equal(r[1], ag) and r[2] == objs
+        ok &= not out.diverged and out.contaminated == set()
+    c.end_segment()
+    ref.Free()
+    c.drop_children()
+    all_true(MPI.COMM_WORLD, ok)
