@@ -239,10 +239,11 @@ class _Collectives:
 def _contribution(buf: Any, call: str) -> Any:
     """What a rank puts into a collective: the datatype's elements, or for a
     vector spec ``[array, counts, displs, datatype]`` the whole array."""
-    if isinstance(buf, (list, tuple)) and any(
-            isinstance(m, (list, tuple, np.ndarray)) and not isinstance(m, tuple) or
-            (isinstance(m, tuple) and any(not isinstance(x, (int, np.integer)) for x in m))
-            for m in buf[1:-1]):
+    def vector(m: Any) -> bool:  # per-rank counts or displacements, not one count
+        return isinstance(m, (list, np.ndarray)) or (
+            isinstance(m, tuple) and not all(isinstance(x, (int, np.integer)) for x in m))
+
+    if isinstance(buf, (list, tuple)) and any(vector(m) for m in buf[1:-1]):
         return _array(buf, call)
     return _payload(buf, call)
 

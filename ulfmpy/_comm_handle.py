@@ -20,7 +20,8 @@ from typing import Any
 
 from mpi4py import MPI
 
-__all__ = ["set_handle", "install_guards"]
+__all__ = ["set_handle", "install_guards", "free_quietly", "shim_mpi", "unshim_mpi",
+           "genuine_world"]
 
 _OFFSET = object.__basicsize__  # PyObject_HEAD: mpi4py's ob_mpi comes next
 
@@ -38,6 +39,17 @@ def set_handle(obj: MPI.Comm, comm: MPI.Comm) -> None:
     field.value = comm.handle
     if obj.handle != comm.handle:  # pragma: no cover - the check above holds
         raise RuntimeError("ulfmpy: could not point rt.comm at the repaired communicator")
+
+
+def free_quietly(comms: Any) -> None:
+    """Free each communicator (None skipped); one that is already broken
+    (a dead peer, revoked) has nothing left to free. Local."""
+    for c in comms:
+        if c is not None:
+            try:
+                c.Free()
+            except MPI.Exception:
+                pass
 
 
 def install_guards(cls: type, guard: Any, keep: frozenset[str]) -> None:

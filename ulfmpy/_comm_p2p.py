@@ -236,10 +236,11 @@ class _PointToPoint:
             return self._off_request("Irecv", self._comm.Irecv, buf, source, tag)
         if source == _ANY_SOURCE:
             self._no_any_source("Irecv")
-        spec = None
-        if type(buf) is not _ndarray:
-            _check_buffer(buf, "Irecv")  # the buffer's rules, before anything is posted
-            spec = _layout(buf, "Irecv")
+        # The buffer's rules, checked before anything is posted (_payload
+        # refuses what is neither an array nor [array, ...]).
+        spec = None if type(buf) is _ndarray else _layout(buf, "Irecv")
+        if spec is None and type(buf) is not _ndarray:
+            _payload(buf, "Irecv")
         if self.mode == "live":
             req = self._guard("Irecv", self._comm.Irecv, buf, source, tag)
             # The sequence number is the posting order, whatever order they

@@ -45,7 +45,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ulfmpy._comm_coll import _Collectives
-from ulfmpy._comm_handle import install_guards, set_handle
+from ulfmpy._comm_handle import free_quietly, install_guards, set_handle
 from ulfmpy._comm_p2p import _ANY_SOURCE, _ANY_TAG, _PROC_NULL, _PointToPoint  # noqa: F401
 from ulfmpy._comm_request import Request
 from ulfmpy.errors import (CommRevoked, ProcessFailure, UnsupportedCall, UlfmpyError,
@@ -277,11 +277,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
             self._make_pools()
             for child in self._children:
                 child._attach()
-        for c in old[0] + old[1]:
-            try:
-                c.Free()
-            except MPI.Exception:
-                pass  # a context of a broken communicator: nothing to free
+        free_quietly(old[0] + old[1])
 
     def _make_pools(self) -> None:
         """Collective over the compute ranks."""
@@ -316,11 +312,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
     def close(self) -> None:
         """Free the contexts of derived communicators (before MPI_Finalize). Local."""
-        for c in self._pools[0] + self._pools[1]:
-            try:
-                c.Free()
-            except MPI.Exception:
-                pass
+        free_quietly(self._pools[0] + self._pools[1])
         self._pools = ([], [])
 
     def drop_children(self) -> None:

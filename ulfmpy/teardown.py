@@ -22,6 +22,8 @@ from typing import Any
 
 from mpi4py import MPI
 
+from ulfmpy._comm_handle import free_quietly
+
 from ulfmpy.errors import (EXIT_RELAUNCH, EXIT_UNRECOVERABLE, FaultSignal, RecoveryFailed)
 from ulfmpy.events import write_json_atomic
 from ulfmpy.state import fingerprint
@@ -342,12 +344,7 @@ def leave(me: Any, events: Any, *, failed: bool) -> None:
     # disconnects every communicator it shares with the dead (Open MPI 5
     # was seen to segfault sending to one), so the caller frees it then
     # (free_at_exit).
-    for c in (me.replay, me.world):
-        if c is not None:
-            try:
-                c.Free()
-            except MPI.Exception:
-                pass
+    free_quietly((me.replay, me.world))
 
 
 def free_at_exit(comms: Any, resilient: Any = None) -> None:
@@ -357,27 +354,20 @@ def free_at_exit(comms: Any, resilient: Any = None) -> None:
         return
     if resilient is not None:
         resilient.close()
-    for c in comms:
-        if c is not None:
-            try:
-                c.Free()
-            except MPI.Exception:
-                pass
+    free_quietly(comms)
 
 
 def end_idle_spare() -> None:
     """An idle spare ends its process where the loop ended: the app's code
     after the loop (and after the ``with`` block) is for compute ranks only.
     Finalizes unless it lived through a failure (:func:`guard_finalize`). Local."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if not _FINALIZE_SKIPPED and not MPI.Is_finalized():
-        MPI.Finalize()
     from ulfmpy.respawn import stop_zygote
 
     stop_zygote()
     sys.stdout.flush()
     sys.stderr.flush()
+    if not _FINALIZE_SKIPPED and not MPI.Is_finalized():
+        MPI.Finalize()
     os._exit(0)
 
 
