@@ -60,7 +60,8 @@ class DerivedComm(ResilientComm):
         self._root = root
         self._index = slot
         self._replay_comm = None
-        self.log = MessageLog()
+        ff = root._ff_logs  # a replacement's set-up: the rank it replaces got these
+        self.log = ff[slot + 1] if ff is not None and slot + 1 < len(ff) else MessageLog()
         self._ctr = _Counters()
         self._have_originals = False
         self._resent = {}
@@ -82,6 +83,11 @@ class DerivedComm(ResilientComm):
     def _attach(self) -> None:
         """Take this slot's context from the root's current pool. Local."""
         root = self._root
+        if not root._pools[0]:  # fast-forward: the repair's open_contexts attaches it
+            self._comm = root._ff_self
+            set_handle(self, self._comm)
+            self._rank, self._size = root._rank, root._size
+            return
         self._comm = root._pools[0][self._index]
         set_handle(self, self._comm)
         self._rank, self._size = root._rank, root._size

@@ -48,8 +48,8 @@ from ulfmpy._comm_coll import _Collectives
 from ulfmpy._comm_handle import free_quietly, install_guards, set_handle
 from ulfmpy._comm_p2p import _ANY_SOURCE, _ANY_TAG, _PROC_NULL, _PointToPoint  # noqa: F401
 from ulfmpy._comm_request import Request
-from ulfmpy.errors import (CommRevoked, ProcessFailure, UnsupportedCall, UlfmpyError,
-                           translate_mpi_error)
+from ulfmpy.errors import (CommRevoked, ProcessFailure, RecoveryFailed, UnsupportedCall,
+                           UlfmpyError, translate_mpi_error)
 from ulfmpy.msglog import (_Channel, _Counters, _array, _digest, _pickle, _put,  # noqa: F401
                            _same, MessageLog)
 
@@ -142,6 +142,15 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         # replacement building its app gets the survivors' slots in order.
         self._children: list[Any] = []
         self._pools: tuple[list[MPI.Comm], list[MPI.Comm]] = ([], [])
+        # The inline loop's set-up code (ulfmpy/setup_log.py): logged on the
+        # first run, answered from that log on a replacement.
+        self._recording = False
+        self.setup_unlogged: list[str] = []
+        self._ff_logs: list[MessageLog] | None = None
+        self._ff_self: MPI.Comm | None = None
+
+    def _root_flag(self, name: str) -> Any:
+        return getattr(getattr(self, "_root", self), name)
 
     def _settle(self) -> None:
         """Log the receives of requests mpi4py completed behind our back. Local."""
@@ -188,12 +197,14 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if self.mode != "off":
+            if self.mode != "off" and not self._root_flag("_recording"):
                 raise UnsupportedCall(
                     f"Comm.{name} cannot be logged for local rollback and is not allowed "
                     "inside a segment; the README's rules list the calls that are (point "
                     "to point, the collectives, their lowercase forms), or call it outside "
                     "rt.loop")
+            if self.mode != "off":  # the set-up code: not logged, so no fast-forward
+                self._root_flag("setup_unlogged").append(name)
             return self._guard(name, attr, *args, **kwargs)
 
         return call
@@ -236,6 +247,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
     def reset(self, comm: MPI.Comm) -> None:
         """Continue on a repaired communicator (after a failure). Local."""
+        self._recording, self._ff_logs = False, None
         set_handle(self, comm)
         self._comm = comm
         self._rank = comm.Get_rank()
@@ -248,6 +260,9 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
             c._ctr = _Counters()
             c._pending = []
             c._forget_originals()
+        if self._ff_self is not None:
+            free_quietly([self._ff_self])
+            self._ff_self = None
 
     def check_failure(self) -> None:
         """Raise the failure a voided call recorded, if any. Local."""
@@ -291,13 +306,15 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
     def _slot(self, call: str) -> int:
         """The next free context, for a derived communicator. Local, except
         the first time: then collective (the app's set-up, on every rank)."""
-        if self.mode != "off":
+        if self.mode != "off" and not (self._recording or self._ff_logs is not None):
             raise UnsupportedCall(f"Comm.{call} inside a segment: make derived communicators "
                                   "in the factory, before the loop")
         j = len(self._children)
         if j >= self.POOL:
             raise UnsupportedCall(f"Comm.{call}: at most {self.POOL} derived communicators are "
                                   "protected; reuse the ones the factory made")
+        if self._ff_logs is not None:
+            return j  # a replacement's set-up: the repair's open_contexts attaches it
         if not self._pools[0]:
             if self.waiting_spare:
                 raise UnsupportedCall(
@@ -351,6 +368,61 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         return DerivedComm(self, self._slot("Dup"))
 
     Clone = Dup
+
+    # -- the set-up log (ulfmpy/setup_log.py) ------------------------------
+    def begin_setup(self) -> None:
+        """Log the calls of the code between the runtime's start and the loop
+        like a segment's, and let the ones that cannot be logged through
+        (noted in ``setup_unlogged``). Local."""
+        self.begin_segment()
+        self._recording = True
+        self.setup_unlogged = []
+
+    def end_setup(self) -> list[dict[str, Any]] | None:
+        """Stop logging the set-up; its logs (one per communicator of the
+        family, in slot order), or None when it was not being logged. Local."""
+        if not self._recording:
+            return None
+        from ulfmpy.setup_log import snapshot
+
+        for c in self._family():
+            if c._pending:
+                c._settle()
+        logs = [snapshot(c.log) for c in self._family()]
+        self._recording = False
+        self.end_segment()
+        return logs
+
+    def begin_fast_forward(self, logs: list[dict[str, Any]]) -> None:
+        """A replacement runs the set-up code: every receive and collective is
+        answered from ``logs`` (what the rank it replaces got), nothing is
+        sent, and a call the log does not hold is a divergence. The handle
+        is a communicator of this process alone meanwhile, so code that uses
+        it directly (``MPI.File.Open``) cannot wait for the survivors. Local."""
+        from ulfmpy.setup_log import rebuild
+
+        self._ff_logs = [rebuild(d) for d in logs]
+        self._ff_self = MPI.COMM_SELF.Dup()
+        set_handle(self, self._ff_self)
+        self.log = self._ff_logs[0]
+        self._ctr = _Counters()
+        self.mode = "replay"
+        self._S, self._all_in_S = frozenset(), False
+        self.outcome = ReplayOutcome()
+
+    def end_fast_forward(self) -> None:
+        """Raise if the set-up code did not repeat the logged calls. Local."""
+        if self._ff_logs is None:
+            return
+        for c in self._family():
+            if c._pending:
+                c._settle()
+        if self.outcome.diverged is not None:
+            raise RecoveryFailed(
+                "a replacement ran the set-up code before the loop and it made a call the first "
+                f"run did not ({self.outcome.diverged}): the set-up must do the same on every "
+                "run (no clocks, no random seeds of its own); the job is relaunched instead")
+        self.mode = "off"
 
     # -- segment modes (driven by the runtime) ----------------------------
     def begin_segment(self, steps: int = 0) -> None:

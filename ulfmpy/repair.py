@@ -60,7 +60,7 @@ def _respawn_policy(world: MPI.Comm, plan: Any, ctx: "Repairer", timer: PhaseTim
         merged, plan, times = _respawn.spawn_replacements(
             world, plan, target=target, respawns=respawns + 1, zygote_name=ctx.zygote_name,
             run_dir=ctx.run_dir, config=ctx.config, virtual=ctx.virtual,
-            halt_times=ctx.halt_times)
+            halt_times=ctx.halt_times, setup_log=ctx.setup_log)
     ctx.events.log("respawn_timing", **times)
     return merged, plan, respawns + 1
 
@@ -98,6 +98,9 @@ class Repairer:
         self.halt_times = halt_times
         self.ft, self.zygote_name = ft, zygote_name
         self.node, self.virtual = node, virtual
+        # The inline loop kept its set-up logs: replacements fast-forward
+        # through the set-up code (ulfmpy/setup_log.py).
+        self.setup_log = False
         self.recoveries: list[dict[str, Any]] = []
 
     def recover(self, me: Any, exc: BaseException, *, step: int, comm: Any,

@@ -32,12 +32,14 @@ _ZYGOTE: dict[str, Any] = {"job": None, "name": None, "proc": None, "atexit": Fa
 def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respawns: int,
                        zygote_name: str | None, run_dir: str,
                        config: Any, virtual: bool = False,
-                       halt_times: Any = (None, None)) -> tuple[MPI.Comm, Any, dict[str, float]]:
+                       halt_times: Any = (None, None),
+                       setup_log: bool = False) -> tuple[MPI.Comm, Any, dict[str, float]]:
     """Spawn replacements for the dead ranks and merge them in.
 
     Collective over the live processes of ``world``. Returns the merged
     world, the plan completed with the replacements' uids, and the spawn
-    and merge times. The old ``world`` is freed.
+    and merge times. The old ``world`` is freed. ``setup_log`` tells the
+    replacements to fast-forward through the inline loop's set-up code.
     """
     from ulfmpy import zygote
 
@@ -59,7 +61,7 @@ def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respaw
     info = {"new_uids": new_uids, "assign": assign, "size": plan.size, "target": target,
             "run_dir": run_dir, "config": config.as_dict(), "respawns": respawns,
             "zygote": zygote_name, "layout": list(plan.layout), "virtual": virtual,
-            "halt": list(halt_times)}
+            "halt": list(halt_times), "setup": setup_log}
     merged.bcast(info if merged.Get_rank() == 0 else None, root=0)
     inter.Disconnect()
     try:

@@ -25,6 +25,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ulfmpy import recovery as _rec
+from ulfmpy import setup_log as _setup_log
 from ulfmpy import respawn as _respawn
 from ulfmpy import teardown as _td
 from ulfmpy.checkpoints import Checkpoints, RestoreContext
@@ -32,7 +33,8 @@ from ulfmpy._comm_handle import shim_mpi, unshim_mpi
 from ulfmpy.comm import PlainComm, Request, ResilientComm
 from ulfmpy.config import Config
 from ulfmpy.detect import get_detector
-from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure, SpareIdle
+from ulfmpy.errors import (ConfigError, GlobalRollback, ProcessFailure, RecoveryFailed,
+                           SpareIdle)
 from ulfmpy.events import EventLog
 from ulfmpy.faults import hooks_for
 from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_world,
@@ -44,6 +46,7 @@ from ulfmpy.nodes import virtual_node
 from ulfmpy.progress import Reporter
 from ulfmpy.boundary import Boundaries, make_planner
 from ulfmpy.repair import Repairer
+from ulfmpy.segment import Snapshot
 from ulfmpy.segments import SegmentRunner, SegmentTiming
 from ulfmpy.spares import wait_as_spare
 from ulfmpy.state import state_nbytes
@@ -124,6 +127,7 @@ class Runtime:
         self._node: str | None = None  # set on entry (a replacement computes its own)
         self._virtual = False
         self._saw_failure = False
+        self._initial: Any = None  # the inline loop's start, until a checkpoint commits
 
     rank = property(lambda self: self.me.rank, doc="The logical rank (-1 on a spare).")
     is_spare, role = property(lambda self: self.me.is_spare), property(lambda self: self.me.role)
@@ -150,6 +154,9 @@ class Runtime:
             # runs: the inline loop's set-up code, or the factory, may make some.
             self.me = with_replay(self.me)
             self.comm.open_contexts(self.me.replay)
+            # What the set-up code receives is logged until the loop starts: a
+            # replacement of the inline loop runs that code again from it.
+            self.comm.begin_setup()
         return self
 
     def _enter_respawned(self) -> "Runtime":
@@ -162,6 +169,10 @@ class Runtime:
         self._halt_times = tuple(self._join.get("halt") or (None, None))
         self.events = EventLog(self.run_dir, me.uid)
         self._setup(me, self._join.get("zygote"))
+        if self._join.get("setup") and self.config.resilience:
+            # The inline loop: the program's set-up code runs again here,
+            # answered from what the rank it replaces received (setup_log.py).
+            self.comm.begin_fast_forward(_setup_log.load(self.run_dir, me.logical))
         return self
 
     def _setup(self, me: Identity, zygote: str | None) -> None:
@@ -292,6 +303,8 @@ class Runtime:
         self._factory, self._steps, self._step0 = factory, steps, start
         if self._join is None:
             self._check_loop(steps, start)
+            if isinstance(self.comm, ResilientComm):
+                self.comm.end_setup()  # the factory form rebuilds; nothing to keep
         if not self.config.resilience:
             self.work = self._build()
             step = self.ckpts.resume(self.comm, self.work.state, start)
@@ -318,6 +331,8 @@ class Runtime:
                 sync_state(self.work)  # a save and the summary read the arrays named now
                 end = self.bounds.apply(agreed, self.me, self.comm.mpi_comm, self.work.state,
                                         self._hosts)
+                if self._initial is not None and self.ckpts.last_committed_step() is not None:
+                    self._initial = None  # a checkpoint is the state to go back to now
                 self._progress(step)
                 if agreed.halt and step < steps:
                     self._halt(step)
@@ -343,12 +358,15 @@ class Runtime:
 
         Collective over the runtime's communicator. ``state`` is called at
         every boundary, so it names the loop's arrays as they are then
-        (swaps included); everything else follows ``rt.loop``. Hard failures
-        are recovered by a relaunch only: a replacement process would have
-        to run the program's own set-up code, which only the factory form
-        gives it. So a dead rank ends the job (exit 75) and ``ulfmpy run
-        --max-restarts K`` or a Slurm requeue resumes it from the last
-        checkpoint; ``rt.loop(factory, steps)`` also recovers inside the job.
+        (swaps included); everything else follows ``rt.loop``. A dead rank
+        is replaced in the job (``respawn``) from the last committed
+        checkpoint: the replacement runs the program's own set-up code with
+        its calls answered from what the dead rank received the first time
+        (fast-forward, ``ulfmpy/setup_log.py``). A change of rank count
+        (``shrink``) and ``--spares`` need the factory form; a failure
+        before the first checkpoint, or a set-up that made calls ulfmpy
+        cannot log, ends the job for a relaunch (exit 75, ``ulfmpy run
+        --max-restarts K`` or a Slurm requeue).
         """
         if stop is None:
             start, stop = 0, start
@@ -359,14 +377,41 @@ class Runtime:
             raise ConfigError("the inline loop (rt.range / ulfmpy.range) cannot use --spares: a "
                               "spare would need the app, which only a factory builds; use "
                               "rt.loop(factory, steps) or leave out --spares")
-        if self.config.resilience and self.config.recovery:
-            self.events.log("inline_loop", recovery_was=list(self.config.recovery),
-                            recovery="relaunch")
-            object.__setattr__(self.config, "recovery", ())  # every rank alike
+        if self.config.resilience and self._join is None:
+            self._keep_setup(self.comm.end_setup())
         app = _InlineApp(state)
         self._inline = True  # the set-up code's derived communicators stay
         for step, _ in self.loop(lambda comm: app, steps=stop, start=start):
             yield step
+
+    def _keep_setup(self, logs: list[dict[str, Any]] | None) -> None:
+        """The inline loop starts: keep the set-up logs for replacements, or
+        say why a dead rank will end the job instead. Collective over the
+        compute ranks; every rank ends with the same recovery policies."""
+        cfg = self.config
+        was = tuple(cfg.recovery)
+        problems = sorted(set(self.comm.setup_unlogged))
+        nbytes = 0
+        if was and self.ft and logs is not None and not problems:
+            try:
+                nbytes = _setup_log.save(self.run_dir, self.me.logical, logs)
+            except OSError as exc:
+                problems = [f"the set-up log could not be written ({exc})"]
+        problems = sorted({p for ps in self.comm.mpi_comm.allgather(problems) for p in ps})
+        if not was:
+            return
+        if problems or not self.ft:
+            recovery, why = (), (f"the set-up code made calls that are not logged: "
+                                 f"{', '.join(problems)}" if problems else "no ULFM")
+        else:
+            recovery = tuple(p for p in was if p != "shrink")
+            why = "shrink changes the rank count, which needs the factory form" \
+                if recovery != was else None
+            self.repairer.setup_log = True
+        object.__setattr__(cfg, "recovery", recovery)  # every rank alike
+        self.events.log("inline_loop", recovery_was=list(was),
+                        recovery=list(recovery) or "relaunch", setup_log_bytes=nbytes,
+                        reason=why)
 
     def _check_loop(self, steps: int, start: int) -> None:
         """Refuse a loop or a fault that cannot work, once, before any step. Every
@@ -384,6 +429,7 @@ class Runtime:
     def _begin(self, start: int) -> int | None:
         """Where this process's loop starts: fresh or resumed, as a replacement, or a spare."""
         if self._join is not None:
+            self.comm.end_fast_forward()
             step = self._restore(with_replay(self.me), None, self._join["target"], None)
             self.events.log("recovery", policy="respawn", role="recovered", resumed_step=step,
                             uid=self.me.uid, logical=self.me.logical, restored_at=time.time(),
@@ -395,6 +441,11 @@ class Runtime:
             return step
         self.work = self._build()
         step = self.ckpts.resume(self.comm.mpi_comm, self.work.state, start)
+        if self._inline and self.config.recovery and self.ckpts.last_committed_step() is None:
+            # Until a checkpoint commits, the only state the inline loop can
+            # return to after a dead rank is its start: keep a copy of it.
+            self._initial = Snapshot(self.work.state)
+            self._initial.take(step)
         self.ckpts.open(self.comm.mpi_comm, self.work.state, wait=True)
         self._hosts = self.comm.mpi_comm.allgather(self._host)
         self._make_planner()
@@ -449,6 +500,11 @@ class Runtime:
     def _restore(self, me: Identity, plan: Any, target: int | None,
                  old_logical: int | None) -> int:
         """Application recovery on the repaired communicator. Collective."""
+        survivor = self._join is None and self.work is not None
+        if self._inline and target is None and survivor and self._initial is None:
+            raise RecoveryFailed(
+                "the inline loop (ulfmpy.range) lost a rank before it had a state to go back "
+                "to; the job is relaunched (ulfmpy run --max-restarts K)")
         self.me = me
         self.comm.reset(me.compute)
         self.comm.open_contexts(me.replay)
@@ -456,6 +512,11 @@ class Runtime:
         ctx = RestoreContext.after(plan, target, old_logical=old_logical, logical=me.logical)
         self.work, how = self.ckpts.restore_after_repair(self.comm.mpi_comm, me, ctx,
                                                          self._build, self.work)
+        if self._inline and target is None and survivor:
+            # No checkpoint yet: the inline loop's arrays go back to the loop's
+            # start (a replacement's are there already: it ran the set-up).
+            self._initial.restore(self.work.state)
+            how = "loop start"
         self._hosts = self.comm.mpi_comm.allgather(self._host)
         if self.planner is None:
             self._make_planner()

@@ -42,8 +42,9 @@ class Snapshot:
             np.copyto(buf, local_array(v))
         self.step = step
 
-    def restore(self) -> None:
-        for buf, v in zip(self._buffers, self._state.values()):
+    def restore(self, state: Mapping[str, StateValue] | None = None) -> None:
+        """Copy back into the arrays ``state`` (default: the one taken) names now."""
+        for buf, v in zip(self._buffers, (state or self._state).values()):
             np.copyto(local_array(v), buf)
 
 
