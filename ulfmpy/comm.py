@@ -271,7 +271,6 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
     # -- derived communicators (ulfmpy/_comm_derived.py) -------------------
     POOL = 4  # derived communicators an app may make
-    waiting_spare = False  # the runtime sets it on a spare's communicator
 
     def open_contexts(self, replay: MPI.Comm | None) -> None:
         """Where derived communicators get their contexts: duplicates of the
@@ -316,11 +315,6 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         if self._ff_logs is not None:
             return j  # a replacement's set-up: the repair's open_contexts attaches it
         if not self._pools[0]:
-            if self.waiting_spare:
-                raise UnsupportedCall(
-                    f"Comm.{call} on a waiting spare: the inline loop (ulfmpy.range) cannot use "
-                    "--spares, since a spare would run the set-up code; put the set-up in a "
-                    "factory for rt.loop(factory, steps), or leave out --spares")
             if not hasattr(self, "_replay_base"):
                 raise UnsupportedCall(f"Comm.{call}: derived communicators need the runtime's "
                                       "contexts (make them inside the with block)")

@@ -33,7 +33,6 @@ __all__ = [
     "RollbackSignal",
     "GlobalRollback",
     "StillSpare",
-    "SpareIdle",
     "translate_mpi_error",
     "EXIT_RELAUNCH",
     "EXIT_UNRECOVERABLE",
@@ -126,11 +125,6 @@ class GlobalRollback(FaultSignal):
     def __init__(self, first: int, reason: str) -> None:
         super().__init__(reason)
         self.first = first
-
-
-class SpareIdle(FaultSignal):
-    """The run ended and this spare was never needed: it leaves from inside
-    ``rt.loop``, so none of the app's code after the loop runs on it."""
 
 
 class StillSpare(FaultSignal):

@@ -200,11 +200,20 @@ class Repairer:
         with timer("agree"):
             # Who is alive, which checkpoint each holds, how many respawns
             # happened: the plan must be the same on every process.
+            # Compute ranks also say which policies the loop left (the inline
+            # loop drops shrink, or all) and whether replacements fast-forward:
+            # a spare learns both here.
+            told = (tuple(self.config.recovery), self.setup_log) if me.logical is not None \
+                else None
             mine = (_rec.Member(me.uid, me.logical, known_ckpt(), self.node, me.layout),
-                    me.respawns)
+                    me.respawns, told)
             members = sorted(translate(world.allgather, mine), key=lambda m: m[0].uid)
-            respawns = max(r for _, r in members)
-            live = [m for m, _ in members]
+            respawns = max(r for _, r, _ in members)
+            told = next((t for _, _, t in members if t is not None), None)
+            if told is not None:
+                object.__setattr__(self.config, "recovery", told[0])
+                self.setup_log = told[1]
+            live = [m for m, _, _ in members]
             plan = _rec.plan_repair(live, size=me.size, policies=self.config.recovery,
                                     spawn_ok=True)
             # A real agreement: the allgather may have completed on some

@@ -33,8 +33,7 @@ from ulfmpy._comm_handle import shim_mpi, unshim_mpi
 from ulfmpy.comm import PlainComm, Request, ResilientComm
 from ulfmpy.config import Config
 from ulfmpy.detect import get_detector
-from ulfmpy.errors import (ConfigError, GlobalRollback, ProcessFailure, RecoveryFailed,
-                           SpareIdle)
+from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure, RecoveryFailed
 from ulfmpy.events import EventLog
 from ulfmpy.faults import hooks_for
 from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_world,
@@ -128,6 +127,7 @@ class Runtime:
         self._virtual = False
         self._saw_failure = False
         self._initial: Any = None  # the inline loop's start, until a checkpoint commits
+        self._deferred: tuple[Any, ...] | None = None  # a replacing spare's restore
 
     rank = property(lambda self: self.me.rank, doc="The logical rank (-1 on a spare).")
     is_spare, role = property(lambda self: self.me.is_spare), property(lambda self: self.me.role)
@@ -148,7 +148,9 @@ class Runtime:
                                        node=self._node if self._virtual else None)
         self._setup(initial_identity(world, self.size, nodes), zygote)
         if cfg.resilience and self.me.is_spare:
-            self.comm.waiting_spare = True
+            # A spare waits here, before any of the app's code: the inline
+            # loop's set-up code runs on compute ranks only.
+            self._wait_as_spare()
         elif cfg.resilience:
             # The contexts of derived communicators exist before any app code
             # runs: the inline loop's set-up code, or the factory, may make some.
@@ -158,6 +160,34 @@ class Runtime:
             # replacement of the inline loop runs that code again from it.
             self.comm.begin_setup()
         return self
+
+    def _wait_as_spare(self) -> None:
+        """Wait until the run ends (then end this process: an idle spare runs
+        none of the app's code) or this spare replaces a dead rank. The
+        replacement's restore waits for the loop (``_begin``): the factory,
+        or the inline loop's set-up code, must run first."""
+        me, step, saw = wait_as_spare(self.me, self.events, self.hooks, self._spare_repair)
+        self._saw_failure |= saw
+        if step is None:
+            self._leave_idle()
+        self.me = me
+        self.comm.reset(me.compute)  # the app's code before the loop sees its rank
+        if self.repairer.setup_log:
+            self.comm.begin_fast_forward(_setup_log.load(self.run_dir, me.logical))
+
+    def _leave_idle(self) -> None:
+        """A spare the run did not need ends here. Does not return."""
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if getattr(self, "_shimmed", False):
+            unshim_mpi()
+            self._shimmed = False
+        self.events.log("exit", error=None)
+        self.ckpts.close()
+        _td.leave(self.me, self.events, failed=bool(self._saw_failure or self.repairer.recoveries
+                                                       or self.me.role != _rec.Role.INITIAL))
+        _td.free_at_exit([self.me.compute], self.comm)
+        _td.end_idle_spare()
 
     def _enter_respawned(self) -> "Runtime":
         """A process spawned to replace a dead rank joins the job (respawn policy)."""
@@ -230,23 +260,20 @@ class Runtime:
         self.events.log("exit", error=None if exc is None else repr(exc))
         self.ckpts.close()
         me = self.me
-        idle = isinstance(exc, SpareIdle)
-        if idle:
-            exc = None
         if exc is not None:
             if self.ft:
                 _td.end_job(exc, uid=me.uid, run_dir=self.run_dir, events=self.events,
                             comms=(me.replay, me.compute, me.world))
             return
         saw = self._saw_failure or getattr(self.comm, "failure", None) is not None
-        _td.leave(me, self.events,
-                  failed=bool(self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw))
+        failed = bool(self.repairer.recoveries or me.role != _rec.Role.INITIAL or saw)
+        _td.leave(me, self.events, failed=failed)
         rc = self.comm if isinstance(self.comm, ResilientComm) else None
-        if idle:
-            _td.free_at_exit([me.compute], rc)
-            _td.end_idle_spare()
         # Registered after mpi4py's finalize: runs before it.
         atexit.register(_td.free_at_exit, [me.compute], rc)
+        if failed and self.ft:
+            # Runs first: nobody leaves while another still runs the code after the loop.
+            atexit.register(_td.agree_at_exit, me.compute)
 
     def _place(self, world: MPI.Comm) -> tuple[str, list[str]]:
         """This process's node and every world rank's (``--virtual-nodes``,
@@ -315,8 +342,6 @@ class Runtime:
             self._finish(steps)
             return
         first = self._begin(start)
-        if first is None:
-            raise SpareIdle()  # a spare the run did not need: Runtime.__exit__ ends it
         self.comm.void_on_failure = self.ft
         step, end = first, self._restart(first)
         self.events.log("segments", k=self.planner.k, auto=not self.config.segment_steps
@@ -373,12 +398,8 @@ class Runtime:
         if not callable(state):
             raise ConfigError("rt.range(..., state=...) takes a callable that returns the "
                               "state dict, e.g. state=lambda: {'u': u}")
-        if self.config.resilience and self.config.spares:
-            raise ConfigError("the inline loop (rt.range / ulfmpy.range) cannot use --spares: a "
-                              "spare would need the app, which only a factory builds; use "
-                              "rt.loop(factory, steps) or leave out --spares")
-        if self.config.resilience and self._join is None:
-            self._keep_setup(self.comm.end_setup())
+        if self.config.resilience and self._join is None and self._deferred is None:
+            self._keep_setup(self.comm.end_setup())  # not on a replacement: it fast-forwarded
         app = _InlineApp(state)
         self._inline = True  # the set-up code's derived communicators stay
         for step, _ in self.loop(lambda comm: app, steps=stop, start=start):
@@ -415,7 +436,8 @@ class Runtime:
 
     def _check_loop(self, steps: int, start: int) -> None:
         """Refuse a loop or a fault that cannot work, once, before any step. Every
-        process of the job is here with the same arguments, so all refuse alike."""
+        compute rank is here with the same arguments, so all refuse alike; the
+        spares (waiting in ``__enter__``) are released first."""
         problem = None
         if not isinstance(steps, (int, np.integer)) or steps < 0:
             problem = f"rt.loop(steps={steps!r}): steps must be a whole number >= 0"
@@ -423,8 +445,16 @@ class Runtime:
             problem = f"rt.loop(start={start!r}): start must be in 0..steps ({steps})"
         else:
             problem = cannot_fire(self.config.inject, int(steps))
-        if problem is not None:
-            _td.refuse_settings(self._user_comm, ConfigError(problem))
+        if problem is None:
+            return
+        comm = self._user_comm
+        if self.config.resilience:
+            comm = self.me.compute
+            if self.config.spares and self.me.logical == 0:
+                from ulfmpy.spares import release_spares
+
+                release_spares(self.me, self.events, ft=self.ft, failed=False)
+        _td.refuse_settings(comm, ConfigError(problem))
 
     def _begin(self, start: int) -> int | None:
         """Where this process's loop starts: fresh or resumed, as a replacement, or a spare."""
@@ -435,10 +465,10 @@ class Runtime:
                             uid=self.me.uid, logical=self.me.logical, restored_at=time.time(),
                             **self._join["joined"])
             return step
-        if self.me.is_spare:
-            me, step, saw = wait_as_spare(self.me, self.events, self.hooks, self._spare_repair)
-            self._saw_failure |= saw
-            return step
+        if self._deferred is not None:  # a spare that replaced a dead rank
+            self.comm.end_fast_forward()
+            args, self._deferred = self._deferred, None
+            return self._restore(*args)
         self.work = self._build()
         step = self.ckpts.resume(self.comm.mpi_comm, self.work.state, start)
         if self._inline and self.config.recovery and self.ckpts.last_committed_step() is None:
@@ -493,9 +523,12 @@ class Runtime:
         return resumed
 
     def _spare_repair(self, me: Identity) -> tuple[Identity, int]:
+        def later(me: Identity, plan: Any, target: int | None, old_logical: int | None) -> int:
+            self._deferred = (me, plan, target, old_logical)
+            return target if target is not None else 0
+
         return self.repairer.repair(me, t_detect=time.perf_counter(), step=0, cur_step=0,
-                                    known_ckpt=self.ckpts.last_committed_step,
-                                    restore=self._restore)
+                                    known_ckpt=self.ckpts.last_committed_step, restore=later)
 
     def _restore(self, me: Identity, plan: Any, target: int | None,
                  old_logical: int | None) -> int:
@@ -546,6 +579,10 @@ class Runtime:
             "recoveries": len(recoveries)}, final=final)
 
     def _finish(self, steps: int) -> None:
+        if isinstance(self.comm, ResilientComm):
+            # After the loop there is no next step to handle a failure at: a
+            # failing call must raise, never stand in (a wrong result, exit 0).
+            self.comm.void_on_failure = False
         comm = self.comm.mpi_comm if isinstance(self.comm, ResilientComm) else self.comm
         sync_state(self.work)  # the fingerprint of the arrays the state names at the end
         self.ckpts.save_final(comm, self.work.state, steps)

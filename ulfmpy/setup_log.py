@@ -1,5 +1,5 @@
 """The set-up log: what the inline loop's set-up code received, kept for a
-replacement's fast-forward (docs/internals.md, "Fast-forward").
+replacement's fast-forward (docs/architecture.md, "The inline loop").
 
 Between ``with ulfmpy.Runtime(...)`` and the first step of ``ulfmpy.range``
 each compute rank logs its calls on ``rt.comm`` (and the communicators

@@ -357,6 +357,25 @@ def free_at_exit(comms: Any, resilient: Any = None) -> None:
     free_quietly(comms)
 
 
+def agree_at_exit(compute: Any) -> None:
+    """Wait, at interpreter exit, until every compute rank is there. Collective
+    over the compute ranks (a fault-tolerant agreement: a rank that died
+    meanwhile does not hang it).
+
+    After a failure the processes leave without ``MPI_Finalize``
+    (:func:`guard_finalize`), which is no fence: a rank whose part of the
+    app's code after the loop was done (a non-root of ``gather``) left at
+    once, and ULFM then reported the root's ``gather`` as failed
+    (``MPI_ERR_PROC_FAILED``, seen on a respawned rank 0 about half the time).
+    """
+    if MPI.Is_finalized():
+        return
+    try:
+        compute.Agree(1)
+    except MPI.Exception:
+        pass
+
+
 def end_idle_spare() -> None:
     """An idle spare ends its process where the loop ended: the app's code
     after the loop (and after the ``with`` block) is for compute ranks only.

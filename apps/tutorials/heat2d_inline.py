@@ -89,5 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-    with ulfmpy.Runtime(MPI.COMM_WORLD):
-        main()
+    with ulfmpy.Runtime(MPI.COMM_WORLD): main()

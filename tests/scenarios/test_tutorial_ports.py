@@ -12,6 +12,7 @@ with ``ulfmpy run`` and no ulfmpy in it.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -47,6 +48,9 @@ CASES = [
     ("heat2d", ["--spares", "1", "--detect-every", "1", "--bounds", "u=0:1",
                 "--inject", "bitflip:rank=1,step=30,bit=62", "--inject", "kill:rank=2,step=60"]),
     ("heat2d", ["--recovery", "shrink", "--ckpt-every", "20", "--inject", "kill:rank=3,step=60"]),
+    # rank 0 respawned: it gathers and prints after the loop, while the
+    # survivors leave (they must wait for it: teardown.agree_at_exit)
+    ("heat2d", ["--recovery", "respawn", "--ckpt-every", "20", "--inject", "kill:rank=0,step=60"]),
     ("life", ["--recovery", "respawn", "--detect-every", "1", "--bounds", "board=0:1",
               "--inject", "bitflip:rank=1,step=30,bit=1", "--inject", "kill:rank=2,step=60"]),
     ("life", ["--recovery", "shrink", "--ckpt-every", "20", "--inject", "kill:rank=0,step=55"]),
@@ -57,7 +61,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,args", CASES,
-                         ids=["heat2d-defaults", "heat2d-spare", "heat2d-shrink",
+                         ids=["heat2d-defaults", "heat2d-spare", "heat2d-shrink", "heat2d-respawn-rank0",
                               "life-respawn", "life-shrink", "particles-spare"])
 def test_protected_port_is_exact(tmp_path, plain, name, args):
     require_ulfm()
@@ -109,18 +113,76 @@ def test_the_inline_loop_is_exact_under_flips(tmp_path, plain, args):
 
 
 def test_the_inline_loop_recovers_a_kill_by_relaunch(tmp_path, plain):
+    """shrink changes the rank count, which the inline loop cannot: a dead
+    rank ends the job for a relaunch, which resumes from the checkpoint."""
     require_ulfm()
     res = run_ulfmpy(["-n", "4", "--max-restarts", "1", "--ckpt-every", "20",
+                      "--recovery", "shrink",
                       "--inject", "kill:rank=1,step=60", INLINE, *STEPS], tmp_path / "run")
     assert res.returncode == 0, res
     assert "relaunch 1/1" in res.stderr
     assert checksum(res) == plain["heat2d"]
     start = res.summary["start_step"]
     assert 0 < start <= 60 and start % 20 == 0, start  # resumed from a checkpoint
+    assert any(e["recovery"] == "relaunch" for e in res.events("inline_loop"))
 
 
-def test_the_inline_loop_refuses_spares_with_a_message(tmp_path):
+SETUP_APP = str(TEST_APPS / "inline_setup.py")
+
+
+@pytest.fixture(scope="module")
+def setup_plain(tmp_path_factory):
+    res = run_ulfmpy(["-n", "4", "--no-resilience", SETUP_APP],
+                     tmp_path_factory.mktemp("inline-setup-plain"))
+    assert res.returncode == 0, res
+    return checksum(res)
+
+
+@pytest.mark.parametrize("args", [
+    ["--spares", "1", "--ckpt-every", "20", "--inject", "kill:rank=0,step=60"],
+    ["--recovery", "respawn", "--ckpt-every", "20", "--inject", "kill:rank=0,step=60"],
+    # the defaults: no checkpoint, so the ranks go back to the loop's start
+    ["--inject", "kill:rank=2,step=60"],
+], ids=["spare", "respawn", "defaults"])
+def test_the_inline_loop_replaces_a_dead_rank_by_fast_forward(tmp_path, setup_plain, args):
+    """A replacement runs the set-up code (bcast, Scatterv, allreduce,
+    Sendrecv, Create_cart) with every answer from the dead rank's set-up
+    log. Rank 0 rewrote its parameter file at step 30: had the replacement
+    of rank 0 used what it reads now, alpha would differ (another
+    checksum); had it broadcast live, nobody would answer."""
+    require_ulfm()
+    params = tmp_path / "params.json"
+    params.write_text("{}")
+    res = run_ulfmpy(["-n", "4", *args, SETUP_APP, "--params", str(params)], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert json.loads(params.read_text()) == {"alpha": 0.1}  # the file did change
+    assert checksum(res) == setup_plain
+    (rec,) = res.summary["recoveries"]
+    assert rec["policy"] == ("spares" if "--spares" in args else "respawn"), rec
+    assert (tmp_path / "run" / "setup" / "rank-0.pkl").exists()
+    kept = res.events("inline_loop")
+    assert kept and all("shrink" not in e["recovery"] for e in kept), kept
+
+
+def test_a_set_up_that_differs_on_the_replacement_ends_for_a_relaunch(tmp_path, setup_plain):
+    """The replacement's set-up makes a call the first run did not: it says
+    so, the job leaves for a relaunch (75) and the relaunch is exact."""
+    require_ulfm()
+    marker = tmp_path / "diverge"
+    res = run_ulfmpy(["-n", "4", "--recovery", "respawn", "--ckpt-every", "20",
+                      "--max-restarts", "1", "--inject", "kill:rank=0,step=60",
+                      SETUP_APP, "--diverge", str(marker)], tmp_path / "run")
+    assert "made a call the first run did not" in res.stderr, res
+    assert "relaunch 1/1" in res.stderr, res
+    assert res.returncode == 0, res
+    assert checksum(res) == setup_plain
+
+
+def test_the_inline_loop_with_spares_ends_them_before_the_set_up(tmp_path, plain):
+    """A spare waits inside Runtime.__enter__: it never runs the set-up code
+    or the code after the loop (the checksum is printed once)."""
     require_ulfm()
     res = run_ulfmpy(["-n", "4", "--spares", "1", INLINE, *STEPS], tmp_path / "run")
-    assert res.returncode == 76, res
-    assert "cannot use --spares" in res.stderr, res
+    assert res.returncode == 0, res
+    assert checksum(res) == plain["heat2d"]
+    assert res.events("spare_released"), res
