@@ -384,14 +384,15 @@ class Runtime:
         Collective over the runtime's communicator. ``state`` is called at
         every boundary, so it names the loop's arrays as they are then
         (swaps included); everything else follows ``rt.loop``. A dead rank
-        is replaced in the job (``respawn``) from the last committed
-        checkpoint: the replacement runs the program's own set-up code with
-        its calls answered from what the dead rank received the first time
-        (fast-forward, ``ulfmpy/setup_log.py``). A change of rank count
-        (``shrink``) and ``--spares`` need the factory form; a failure
-        before the first checkpoint, or a set-up that made calls ulfmpy
-        cannot log, ends the job for a relaunch (exit 75, ``ulfmpy run
-        --max-restarts K`` or a Slurm requeue).
+        is replaced in the job (``spares``, ``respawn``) from the last
+        committed checkpoint, or the loop's start before the first one: the
+        replacement runs the program's own set-up code with its calls
+        answered from what the dead rank received the first time
+        (fast-forward, docs/architecture.md, "The inline loop"). A change of
+        rank count (``shrink``) needs the factory form and is dropped; a
+        set-up that made calls ulfmpy cannot log, or that does something
+        else on the replacement, ends the job for a relaunch (exit 75,
+        ``ulfmpy run --max-restarts K`` or a Slurm requeue).
         """
         if stop is None:
             start, stop = 0, start
