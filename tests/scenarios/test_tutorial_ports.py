@@ -178,6 +178,18 @@ def test_a_set_up_that_differs_on_the_replacement_ends_for_a_relaunch(tmp_path, 
     assert checksum(res) == setup_plain
 
 
+def test_an_unlogged_set_up_call_turns_in_job_recovery_off(tmp_path, setup_plain):
+    require_ulfm()
+    res = run_ulfmpy(["-n", "4", "--recovery", "respawn", "--ckpt-every", "20",
+                      "--max-restarts", "1", "--inject", "kill:rank=1,step=60",
+                      SETUP_APP, "--unlogged"], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert "relaunch 1/1" in res.stderr, res
+    assert checksum(res) == setup_plain
+    first = [e for e in res.events("inline_loop") if e["rank"] == 0][0]
+    assert first["recovery"] == "relaunch" and "Ibarrier" in first["reason"], first
+
+
 def test_the_inline_loop_with_spares_ends_them_before_the_set_up(tmp_path, plain):
     """A spare waits inside Runtime.__enter__: it never runs the set-up code
     or the code after the loop (the checksum is printed once)."""

@@ -12,6 +12,7 @@ and take no part.
 broadcast live, would compute another result (or wait forever).
 ``--diverge FILE``: rank 0 creates FILE at step 30, and a set-up that finds
 it makes a call the first run did not (a message to itself).
+``--unlogged``: the set-up makes a call ulfmpy passes through unlogged.
 """
 
 import argparse
@@ -31,6 +32,7 @@ def main():
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--params", default=None)
     p.add_argument("--diverge", default=None)
+    p.add_argument("--unlogged", action="store_true")
     args = p.parse_args()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -41,6 +43,8 @@ def main():
             with open(args.params) as f:
                 params.update(json.load(f))
     params = comm.bcast(params, root=0)
+    if args.unlogged:
+        comm.Ibarrier().Wait()  # passed through, not logged: no fast-forward
     if rank == 0 and args.diverge and os.path.exists(args.diverge):
         comm.sendrecv("again", dest=rank, source=rank)
     n = args.n
