@@ -177,13 +177,7 @@ class Runtime:
 
     def _leave_idle(self) -> None:
         """A spare the run did not need ends here. Does not return."""
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
-        if getattr(self, "_shimmed", False):
-            unshim_mpi()
-            self._shimmed = False
-        self.events.log("exit", error=None)
-        self.ckpts.close()
+        self._close_block(None)
         _td.leave(self.me, self.events, failed=bool(self._saw_failure or self.repairer.recoveries
                                                        or self.me.role != _rec.Role.INITIAL))
         _td.free_at_exit([self.me.compute], self.comm)
@@ -251,7 +245,8 @@ class Runtime:
         for o in self._overrides:
             self.events.log("config_override", **o)
 
-    def __exit__(self, etype: Any, exc: Any, tb: Any) -> None:
+    def _close_block(self, exc: Any) -> None:
+        """What leaving the with block undoes, on every process. Local."""
         if self in _ACTIVE:
             _ACTIVE.remove(self)
         if getattr(self, "_shimmed", False):
@@ -259,6 +254,9 @@ class Runtime:
             self._shimmed = False
         self.events.log("exit", error=None if exc is None else repr(exc))
         self.ckpts.close()
+
+    def __exit__(self, etype: Any, exc: Any, tb: Any) -> None:
+        self._close_block(exc)
         me = self.me
         if exc is not None:
             if self.ft:

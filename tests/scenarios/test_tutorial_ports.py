@@ -143,7 +143,8 @@ def setup_plain(tmp_path_factory):
     ["--recovery", "respawn", "--ckpt-every", "20", "--inject", "kill:rank=0,step=60"],
     # the defaults: no checkpoint, so the ranks go back to the loop's start
     ["--inject", "kill:rank=2,step=60"],
-], ids=["spare", "respawn", "defaults"])
+    ["--spares", "1", "--inject", "kill:rank=0,step=60"],
+], ids=["spare", "respawn", "defaults", "spare-defaults"])
 def test_the_inline_loop_replaces_a_dead_rank_by_fast_forward(tmp_path, setup_plain, args):
     """A replacement runs the set-up code (bcast, Scatterv, allreduce,
     Sendrecv, Create_cart) with every answer from the dead rank's set-up
