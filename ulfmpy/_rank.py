@@ -96,6 +96,14 @@ def _revoke_world() -> None:
         pass
 
 
+def _leave_auto(exc: BaseException | None) -> None:
+    """The end of the program is the end of ``import ulfmpy.auto``'s block
+    (as ``Runtime.__exit__`` sees it: the error, or none)."""
+    auto = sys.modules.get("ulfmpy.auto")
+    if auto is not None and hasattr(auto, "leave"):
+        auto.leave(None if isinstance(exc, SystemExit) and exc.code in (None, 0) else exc)
+
+
 def _hold_early_halts() -> None:
     """A halt signal before the runtime starts is kept for it (``ulfmpy.halt.catch_early``)."""
     if os.environ.get("ULFMPY_RESILIENCE", "1").lower() in ("0", "false", "no", "off"):
@@ -118,7 +126,12 @@ def main(argv: list[str]) -> None:
     if run_dir and os.path.isdir(run_dir):
         jobctl.hold_job_lock(run_dir)
     try:
-        _run(argv)
+        try:
+            _run(argv)
+        except BaseException as exc:
+            _leave_auto(exc)
+            raise
+        _leave_auto(None)
     except SystemExit as exc:
         code = exc.code
         if code is None or code == 0:

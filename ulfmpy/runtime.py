@@ -72,8 +72,9 @@ def inline_range(start: int, stop: int | None = None, *,
     """``ulfmpy.range``: :meth:`Runtime.range` of the runtime whose ``with``
     block this is, so a loop inside a function needs no ``rt``. Collective."""
     if not _ACTIVE:
-        raise ConfigError("ulfmpy.range(...) runs inside `with ulfmpy.Runtime(MPI.COMM_WORLD):`; "
-                          "wrap the call of the code that holds the loop in it")
+        raise ConfigError("ulfmpy.range(...) runs inside a runtime: add `import ulfmpy.auto` "
+                          "after `from mpi4py import MPI`, or wrap the call of the code that "
+                          "holds the loop in `with ulfmpy.Runtime(MPI.COMM_WORLD):`")
     return _ACTIVE[-1].range(start, stop, state=state)
 
 

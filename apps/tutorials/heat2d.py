@@ -9,7 +9,7 @@ checksum of the whole field.
 
 heat2d_plain.py is the plain program; heat2d.py is the same protected by
 ulfmpy, five lines changed; heat2d_inline.py protects the loop where it is,
-four lines changed.
+two lines changed.
 Run:  mpirun -n 4 python apps/tutorials/heat2d_plain.py --n 64 --steps 200
       ulfmpy run -n 4 apps/tutorials/heat2d.py --n 64 --steps 200
 """

@@ -127,6 +127,22 @@ def test_the_inline_loop_recovers_a_kill_by_relaunch(tmp_path, plain):
     assert any(e["recovery"] == "relaunch" for e in res.events("inline_loop"))
 
 
+def test_import_auto_replaces_a_dead_rank_in_the_job(tmp_path, plain):
+    """heat2d_inline.py's two lines (import ulfmpy.auto): the respawned
+    rank runs under python -m mpi4py, not ulfmpy._rank, so its block ends
+    at interpreter exit; it still agrees with the survivors and leaves."""
+    require_ulfm()
+    res = run_ulfmpy(["-n", "4", "--recovery", "respawn", "--ckpt-every", "20",
+                      "--inject", "kill:rank=1,step=60", INLINE, *STEPS], tmp_path / "run")
+    assert res.returncode == 0, res
+    assert checksum(res) == plain["heat2d"]
+    (rec,) = res.summary["recoveries"]
+    assert rec["policy"] == "respawn", rec
+    respawned = {e["rank"] for e in res.events("start") if e["respawned"]}
+    left = {e["rank"] for e in res.events("exit")}
+    assert respawned and respawned <= left, (respawned, left)
+
+
 SETUP_APP = str(TEST_APPS / "inline_setup.py")
 
 
