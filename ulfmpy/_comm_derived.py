@@ -24,10 +24,10 @@ from mpi4py import MPI
 
 from ulfmpy._comm_handle import set_handle
 from ulfmpy.comm import ResilientComm
-from ulfmpy.errors import UnsupportedCall
+from ulfmpy.errors import RecoveryFailed, UnsupportedCall
 from ulfmpy.msglog import MessageLog, _Counters
 
-__all__ = ["DerivedComm", "CartComm", "DistGraphComm"]
+__all__ = ["DerivedComm", "CartComm", "DistGraphComm", "SplitComm", "SubCartComm"]
 
 
 def _shared(name: str) -> property:
@@ -117,6 +117,9 @@ class DerivedComm(ResilientComm):
         return DistGraphComm(self._root, self._root._slot("Create_dist_graph_adjacent"),
                              sources, destinations, sourceweights, destweights)
 
+    def Split(self, color: int = 0, key: int = 0) -> Any:  # noqa: N802
+        return _split(self, color, key)
+
     def Free(self) -> None:  # noqa: N802
         """Kept until the run ends: the context belongs to the runtime's pool."""
 
@@ -127,34 +130,10 @@ class DerivedComm(ResilientComm):
     begin_replay = end_replay = end_segment = fetch_originals = begin_segment
 
 
-class CartComm(DerivedComm):
-    """A protected Cartesian communicator (``rt.comm.Create_cart``)."""
+class _CartTopology:
+    """MPI's Cartesian mapping over ``_dims``/``_periods``, row-major,
+    for the ranks ``_rank`` of ``_size`` (a protected grid or a sub-grid)."""
 
-    def __init__(self, parent: ResilientComm, slot: int, dims: Any,
-                 periods: Any = None) -> None:  # noqa: D107
-        dims = [int(d) for d in dims]
-        size = parent.Get_size()
-        if not dims or any(d <= 0 for d in dims):
-            raise UnsupportedCall(f"Create_cart(dims={dims}): every dimension must be >= 1; "
-                                  f"MPI.Compute_dims({size}, {len(dims) or 2}) fills them")
-        n = 1
-        for d in dims:
-            n *= d
-        if n != size:
-            raise UnsupportedCall(
-                f"Create_cart(dims={dims}) covers {n} of {size} ranks; a protected Cartesian "
-                f"communicator covers them all: dims=MPI.Compute_dims({size}, {len(dims)})")
-        if periods is None:
-            periods = [False] * len(dims)
-        elif isinstance(periods, (bool, int)):
-            periods = [bool(periods)] * len(dims)
-        periods = [bool(p) for p in periods]
-        if len(periods) != len(dims):
-            raise UnsupportedCall(f"Create_cart: {len(periods)} periods for {len(dims)} dims")
-        self._dims, self._periods = dims, periods
-        super().__init__(parent, slot)
-
-    # -- the topology, with MPI's row-major semantics ---------------------------
     @property
     def dims(self) -> list[int]:
         return list(self._dims)
@@ -227,10 +206,149 @@ class CartComm(DerivedComm):
 
         return at(-disp), at(disp)
 
-    def Sub(self, remain_dims: Any) -> Any:  # noqa: N802
-        raise UnsupportedCall(
-            "Cartcomm.Sub gives a communicator over a subset of the ranks, which ulfmpy "
-            "does not protect yet; use the full grid with Shift, or rt.comm's collectives")
+    def Sub(self, remain_dims: Any) -> "SubCartComm":  # noqa: N802
+        """The grid of the dimensions kept, one per combination of the others'
+        coordinates, ranked row-major within it (MPI's Cart_sub), protected.
+        Collective over this communicator, like MPI's."""
+        if isinstance(self, SplitComm):
+            raise UnsupportedCall("Sub of a sub-grid is not protected; take every sub-grid "
+                                  "from the full one (cart.Sub([...]))")
+        remain = [bool(r) for r in remain_dims]
+        if len(remain) != len(self._dims):
+            raise UnsupportedCall(f"Sub({list(remain_dims)}): the grid has {len(self._dims)} "
+                                  "dimensions")
+        color, coords = 0, self.coords
+        for keep, c, d in zip(remain, coords, self._dims):
+            if not keep:
+                color = color * d + c
+        dims = [d for keep, d in zip(remain, self._dims) if keep]
+        periods = [p for keep, p in zip(remain, self._periods) if keep]
+        return SubCartComm(self, self._root._slot("Sub"), color, self._rank, dims, periods)
+
+
+class CartComm(_CartTopology, DerivedComm):
+    """A protected Cartesian communicator (``rt.comm.Create_cart``)."""
+
+    def __init__(self, parent: ResilientComm, slot: int, dims: Any,
+                 periods: Any = None) -> None:  # noqa: D107
+        dims = [int(d) for d in dims]
+        size = parent.Get_size()
+        if not dims or any(d <= 0 for d in dims):
+            raise UnsupportedCall(f"Create_cart(dims={dims}): every dimension must be >= 1; "
+                                  f"MPI.Compute_dims({size}, {len(dims) or 2}) fills them")
+        n = 1
+        for d in dims:
+            n *= d
+        if n != size:
+            raise UnsupportedCall(
+                f"Create_cart(dims={dims}) covers {n} of {size} ranks; a protected Cartesian "
+                f"communicator covers them all: dims=MPI.Compute_dims({size}, {len(dims)})")
+        if periods is None:
+            periods = [False] * len(dims)
+        elif isinstance(periods, (bool, int)):
+            periods = [bool(periods)] * len(dims)
+        periods = [bool(p) for p in periods]
+        if len(periods) != len(dims):
+            raise UnsupportedCall(f"Create_cart: {len(periods)} periods for {len(dims)} dims")
+        self._dims, self._periods = dims, periods
+        super().__init__(parent, slot)
+
+
+class SplitComm(DerivedComm):
+    """A protected communicator over the ranks of one colour (``comm.Split``).
+
+    Every rank's (colour, key) is gathered on the parent (a logged
+    collective: a replacement's fast-forward gets it from the log), so every
+    process holds the whole table. The context is a split of the slot's
+    pool context, made where the app calls ``Split`` (collective over the
+    parent, as MPI's is) and, after a repair, by every process in
+    :meth:`ResilientComm.open_contexts` from the survivors' tables: a
+    replacement whose factory calls ``Split`` later finds its part there
+    and checks its colour and key against it. Ranks here are the colour's
+    own; the replay set ``S`` and the originals' exchange speak the
+    parent's, translated by ``_members``. A process given ``MPI.UNDEFINED``
+    gets ``MPI.COMM_NULL`` but keeps the slot, so slots stay aligned.
+    """
+
+    def __init__(self, parent: ResilientComm, slot: int, color: int, key: int) -> None:  # noqa: D107
+        root = getattr(parent, "_root", parent)
+        if isinstance(parent, SplitComm):
+            raise UnsupportedCall("Split of a communicator that is itself a split is not "
+                                  "protected; split rt.comm (or the full grid) with a finer colour")
+        color, key = int(color), int(key)
+        if color < 0 and color != MPI.UNDEFINED:
+            raise UnsupportedCall(f"Split(color={color}): a colour is >= 0 or MPI.UNDEFINED")
+        made = root._splits.get(slot)
+        if made is not None and len(made[0]) == root._size:
+            table = made[0]  # a replacement after a repair: the survivors' table
+            if tuple(table[root._rank]) != (color, key):
+                raise RecoveryFailed(
+                    f"Split(color={color}, key={key}) on the replacement of rank {root._rank}; "
+                    f"that rank split with {tuple(table[root._rank])}: the set-up differs")
+        else:
+            table = [tuple(t) for t in parent.allgather((color, key))]
+            made = None
+        self._table = table
+        self._color = color
+        order = sorted(range(len(table)), key=lambda r: (table[r][1], r))
+        self._members = [r for r in order if table[r][0] == color and color != MPI.UNDEFINED]
+        self._index_of = {r: i for i, r in enumerate(self._members)}
+        if made is None and root._pools[0]:
+            root._make_split(slot, table)
+        super().__init__(parent, slot)
+
+    @property
+    def is_null(self) -> bool:
+        return self._color == MPI.UNDEFINED
+
+    def _attach(self) -> None:
+        root = self._root
+        made = root._splits.get(self._index)
+        if not root._pools[0] or made is None or made[0] != self._table:
+            # Fast-forward (the repair's open_contexts makes it), or a stale
+            # one of an app the factory is about to rebuild (shrink).
+            self._comm = root._ff_self if not root._pools[0] else MPI.COMM_NULL
+        else:
+            self._comm = made[1]
+        self._replay_comm = None
+        if self._comm != MPI.COMM_NULL:
+            set_handle(self, self._comm)
+        self._rank = self._index_of.get(root._rank, MPI.UNDEFINED)
+        self._size = len(self._members)
+
+    def _replay_context(self) -> MPI.Comm | None:
+        made = self._root._splits.get(self._index)
+        return made[2] if made is not None else None
+
+    def _live(self, peer: int) -> bool:
+        return 0 <= peer < len(self._members) and self._members[peer] in self._S
+
+    def _to_root(self, rank: int) -> int:
+        return self._members[rank]
+
+    def _originals_for(self, senders: frozenset[int]) -> list[tuple[int, tuple, Any]]:
+        mine = frozenset(self._index_of[r] for r in senders if r in self._index_of)
+        return [(self._members[src], key, data)
+                for src, key, data in self.log.originals_for(self._rank, mine)]
+
+    def Split(self, color: int = 0, key: int = 0) -> Any:  # noqa: N802
+        raise UnsupportedCall("Split of a communicator that is itself a split is not "
+                              "protected; split rt.comm (or the full grid) with a finer colour")
+
+    def Create_cart(self, dims: Any, periods: Any = None, reorder: bool = False) -> Any:  # noqa: N802
+        raise UnsupportedCall("Create_cart on a split communicator is not protected; "
+                              "make the grid on rt.comm and take rows with cart.Sub")
+
+    Dup = Clone = Create_dist_graph_adjacent = Create_cart
+
+
+class SubCartComm(_CartTopology, SplitComm):
+    """A protected sub-grid of a Cartesian communicator (``cart.Sub``)."""
+
+    def __init__(self, parent: ResilientComm, slot: int, color: int, key: int,
+                 dims: list[int], periods: list[bool]) -> None:  # noqa: D107
+        self._dims, self._periods = list(dims), list(periods)
+        super().__init__(parent, slot, color, key)
 
 
 class DistGraphComm(DerivedComm):
@@ -318,6 +436,14 @@ class DistGraphComm(DerivedComm):
         for r in sreqs:
             r.wait()
         return out
+
+
+def _split(parent: ResilientComm, color: int, key: int) -> Any:
+    """``parent.Split(color, key)``, protected (``MPI.COMM_NULL`` for
+    ``MPI.UNDEFINED``). Collective over ``parent``."""
+    root = getattr(parent, "_root", parent)
+    comm = SplitComm(parent, root._slot("Split"), color, key)
+    return MPI.COMM_NULL if comm.is_null else comm
 
 
 def _blocks(buf: Any, n: int, call: str) -> list[Any]:

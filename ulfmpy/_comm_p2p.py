@@ -80,7 +80,7 @@ class _PointToPoint:
             # Missing at the receiver means it was not received in this
             # segment (or not in an order known to both): pulling the
             # receiver in is always safe.
-            self.outcome.contaminated.add(dest)
+            self.outcome.contaminated.add(self._to_root(dest))
 
     def _logged(self, call: str, source: int, tag: int, seq: int) -> Any:
         data = self.log.get(source, tag, seq)

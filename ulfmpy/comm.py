@@ -81,7 +81,7 @@ _LOCAL = frozenset({
 # ranks, or a topology it does not map): refused even outside segments,
 # since an app using one would run unprotected without a word.
 _MAKES_COMM = frozenset({
-    "Split", "Split_type", "Create", "Create_group", "Create_graph", "Create_dist_graph",
+    "Split_type", "Create", "Create_group", "Create_graph", "Create_dist_graph",
     "Create_intercomm", "Idup", "Dup_with_info", "Idup_with_info",
     "Create_from_group", "Spawn", "Spawn_multiple", "Accept", "Connect",
 })
@@ -142,6 +142,8 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         # replacement building its app gets the survivors' slots in order.
         self._children: list[Any] = []
         self._pools: tuple[list[MPI.Comm], list[MPI.Comm]] = ([], [])
+        # Split slots: (every rank's (colour, key), live part, replay part).
+        self._splits: dict[int, tuple[list[tuple[int, int]], MPI.Comm, MPI.Comm | None]] = {}
         # The inline loop's set-up code (ulfmpy/setup_log.py): logged on the
         # first run, answered from that log on a replacement.
         self._recording = False
@@ -190,8 +192,9 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         if name in _MAKES_COMM:
             raise UnsupportedCall(
                 f"Comm.{name} would give a communicator ulfmpy does not protect (the app would "
-                "run unprotected without a word); rt.comm.Create_cart(dims, periods) and "
-                "rt.comm.Dup() give protected ones over the same ranks")
+                "run unprotected without a word); rt.comm.Create_cart(dims, periods), "
+                "rt.comm.Dup(), rt.comm.Split(color, key) and cart.Sub(remain) give "
+                "protected ones")
         attr = getattr(self._comm, name)
         if name in _LOCAL or not callable(attr):
             return attr
@@ -270,7 +273,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
             raise self.failure
 
     # -- derived communicators (ulfmpy/_comm_derived.py) -------------------
-    POOL = 4  # derived communicators an app may make
+    POOL = 6  # derived communicators an app may make (a grid, its rows and columns, ...)
 
     def open_contexts(self, replay: MPI.Comm | None) -> None:
         """Where derived communicators get their contexts: duplicates of the
@@ -287,11 +290,32 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         self._pools = ([], [])
         had = bool(self._comm.allreduce(bool(old[0]), op=MPI.LOR)) if self._size > 1 \
             else bool(old[0])
+        old_splits = [c for _, *cs in self._splits.values() for c in cs if c is not None]
+        self._splits = {}
         if had:
             self._make_pools()
+            # A replacement whose factory has not run yet has no split
+            # tables: it takes the survivors' (all alike; a shrink's are
+            # for another size and rebuilt by the factory).
+            tables = {c._index: c._table for c in self._children
+                      if hasattr(c, "_table") and len(c._table) == self._size}
+            if self._size > 1:
+                tables = max(self._comm.allgather(tables), key=len)
+            for slot in sorted(tables):
+                self._make_split(slot, tables[slot])
             for child in self._children:
                 child._attach()
-        free_quietly(old[0] + old[1])
+        free_quietly(old[0] + old[1] + old_splits)
+
+    def _make_split(self, slot: int, table: list[tuple[int, int]]) -> None:
+        """The contexts of the split in ``slot``. Collective over the compute ranks."""
+        color, key = table[self._rank]
+        parts = [self._pools[0][slot].Split(color, key)]
+        parts.append(self._pools[1][slot].Split(color, key) if self._pools[1] else None)
+        for c in parts:
+            if c is not None and c != MPI.COMM_NULL:
+                c.Set_errhandler(MPI.ERRORS_RETURN)
+        self._splits[slot] = (table, parts[0], parts[1])
 
     def _make_pools(self) -> None:
         """Collective over the compute ranks."""
@@ -323,8 +347,10 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
     def close(self) -> None:
         """Free the contexts of derived communicators (before MPI_Finalize). Local."""
-        free_quietly(self._pools[0] + self._pools[1])
+        free_quietly(self._pools[0] + self._pools[1]
+                     + [c for _, *cs in self._splits.values() for c in cs if c is not None])
         self._pools = ([], [])
+        self._splits = {}
 
     def drop_children(self) -> None:
         """Forget the derived communicators (the factory runs again); a dropped
@@ -354,6 +380,14 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
         return DistGraphComm(self, self._slot("Create_dist_graph_adjacent"), sources,
                              destinations, sourceweights, destweights)
+
+    def Split(self, color: int = 0, key: int = 0) -> Any:  # noqa: N802
+        """A communicator over the ranks that give the same ``color``, ranked
+        by ``key`` then by rank, protected like this one (``MPI.COMM_NULL``
+        for ``MPI.UNDEFINED``). Collective, as MPI's Split is."""
+        from ulfmpy._comm_derived import _split
+
+        return _split(self, color, key)
 
     def Dup(self) -> Any:  # noqa: N802
         """A duplicate over the same ranks, protected. Local (see Create_cart)."""
@@ -467,7 +501,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         for slot, c in enumerate(family):
             if c._pending:
                 c._settle()
-            for src, key, data in c.log.originals_for(me, senders):
+            for src, key, data in c._originals_for(senders):
                 box = out[src]
                 if box is None:
                     box = out[src] = {}
@@ -492,7 +526,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
                 if orig is None:
                     orig = sent.get(any_key)
                 if orig is None or not _same(orig, data):
-                    bad.add(key[0])
+                    bad.add(c._to_root(key[0]))
             c._resent = {}
         return bad
 
@@ -520,6 +554,13 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
     def _live(self, peer: int) -> bool:
         return peer in self._S
+
+    # A derived communicator over a subset of the ranks translates (SplitComm).
+    def _to_root(self, rank: int) -> int:
+        return rank
+
+    def _originals_for(self, senders: frozenset[int]) -> list[tuple[int, tuple, Any]]:
+        return self.log.originals_for(self._rank, senders)
 
     def _diverged(self, what: str) -> None:
         if self.outcome.diverged is None:

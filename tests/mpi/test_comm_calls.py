@@ -265,7 +265,7 @@ def test_cart_topology_is_mpis(rc, dims, periods):
 
 def test_derived_comm_messages_are_logged_and_unprotected_ones_refused(rc):
     """A Dup'ed communicator logs its own receives (its own context: a
-    message on it never matches one on the parent); Split is refused."""
+    message on it never matches one on the parent); Split_type is refused."""
     c, replay = rc
     c.open_contexts(replay)
     d = c.Dup()
@@ -283,7 +283,7 @@ def test_derived_comm_messages_are_logged_and_unprotected_ones_refused(rc):
     ok &= np.array_equal(d.log.rx[(left, 0)].items[0], a) and c.log.rx[(left, 0)].n == 1
     c.end_segment()
     try:
-        c.Split(0, rank)
+        c.Split_type(MPI.COMM_TYPE_SHARED)
         ok = False
     except Exception as exc:
         ok &= "does not protect" in str(exc)
@@ -383,4 +383,85 @@ def test_dist_graph_neighbour_collectives_equal_mpis_and_replay(rc):
     c.end_segment()
     ref.Free()
     c.drop_children()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_split_and_cart_sub_are_mpis_and_replay_from_the_log(rc):
+    """Split and Cartcomm.Sub give protected communicators over a subset of
+    the ranks: their ranks, sizes and collectives answer as MPI's own do,
+    their messages are logged in their own numbering, and a rank replayed
+    alone gets them back from the log (the originals exchanged in the
+    parent's numbering)."""
+    c, replay = rc
+    c.open_contexts(replay)
+    rank, size = c.Get_rank(), c.Get_size()
+    odd = c.Split(rank % 2, -rank)  # keys reverse the order
+    ref = c.mpi_comm.Split(rank % 2, -rank)
+    ok = (odd.Get_rank(), odd.Get_size()) == (ref.Get_rank(), ref.Get_size())
+    cart = c.Create_cart([2, size // 2], periods=[False, True])
+    rows, cols = cart.Sub([False, True]), cart.Sub([True, False])
+    refcart = c.mpi_comm.Create_cart([2, size // 2], periods=[False, True], reorder=False)
+    refrows, refcols = refcart.Sub([False, True]), refcart.Sub([True, False])
+    for mine, theirs in ((rows, refrows), (cols, refcols)):
+        ok &= (mine.Get_rank(), mine.Get_size()) == (theirs.Get_rank(), theirs.Get_size())
+        ok &= mine.Get_topo() == theirs.Get_topo()
+        ok &= tuple(mine.Shift(0, 1)) == tuple(theirs.Shift(0, 1))
+    none = c.Split(MPI.UNDEFINED if rank == 0 else 1, 0)
+    ok &= (none == MPI.COMM_NULL) if rank == 0 else none.Get_size() == size - 1
+
+    def calls():
+        total = np.zeros(1)
+        rows.Allreduce(np.full(1, 1.0 + rank), total)
+        src, dst = rows.Shift(0, 1)
+        got = np.zeros(2)
+        rows.Sendrecv(np.full(2, 10.0 + rank), dst, 5, got, src, 5)
+        peer = (odd.Get_rank() + 1) % odd.Get_size()
+        back = odd.sendrecv(("from", rank), dest=peer, source=(odd.Get_rank() - 1) % odd.Get_size())
+        return total[0], got.copy(), back, cols.allreduce(rank)
+
+    want_total = refrows.allreduce(1.0 + rank)
+    c.begin_segment()
+    first = calls()
+    ok &= first[0] == want_total and first[3] == refcols.allreduce(rank)
+    src = refrows.Shift(0, 1)[0]
+    ok &= np.array_equal(first[1], np.full(2, 10.0 + refrows.Get_group().Translate_ranks(
+        [src], c.mpi_comm.Get_group())[0]))
+    # Rank 2 is rank 0 of the odd split (keys reverse the order), rank 0 its rank 1.
+    got = []
+    out = replay_alone(c, replay, 2, lambda: got.append(calls()))
+    if out is not None:
+        r = got[0]
+        ok &= r[0] == first[0] and np.array_equal(r[1], first[1]) and r[2:] == first[2:]
+        ok &= not out.diverged and out.contaminated == set()
+    c.fetch_originals({2})
+    if rank == 2:  # a changed message on the split reaches its receiver: rank 0, by the parent's count
+        c.begin_replay({2}, replay)
+        odd.sendrecv(("changed", rank), dest=1, source=1)
+        ok &= c.end_replay().contaminated == {0}
+    c.end_segment()
+    for comm in (ref, refrows, refcols, refcart):
+        comm.Free()
+    c.drop_children()
+    all_true(MPI.COMM_WORLD, ok)
+
+
+def test_a_split_follows_a_repair(rc):
+    """After a repair (reset onto another communicator, open_contexts) a
+    split communicator works on its new context, in the same numbering."""
+    c, replay = rc
+    c.open_contexts(replay)
+    rank = c.Get_rank()
+    half = c.Split(rank // 2, rank)
+    before = half.mpi_comm
+    other = c.mpi_comm.Dup()
+    other.Set_errhandler(MPI.ERRORS_RETURN)
+    old = c.mpi_comm
+    c.reset(other)
+    c.open_contexts(replay)
+    ok = half.mpi_comm != before and half.Get_rank() == rank % 2
+    ok &= half.allreduce(rank) == sum(r for r in range(c.Get_size()) if r // 2 == rank // 2)
+    c.reset(old)
+    c.open_contexts(replay)
+    c.drop_children()
+    other.Free()
     all_true(MPI.COMM_WORLD, ok)
