@@ -1,7 +1,9 @@
 """Communicators derived from ``rt.comm`` (docs/internals.md, "Derived communicators").
 
 ``rt.comm.Create_cart(...)``, ``rt.comm.Create_dist_graph_adjacent(...)``
-and ``rt.comm.Dup()`` return communicators over the same ranks that are protected like ``rt.comm`` itself: their
+and ``rt.comm.Dup()`` return communicators over the same ranks, and
+``rt.comm.Split(...)`` and ``cart.Sub(...)`` over a subset of them
+(``SplitComm``), that are protected like ``rt.comm`` itself: their
 messages are logged and replayed, a failure on them voids the step and
 revokes the whole family, and after a repair they go on over the repaired
 ranks. Each has a context of its own (a communicator from the pools the

@@ -215,3 +215,30 @@ def test_the_inline_loop_with_spares_ends_them_before_the_set_up(tmp_path, plain
     assert res.returncode == 0, res
     assert checksum(res) == plain["heat2d"]
     assert res.events("spare_released"), res
+
+
+SUB_GRID = str(TEST_APPS / "sub_grid.py")
+
+
+@pytest.mark.parametrize("args", [
+    ["--spares", "1", "--inject", "kill:rank=1,step=60"],
+    ["--recovery", "respawn", "--inject", "kill:rank=0,step=60", "--inline"],
+    ["--recovery", "shrink", "--inject", "kill:rank=3,step=60"],
+], ids=["spare", "inline-respawn", "shrink"])
+def test_rows_columns_and_splits_are_rebuilt_after_a_kill(tmp_path, args):
+    """cart.Sub rows and columns and a Split, each with its own messages and
+    collectives, go on over the repaired ranks: a spare (the factory runs on
+    it and finds its part of each split), a respawned rank 0 of the inline
+    loop (its set-up's splits answered from the log), a shrink (the factory
+    splits the 3 ranks anew; the grid changes, so only the run is checked)."""
+    require_ulfm()
+    app = [SUB_GRID, *[a for a in args if a == "--inline"]]
+    flags = [a for a in args if a != "--inline"]
+    res = run_ulfmpy(["-n", "4", *flags, *app], tmp_path / "run")
+    assert res.returncode == 0, res
+    (rec,) = res.summary["recoveries"]
+    if "shrink" in flags:
+        assert rec["policy"] == "shrink", rec
+        return
+    ref = run_ulfmpy(["-n", "4", "--no-resilience", SUB_GRID], tmp_path / "plain")
+    assert checksum(res) == checksum(ref), (res, ref)
