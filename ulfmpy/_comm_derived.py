@@ -337,11 +337,12 @@ class SplitComm(DerivedComm):
         raise UnsupportedCall("Split of a communicator that is itself a split is not "
                               "protected; split rt.comm (or the full grid) with a finer colour")
 
-    def Create_cart(self, dims: Any, periods: Any = None, reorder: bool = False) -> Any:  # noqa: N802
-        raise UnsupportedCall("Create_cart on a split communicator is not protected; "
-                              "make the grid on rt.comm and take rows with cart.Sub")
+    def _derive(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedCall("a communicator derived from a split one (Create_cart, Dup, "
+                              "Create_dist_graph_adjacent) is not protected; derive it from "
+                              "rt.comm, and take a grid's rows with cart.Sub")
 
-    Dup = Clone = Create_dist_graph_adjacent = Create_cart
+    Dup = Clone = Create_dist_graph_adjacent = Create_cart = _derive
 
 
 class SubCartComm(_CartTopology, SplitComm):
