@@ -274,9 +274,6 @@ class SplitComm(DerivedComm):
 
     def __init__(self, parent: ResilientComm, slot: int, color: int, key: int) -> None:  # noqa: D107
         root = getattr(parent, "_root", parent)
-        if isinstance(parent, SplitComm):
-            raise UnsupportedCall("Split of a communicator that is itself a split is not "
-                                  "protected; split rt.comm (or the full grid) with a finer colour")
         color, key = int(color), int(key)
         if color < 0 and color != MPI.UNDEFINED:
             raise UnsupportedCall(f"Split(color={color}): a colour is >= 0 or MPI.UNDEFINED")

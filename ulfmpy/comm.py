@@ -290,7 +290,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         self._pools = ([], [])
         had = bool(self._comm.allreduce(bool(old[0]), op=MPI.LOR)) if self._size > 1 \
             else bool(old[0])
-        old_splits = [c for _, *cs in self._splits.values() for c in cs if c is not None]
+        old_splits = self._split_parts()
         self._splits = {}
         if had:
             self._make_pools()
@@ -306,6 +306,9 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
             for child in self._children:
                 child._attach()
         free_quietly(old[0] + old[1] + old_splits)
+
+    def _split_parts(self) -> list[MPI.Comm]:
+        return [c for _, *parts in self._splits.values() for c in parts if c is not None]
 
     def _make_split(self, slot: int, table: list[tuple[int, int]]) -> None:
         """The contexts of the split in ``slot``. Collective over the compute ranks."""
@@ -347,8 +350,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
     def close(self) -> None:
         """Free the contexts of derived communicators (before MPI_Finalize). Local."""
-        free_quietly(self._pools[0] + self._pools[1]
-                     + [c for _, *cs in self._splits.values() for c in cs if c is not None])
+        free_quietly(self._pools[0] + self._pools[1] + self._split_parts())
         self._pools = ([], [])
         self._splits = {}
 
