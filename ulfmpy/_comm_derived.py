@@ -415,6 +415,26 @@ class DistGraphComm(DerivedComm):
         self._exchange(_blocks(sendbuf, len(self._dests), "Neighbor_alltoall"),
                        _blocks(recvbuf, len(self._sources), "Neighbor_alltoall"))
 
+    def Neighbor_allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        """Send ``sendbuf`` to every destination; source i's message lands in
+        block i of the vector spec ``recvbuf`` (``[array, counts, displs,
+        datatype]``, displacements in elements)."""
+        self._exchange([sendbuf] * len(self._dests),
+                       _vblocks(recvbuf, len(self._sources), "Neighbor_allgatherv"))
+
+    def Neighbor_alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        """Block j of the vector spec ``sendbuf`` to destination j, block i of
+        ``recvbuf`` from source i (``[array, counts, displs, datatype]``,
+        displacements in elements of the datatype)."""
+        self._exchange(_vblocks(sendbuf, len(self._dests), "Neighbor_alltoallv"),
+                       _vblocks(recvbuf, len(self._sources), "Neighbor_alltoallv"))
+
+    def Neighbor_alltoallw(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
+        """As ``Neighbor_alltoallv`` with a datatype per neighbour and
+        displacements in bytes (``[array, (counts, displs), datatypes]``)."""
+        self._exchange(_vblocks(sendbuf, len(self._dests), "Neighbor_alltoallw", w=True),
+                       _vblocks(recvbuf, len(self._sources), "Neighbor_alltoallw", w=True))
+
     def neighbor_allgather(self, sendobj: Any) -> list[Any]:
         tag = _neighbour_tag()
         reqs = [self.irecv(source=src, tag=tag) for src in self._sources]
@@ -458,6 +478,62 @@ def _blocks(buf: Any, n: int, call: str) -> list[Any]:
     if flat.size % n:
         raise UnsupportedCall(f"{call}: {flat.size} elements do not split into {n} blocks")
     return list(flat.reshape(n, -1))
+
+
+def _vblocks(buf: Any, n: int, call: str, w: bool = False) -> list[Any]:
+    """A vector spec's n blocks as buffers the point-to-point calls log
+    exactly: a byte slice for a predefined datatype, ``[bytes from the
+    displacement, count, datatype]`` for a derived one. The forms are
+    mpi4py's: ``[array, counts, displs, type(s)]``, ``[array, (counts,
+    displs), type(s)]``, ``[array, counts, type]`` or ``[array, counts]``
+    (displacements packed one after another); for ``w`` the displacements
+    are in bytes and there is one datatype per block."""
+    import numpy as np
+    from mpi4py.util.dtlib import from_numpy_dtype
+
+    forms = ("[array, counts, displs, datatypes]" if w else
+             "[array, counts, displs, datatype] or [array, counts]")
+    if not (isinstance(buf, (list, tuple)) and 2 <= len(buf) <= 4
+            and isinstance(buf[0], np.ndarray)):
+        raise UnsupportedCall(f"{call}: give each buffer as {forms} over a numpy array")
+    arr, rest = buf[0], list(buf[1:])
+    if not arr.flags.c_contiguous:
+        raise UnsupportedCall(f"{call}: buffers must be contiguous numpy arrays")
+    if isinstance(rest[0], tuple) and len(rest[0]) == 2 and not np.isscalar(rest[0][0]):
+        counts, displs = rest.pop(0)
+    else:
+        counts = rest.pop(0)
+        displs = rest.pop(0) if len(rest) == 2 or (rest and not _datatypes(rest[0])) else None
+    types = rest[0] if rest else None
+    counts = [int(c) for c in counts]
+    if len(counts) != n or (displs is not None and len(displs) != n):
+        raise UnsupportedCall(f"{call}: {len(counts)} counts for {n} neighbours")
+    if w:
+        if displs is None or not _datatypes(types) or len(types) != n:
+            raise UnsupportedCall(f"{call}: give {forms}, with {n} byte displacements "
+                                  f"and {n} datatypes")
+    else:
+        types = [from_numpy_dtype(arr.dtype) if types is None else types] * n
+        if displs is None:
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    raw = arr.reshape(-1).view(np.uint8)
+    out = []
+    for count, displ, dt in zip(counts, displs, types):
+        extent = dt.Get_extent()[1]
+        start = int(displ) * (1 if w else extent)
+        if dt.is_predefined:
+            if start + count * extent > raw.size:
+                raise UnsupportedCall(f"{call}: a block of {count} items at {start} bytes "
+                                      f"overruns a buffer of {raw.size} bytes")
+            out.append(raw[start:start + count * extent])
+        else:
+            out.append([raw[start:], count, dt])
+    return out
+
+
+def _datatypes(obj: Any) -> bool:
+    return isinstance(obj, MPI.Datatype) or (
+        isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(t, MPI.Datatype) for t in obj))
 
 
 def _neighbour_tag() -> int:

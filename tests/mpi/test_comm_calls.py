@@ -362,26 +362,46 @@ def test_dist_graph_neighbour_collectives_equal_mpis_and_replay(rc):
     want_a2a, want_ag = np.zeros(4), np.zeros(8)
     ref.Neighbor_alltoall(send, want_a2a)
     ref.Neighbor_allgather(send, want_ag)
+    # v: counts that differ per neighbour (rank r sends r+1 and 2 items);
+    # w: a column of a 3x4 grid to one neighbour and a row to the other,
+    # received into column 3 and row 4 of a 5x4 grid
+    vsend, vcounts = np.arange(8.0) + 100 * rank, [rank + 1, 2]
+    rcounts = [srcs[0] + 1, 2]
+    col = MPI.DOUBLE.Create_vector(3, 1, 4).Commit()
+    grid = np.arange(12.0).reshape(3, 4) + 1000 * rank
+    wsend = [grid, ([1, 4], [8, 0]), [col, MPI.DOUBLE]]  # column 1 (byte 8), row 0
+
+    def vw(comm):
+        gv, v, w = np.zeros(5), np.zeros(10), np.zeros((5, 4))
+        comm.Neighbor_allgatherv(vsend[:2], [gv, [2, 2], [0, 3], MPI.DOUBLE])
+        comm.Neighbor_alltoallv([vsend, vcounts, [0, 5], MPI.DOUBLE], [v, (rcounts, [1, 6])])
+        comm.Neighbor_alltoallw(wsend, [w, ([1, 4], [24, 128]), [col, MPI.DOUBLE]])
+        return gv, v, w
+
+    want_vw = vw(ref)
 
     def calls():
         a2a, ag = np.zeros(4), np.zeros(8)
         mine.Neighbor_alltoall(send, a2a)
         mine.Neighbor_allgather(send, ag)
         objs = mine.neighbor_alltoall([("to", d, rank) for d in dsts])
-        return a2a, ag, objs
+        return a2a, ag, objs, vw(mine)
 
     c.begin_segment()
-    a2a, ag, objs = calls()
+    a2a, ag, objs, vws = calls()
     ok &= np.array_equal(a2a, want_a2a) and np.array_equal(ag, want_ag)
     ok &= objs == [("to", rank, s) for s in srcs]
+    ok &= all(np.array_equal(a, b) for a, b in zip(vws, want_vw))
     got = []
     out = replay_alone(c, replay, 1, lambda: got.append(calls()))
     if out is not None:
         r = got[0]
         ok &= np.array_equal(r[0], a2a) and np.array_equal(r[1], ag) and r[2] == objs
+        ok &= all(np.array_equal(a, b) for a, b in zip(r[3], vws))
         ok &= not out.diverged and out.contaminated == set()
     c.end_segment()
     ref.Free()
+    col.Free()
     c.drop_children()
     all_true(MPI.COMM_WORLD, ok)
 
