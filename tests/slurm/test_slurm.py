@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm_cluster import cluster, slurm  # noqa: F401 (fixtures)
+from slurm_cluster import Cluster, cluster, slurm  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 STENCIL = str(REPO / "apps" / "stencil.py")
@@ -64,32 +65,6 @@ def wait_for_loop(run_dir: Path, timeout: float = 120) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"the job's loop did not start within {timeout} s ({run_dir})")
-
-
-def test_the_wall_time_signal_halts_checkpoints_requeues_and_completes(cluster, tmp_path):
-    # 1200 steps of 50 ms (sleeping: the machine stays free) need more than
-    # one allocation of one minute warned 50 s before its end (Slurm checks
-    # such signals about every 30 s: the warning comes 10-40 s in). The
-    # fingerprint does not depend on the sleep: the reference runs without it.
-    app = [str(SLOW), "--steps", "1200"]
-    ref = run_app_reference(tmp_path, [*app, "--slow-from", "100000"])
-    run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    job = cluster.submit(["-n", "4", "--time=1", "--signal=B:USR1@50", "-o", str(out)],
-                         "ulfmpy.sbatch", ["--max-requeues", "10", "--halt-before", "10s", *app,
-                                           "--slow-from", "0", "--slow-s", "0.05"],
-                         cwd=tmp_path, env=cluster.env(ULFMPY_RUN_DIR=str(run_dir)))
-    [rec] = cluster.wait(job, timeout=400)
-    text = output(out)
-    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, text)
-    assert int(rec["Restarts"]) >= 1, text
-    halts = events(run_dir, "halt")
-    assert halts and all(h["committed_step"] == h["step"] for h in halts), text
-    # The warning came before the kill: no allocation ran into its time limit.
-    assert "TIME LIMIT" not in text and "exit 79 (halted): requeueing" in text, text
-    assert any(h["reason"] == "signal SIGUSR1" for h in halts), halts
-    s = summary(run_dir)
-    assert s["fingerprint"] == ref, text
-    assert s["restored_from"]["step"] == max(h["step"] for h in halts)
 
 
 @pytest.mark.parametrize("how", [["--full"], ["--batch"]], ids=["full", "batch"])
@@ -154,7 +129,7 @@ def test_no_in_job_recovery_exits_75_requeues_and_resumes(cluster, tmp_path):
 def test_an_array_of_seeded_injection_runs_each_in_its_own_run_directory(cluster, tmp_path):
     steps = 600
     out = tmp_path / "job-%a.out"
-    # Three 2-rank tasks fit the cluster's 8 CPUs at once.
+    # Three 2-rank tasks fit the cluster's 16 CPUs at once, beside the wall-time job.
     job = cluster.submit(["--array=0-2", "-n", "2", "-o", str(out)], "ulfmpy-array.sbatch",
                          ["--detect", "finite,bounds", STENCIL, *GRID, "--steps", str(steps)],
                          cwd=tmp_path,
@@ -173,3 +148,58 @@ def test_an_array_of_seeded_injection_runs_each_in_its_own_run_directory(cluster
         assert s["injected_faults"] == len(flips[task]) > 0
     # Seeded: the three experiments struck different places.
     assert len({tuple(v) for v in flips.values()}) == 3, flips
+
+
+WALLTIME_APP = [str(SLOW), "--steps", "1200"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def walltime_job(slurm, tmp_path_factory):
+    """The wall-time job, submitted before the module's other tests and
+    watched from a thread: its minute of sleeping steps overlaps them.
+
+    1200 steps of 50 ms (sleeping: the machine stays free) need more than
+    one allocation of one minute warned 50 s before its end (Slurm checks
+    such signals about every 30 s: the warning comes 10-40 s in). Its own
+    ``Cluster`` keeps the other tests' clean-up from cancelling it.
+    """
+    tmp = tmp_path_factory.mktemp("walltime")
+    own = Cluster()
+    run_dir, out = tmp / "run", tmp / "job.out"
+    job = own.submit(["-n", "4", "--time=1", "--signal=B:USR1@50", "-o", str(out)],
+                     "ulfmpy.sbatch", ["--max-requeues", "10", "--halt-before", "10s",
+                                       *WALLTIME_APP, "--slow-from", "0", "--slow-s", "0.05"],
+                     cwd=tmp, env=own.env(ULFMPY_RUN_DIR=str(run_dir)))
+    done: dict = {}
+
+    def watch() -> None:
+        try:
+            done["records"] = own.wait(job, timeout=400)
+        except BaseException as exc:  # noqa: BLE001 - pytest.fail raises a BaseException
+            done["error"] = exc
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    yield {"thread": thread, "done": done, "run_dir": run_dir, "out": out, "tmp": tmp}
+    thread.join(timeout=420)
+    own.cleanup()
+
+
+def test_the_wall_time_signal_halts_checkpoints_requeues_and_completes(walltime_job):
+    """Last in the module: the job started with its first test."""
+    ref = run_app_reference(walltime_job["tmp"], [*WALLTIME_APP, "--slow-from", "100000"])
+    walltime_job["thread"].join(timeout=420)
+    if "error" in walltime_job["done"]:
+        raise walltime_job["done"]["error"]
+    [rec] = walltime_job["done"]["records"]
+    run_dir, text = walltime_job["run_dir"], output(walltime_job["out"])
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, text)
+    assert int(rec["Restarts"]) >= 1, text
+    halts = events(run_dir, "halt")
+    assert halts and all(h["committed_step"] == h["step"] for h in halts), text
+    # The warning came before the kill: no allocation ran into its time limit.
+    assert "TIME LIMIT" not in text and "exit 79 (halted): requeueing" in text, text
+    assert any(h["reason"] == "signal SIGUSR1" for h in halts), halts
+    s = summary(run_dir)
+    assert s["fingerprint"] == ref, text
+    assert s["restored_from"]["step"] == max(h["step"] for h in halts)
