@@ -15,6 +15,7 @@ __all__ = [
     "Runtime",
     "range",
     "Block",
+    "Rows",
     "fingerprint",
     "register_detector",
     "UlfmpyError",
@@ -43,7 +44,7 @@ def __getattr__(name: str):
         from ulfmpy.runtime import inline_range
 
         return inline_range
-    if name in ("Block", "fingerprint"):
+    if name in ("Block", "Rows", "fingerprint"):
         # numpy too is imported on first use: the respawn zygote starts as
         # ``python -m ulfmpy.zygote`` and imports it at idle priority.
         from ulfmpy import state

@@ -24,7 +24,7 @@ from ulfmpy import _ckpt_files as _files
 from ulfmpy import _ckpt_helper
 from ulfmpy import jobctl as _jobctl
 from ulfmpy.errors import CheckpointError
-from ulfmpy.state import Block, StateValue, local_array
+from ulfmpy.state import Block, Rows, StateValue, count_name, local_array
 
 __all__ = ["Buffer", "HelperProcess", "layout_key", "specs_of", "sweep_orphans"]
 
@@ -176,7 +176,10 @@ def specs_of(entries: Mapping[str, StateValue]) -> list[dict[str, Any]]:
         arr = local_array(value)
         spec: dict[str, Any] = {"name": name, "kind": "rank", "dtype": arr.dtype.str,
                                 "shape": list(arr.shape)}
-        if isinstance(value, Block):
+        if isinstance(value, Rows):
+            # the rows in use and the count's name: what an N→M restore deals out
+            spec.update(kind="rows", count=count_name(entries, value), rows=int(value.count))
+        elif isinstance(value, Block):
             spec.update(kind="block", start=list(value.start), global_shape=list(value.global_shape))
             if value.dims is not None:  # labels for the manifest's global view only
                 spec["dims"] = list(value.dims)

@@ -60,9 +60,11 @@ _STEP_RE = STEP_RE
 _DTYPE_KINDS = "biufcS"
 _HEX8 = re.compile(r"^[0-9a-f]{8}$")
 # The fields of an array's entry, and of its record per rank, by kind.
-_ENTRY_KEYS = {"block": {"kind", "dtype", "global_shape"}, "rank": {"kind", "dtype"}}
+_ENTRY_KEYS = {"block": {"kind", "dtype", "global_shape"}, "rank": {"kind", "dtype"},
+               "rows": {"kind", "dtype", "count"}}
 _LAYOUT_KEYS = ("step", "nranks", "files", "entries", "ranks")
-_RANK_KEYS = {"block": {"shape", "start", "checksum"}, "rank": {"shape", "checksum"}}
+_RANK_KEYS = {"block": {"shape", "start", "checksum"}, "rank": {"shape", "checksum"},
+              "rows": {"shape", "rows", "checksum"}}
 
 
 def ckpt_dir_of(run_dir: str | os.PathLike[str]) -> Path:
@@ -124,7 +126,7 @@ def validate_infos(infos: list[dict[str, Any]]) -> str | None:
                     f"{sorted(first)}: every rank's state must have the same names")
         for name, e in ent.items():
             e0 = first[name]
-            for key in ("kind", "dtype", "global_shape"):
+            for key in ("kind", "dtype", "global_shape", "count"):
                 if e.get(key) != e0.get(key):
                     return (f"state[{name!r}]: {key} is {e.get(key)} on rank {info['rank']} "
                             f"but {e0.get(key)} on rank 0; it must match on all ranks")
@@ -231,13 +233,15 @@ def _entries_problem(m: Manifest) -> str | None:
     for name, e in m.entries.items():
         kind = e.get("kind") if isinstance(e, dict) else None
         if kind not in _ENTRY_KEYS:
-            return f"array {name!r} has kind {kind!r}, not 'block' or 'rank'"
+            return f"array {name!r} has kind {kind!r}, not 'block', 'rank' or 'rows'"
         if set(e) != (keys := _ENTRY_KEYS[kind]):
             return f"array {name!r} of kind {kind!r} has fields {sorted(e)}, not {sorted(keys)}"
         if _dtype(e["dtype"]) is None:
             return f"array {name!r} has dtype {e['dtype']!r}, which is no dtype checkpoints store"
         if kind == "block" and not _is_shape(e["global_shape"]):
             return f"array {name!r} has global_shape {e['global_shape']!r}, which is no shape"
+        if kind == "rows" and m.entries.get(e["count"], {}).get("kind") != "rank":
+            return f"array {name!r}: its count {e['count']!r} is no per-rank array of the checkpoint"
     return None
 
 
@@ -278,6 +282,9 @@ def _record_problem(e: dict[str, Any], rec: Any) -> str | None:
         return f"shape {shape!r} is no shape"
     if not isinstance(checksum, str) or not _HEX8.match(checksum):
         return f"checksum {checksum!r} is no {CHECKSUM_ALGO} (8 hex digits)"
+    if e["kind"] == "rows" and not (type(rec["rows"]) is int and len(shape) >= 1
+                                    and 0 <= rec["rows"] <= shape[0]):
+        return f"rows {rec['rows']!r} is not a row count of an array of shape {shape}"
     if e["kind"] == "block":
         gs, start = e["global_shape"], rec["start"]
         if not _is_shape(start) or len(start) != len(gs) or len(shape) != len(gs):

@@ -24,7 +24,7 @@ import numpy as np
 
 from ulfmpy import _ckpt_files as _files
 from ulfmpy.errors import CheckpointError, RestoreError
-from ulfmpy.state import Block, StateValue, local_array, normalize_state
+from ulfmpy.state import Block, Rows, StateValue, local_array, normalize_state
 
 __all__ = ["MemoryCopy", "RestoreRecord", "restore", "restore_from_memory"]
 
@@ -224,7 +224,18 @@ def _fallback(log: Any, path: str, step: int | None, reason: str) -> dict[str, A
 
 
 def _kind(value: StateValue) -> str:
-    return "block" if isinstance(value, Block) else "rank"
+    return "block" if isinstance(value, Block) else "rows" if isinstance(value, Rows) else "rank"
+
+
+def _row_share(total: int, rank: int, size: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of a collection of ``total`` that ``rank`` of
+    ``size`` takes on an N→M restore: even contiguous shares in rank order."""
+    return total * rank // size, total * (rank + 1) // size
+
+
+def _row_counts(m: _files.Manifest) -> dict[str, str]:
+    """The checkpoint's count arrays: count name -> the name of one collection it counts."""
+    return {e["count"]: name for name, e in m.entries.items() if e["kind"] == "rows"}
 
 
 def _mismatch(m: _files.Manifest, entries: Mapping[str, StateValue], rank: int,
@@ -234,11 +245,13 @@ def _mismatch(m: _files.Manifest, entries: Mapping[str, StateValue], rank: int,
     if set(m.entries) != set(entries):
         return (f"{where} holds arrays {sorted(m.entries)} but the state has {sorted(entries)}; "
                 "restore with the app configuration that wrote it")
+    counts = _row_counts(m)
     for name, value in entries.items():
         e = m.entries[name]
         arr = local_array(value)
         if e["kind"] != _kind(value):
-            what = {"block": "a distributed ulfmpy.Block", "rank": "per-rank (a plain ndarray)"}
+            what = {"block": "a distributed ulfmpy.Block", "rank": "per-rank (a plain ndarray)",
+                    "rows": "the rows of a ulfmpy.Rows collection"}
             return (f"state[{name!r}] is {what[_kind(value)]} but {where} stored it as "
                     f"{what[e['kind']]}")
         if np.dtype(e["dtype"]) != arr.dtype:
@@ -247,11 +260,31 @@ def _mismatch(m: _files.Manifest, entries: Mapping[str, StateValue], rank: int,
             if tuple(e["global_shape"]) != value.global_shape:
                 return (f"state[{name!r}] has global shape {value.global_shape} but {where} "
                         f"stored {tuple(e['global_shape'])}")
+        elif isinstance(value, Rows):
+            if e["count"] != (mine := _count_of(entries, value)):
+                return (f"state[{name!r}] is counted by state[{mine!r}] but {where} counted it "
+                        f"with {e['count']!r}")
+            if arr.shape[1:] != tuple(m.ranks[0][name]["shape"][1:]):
+                return (f"state[{name!r}] has rows of shape {arr.shape[1:]} but {where} stored "
+                        f"{tuple(m.ranks[0][name]['shape'][1:])}")
+            if m.nranks != size:
+                lo, hi = _row_share(sum(r[name]["rows"] for r in m.ranks), rank, size)
+                if hi - lo > arr.shape[0]:
+                    return (f"state[{name!r}] has room for {arr.shape[0]} rows on rank {rank}, "
+                            f"but its even share of {where}'s rows on {size} ranks is "
+                            f"{hi - lo}; give the array more capacity")
+            elif arr.shape != tuple(m.ranks[rank][name]["shape"]):
+                return (f"state[{name!r}] has room for {arr.shape[0]} rows on rank {rank} but "
+                        f"{where} stored {m.ranks[rank][name]['shape'][0]}")
+        elif m.nranks != size and name in counts:
+            if arr.shape != () or arr.dtype.kind not in "iu":
+                return f"state[{name!r}] counts state[{counts[name]!r}]: it must be a 0-d integer array"
         elif m.nranks != size:
             return (f"state[{name!r}] is per-rank state (a plain ndarray) and restores only onto "
                     f"the same rank count: {where} was written by {m.nranks} ranks but this run "
                     f"has {size}. Resume on {m.nranks} ranks, or make {name!r} a ulfmpy.Block "
-                    "of a global array so it can be redistributed")
+                    "of a global array (or ulfmpy.Rows, for items that move between ranks) "
+                    "so it can be redistributed")
         elif tuple(m.ranks[rank][name]["shape"]) != arr.shape:
             return (f"state[{name!r}] has shape {arr.shape} on rank {rank} but {where} stored "
                     f"{tuple(m.ranks[rank][name]['shape'])}")
@@ -297,12 +330,40 @@ def _load_problems(m: _files.Manifest, entries: Mapping[str, StateValue], rank: 
                              f"{value.start}")]
                 for i, lst in parts.items():
                     targets.setdefault(i, {})[name] = lst
+            elif m.nranks != size and (isinstance(value, Rows) or name in _row_counts(m)):
+                _deal_rows(m, name, value, rank, size, targets)
             else:
-                full = tuple(slice(0, n) for n in value.shape)
-                targets.setdefault(rank, {})[name] = [(full, value)]
+                arr = local_array(value)
+                full = tuple(slice(0, n) for n in arr.shape)
+                targets.setdefault(rank, {})[name] = [(full, arr)]
         return _files.checkpoint_problems(m, verify=_share(m, rank, size), targets=targets)
     except Exception as exc:  # noqa: BLE001 - any read failure makes the checkpoint unusable
         return [(-1, True, f"reading checkpoint step {m.step} failed: {type(exc).__name__}: {exc}")]
+
+
+def _count_of(entries: Mapping[str, StateValue], rows: Rows) -> str:
+    from ulfmpy.state import count_name
+
+    return count_name(entries, rows)
+
+
+def _deal_rows(m: _files.Manifest, name: str, value: StateValue, rank: int, size: int,
+               targets: dict[int, dict[str, list[Any]]]) -> None:
+    """N→M for a collection: this rank's even share of all old ranks' rows
+    (in rank order) as read targets, or its count set to the share's length."""
+    rows_name = name if isinstance(value, Rows) else _row_counts(m)[name]
+    counts = [r[rows_name]["rows"] for r in m.ranks]
+    lo, hi = _row_share(sum(counts), rank, size)
+    if not isinstance(value, Rows):
+        value[...] = hi - lo
+        return
+    start = 0
+    for i, c in enumerate(counts):
+        a, b = max(lo, start), min(hi, start + c)
+        if a < b:
+            targets.setdefault(i, {})[name] = [((slice(a - start, b - start),),
+                                                value.local[a - lo:b - lo])]
+        start += c
 
 
 def _load(m: _files.Manifest, entries: Mapping[str, StateValue], rank: int,

@@ -210,8 +210,8 @@ def write_manifest(ckpt_dir: Path, step: int, infos: list[dict[str, Any]], *,
     entries: dict[str, dict[str, Any]] = {}
     for name in names:
         e0 = infos[0]["entries"][name]
-        entries[name] = {k: e0[k] for k in ("kind", "dtype", "global_shape") if k in e0}
-    ranks = [{name: {k: info["entries"][name][k] for k in ("shape", "start", "checksum")
+        entries[name] = {k: e0[k] for k in ("kind", "dtype", "global_shape", "count") if k in e0}
+    ranks = [{name: {k: info["entries"][name][k] for k in ("shape", "start", "rows", "checksum")
                      if k in info["entries"][name]} for name in names} for info in infos]
     layout = {"format": MANIFEST_FORMAT, "step": step, "nranks": len(infos),
               "files": [info["file"] for info in infos], "entries": entries, "ranks": ranks,
@@ -253,7 +253,7 @@ def _add_global_view(f: h5py.File, name: str, entry: dict[str, Any],
             sl = tuple(slice(s, s + n) for s, n in zip(start, shape))
             layout[sl] = h5py.VirtualSource(info["file"], name, shape=shape, dtype=dtype)
         f.create_virtual_dataset(name, layout)
-    elif entry["kind"] == "rank" and len(set(shapes)) == 1 and 0 not in shapes[0]:
+    elif entry["kind"] in ("rank", "rows") and len(set(shapes)) == 1 and 0 not in shapes[0]:
         layout = h5py.VirtualLayout(shape=(len(infos),) + shapes[0], dtype=dtype)
         for r, info in enumerate(infos):
             layout[r] = h5py.VirtualSource(info["file"], name, shape=shapes[0], dtype=dtype)

@@ -63,6 +63,8 @@ def _manifest_dict(m: _files.Manifest) -> dict[str, Any]:
         a = {"kind": e["kind"], "dtype": e["dtype"]}
         if e["kind"] == "block":
             a["global_shape"] = e["global_shape"]
+        if e["kind"] == "rows":
+            a["count"] = e["count"]
         a["ranks"] = [dict(r[name], file=f) for r, f in zip(m.ranks, m.files)]
         arrays[name] = a
     return {"path": str(m.path), "step": m.step, "nranks": m.nranks, "attrs": m.attrs,
@@ -97,6 +99,9 @@ def _print_manifest(d: dict[str, Any]) -> None:
         if a["kind"] == "block":
             print(f"  {name}: {a['dtype']} global {tuple(a['global_shape'])}, "
                   f"distributed over {len(a['ranks'])} blocks (virtual dataset /{name})")
+        elif a["kind"] == "rows":
+            print(f"  {name}: {a['dtype']} rows of a collection, count in {a['count']!r} "
+                  f"({sum(r['rows'] for r in a['ranks'])} rows over {len(a['ranks'])} ranks)")
         else:
             print(f"  {name}: {a['dtype']} per-rank")
         for r in a["ranks"]:

@@ -5,6 +5,9 @@ An app's ``state`` is a mapping from names to either
 * a :class:`Block` — this rank's block of a distributed global array (the
   block's local array, the global shape and the block's start index), which
   checkpoints can restore onto any rank count (N→M); or
+* a :class:`Rows` — this rank's rows of a collection spread over the ranks
+  in no fixed order (particles, agents, items): its first ``count`` rows,
+  which checkpoints deal out again on another rank count (N→M); or
 * a plain ``numpy.ndarray`` — per-rank state (scalars as 0-d arrays), which
   restores only onto the same rank count.
 
@@ -22,7 +25,7 @@ import numpy as np
 
 from ulfmpy.errors import ConfigError
 
-__all__ = ["Block", "normalize_state", "fingerprint", "state_nbytes"]
+__all__ = ["Block", "Rows", "normalize_state", "fingerprint", "state_nbytes"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,53 @@ class Block:
         return tuple(slice(s, s + n) for s, n in zip(self.start, self.local.shape))
 
 
-StateValue = Block | np.ndarray
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """This rank's rows of a collection whose rows may sit on any rank.
+
+    The first ``count`` rows of ``local`` hold this rank's items; the rest
+    is room to grow. ``count`` is a 0-d integer array the app updates in
+    place, and the state holds it too, under a name of its own (the
+    runtime restores it with the rows). Several arrays of one collection
+    (positions, velocities, ids) share one ``count``.
+
+    On the same rank count everything restores in place. On another (a
+    shrink, a resume with ``-n M``) the rows of all old ranks, in rank order,
+    are dealt out in even contiguous shares and ``count`` is set to the
+    share: rows arrive on ranks that may not own them, so the app must move
+    items to their owners in its step (a particle code's migration does).
+
+    Args:
+        local: the rows, ``(capacity, ...)``, a view into the app's arrays.
+        count: how many of them are in use, a 0-d integer array.
+    """
+
+    local: np.ndarray
+    count: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.local, np.ndarray) or self.local.ndim < 1:
+            raise ConfigError("Rows.local must be a numpy array with rows (at least 1-D)")
+        c = self.count
+        if not (isinstance(c, np.ndarray) and c.ndim == 0 and c.dtype.kind in "iu"):
+            raise ConfigError("Rows.count must be a 0-d integer numpy array (np.array(n)), "
+                              "updated in place, so the runtime can restore it")
+        if not 0 <= int(c) <= self.local.shape[0]:
+            raise ConfigError(f"Rows: count {int(c)} is outside 0..{self.local.shape[0]}, the "
+                              "rows the array has room for")
+
+
+StateValue = Block | Rows | np.ndarray
+
+
+def count_name(state: Mapping[str, StateValue], rows: Rows) -> str:
+    """The name under which ``state`` holds a :class:`Rows`' count. Local."""
+    for name, value in state.items():
+        if value is rows.count:
+            return name
+    raise ConfigError("a ulfmpy.Rows' count must be in the state too, under its own name "
+                      "(e.g. state['n'] = the same 0-d array), so that it is restored with "
+                      "the rows")
 
 
 def normalize_state(state: Any) -> dict[str, StateValue]:
@@ -112,20 +161,23 @@ def normalize_state(state: Any) -> dict[str, StateValue]:
         value = state[name]
         if not isinstance(name, str):
             raise ConfigError(f"app.state keys must be strings, got {name!r}")
-        if isinstance(value, Block):
+        if isinstance(value, (Block, Rows)):
             out[name] = value
         elif isinstance(value, np.ndarray):
             out[name] = value
         else:
             raise ConfigError(
                 f"app.state[{name!r}] is a {type(value).__name__}; use a numpy array "
-                "(0-d for scalars) or ulfmpy.Block")
+                "(0-d for scalars), ulfmpy.Block or ulfmpy.Rows")
+    for value in out.values():
+        if isinstance(value, Rows):
+            count_name(out, value)
     return out
 
 
 def local_array(value: StateValue) -> np.ndarray:
     """The array holding this rank's data for a state entry."""
-    return value.local if isinstance(value, Block) else value
+    return value.local if isinstance(value, (Block, Rows)) else value
 
 
 def state_nbytes(state: Mapping[str, StateValue]) -> int:
@@ -144,13 +196,15 @@ def fingerprint(comm: Any, state: Mapping[str, StateValue]) -> str:
     Collective over ``comm``; every rank must pass state with the same names
     and kinds. Distributed arrays are assembled in global index order, so the
     fingerprint does not depend on the rank count or decomposition; per-rank
-    arrays are hashed in rank order.
+    arrays are hashed in rank order; a :class:`Rows` collection as its rows
+    sorted, whatever rank holds them.
 
     Returns:
         a hex string (blake2b, 128 bits).
     """
     state = normalize_state(state)
     rank = comm.Get_rank()
+    counts = {count_name(state, v) for v in state.values() if isinstance(v, Rows)}
     h = hashlib.blake2b(digest_size=16)
     for name, value in state.items():
         if isinstance(value, Block):
@@ -169,6 +223,22 @@ def fingerprint(comm: Any, state: Mapping[str, StateValue]) -> str:
                         f"state[{name!r}]: the ranks' blocks do not cover the global array")
                 _hash_header(h, name, "block", full.dtype, full.shape)
                 h.update(np.ascontiguousarray(full).tobytes())
+        elif isinstance(value, Rows) or name in counts:
+            # A collection's rows in any order on any ranks: hashed as the
+            # sorted rows of all ranks (a count as the total), so the
+            # fingerprint does not depend on where they sit.
+            mine = (np.ascontiguousarray(value.local[:int(value.count)])
+                    if isinstance(value, Rows) else int(value))
+            parts = comm.gather(mine, root=0)
+            if rank == 0:
+                if isinstance(value, Rows):
+                    rows = np.concatenate(parts).reshape(sum(len(p) for p in parts), -1)
+                    rows = rows[np.lexsort(rows.T[::-1])] if rows.size else rows
+                    _hash_header(h, name, "rows", value.local.dtype, value.local.shape[1:])
+                    h.update(np.ascontiguousarray(rows).tobytes())
+                else:
+                    _hash_header(h, name, "count", value.dtype, ())
+                    h.update(str(sum(parts)).encode())
         else:
             parts = comm.gather(np.ascontiguousarray(value), root=0)
             if rank == 0:

@@ -34,7 +34,7 @@ class Particles:
         self.n = np.array(len(mine))
         self.x[:len(mine)], self.v[:len(mine)], self.id[:len(mine)] = x0[mine], v0[mine], mine
         self.energy = np.zeros(1)
-    state = property(lambda self: {"x": self.x, "v": self.v, "id": self.id, "n": self.n})
+    state = property(lambda self: {"x": ulfmpy.Rows(self.x, self.n), "v": ulfmpy.Rows(self.v, self.n), "id": ulfmpy.Rows(self.id, self.n), "n": self.n})
 
     def owner(self, x):
         return np.minimum((x / L * self.comm.Get_size()).astype(int), self.comm.Get_size() - 1)

@@ -22,7 +22,7 @@ from ulfmpy.checkpoint import (
     restore_from_memory,
 )
 from ulfmpy.errors import CheckpointError, RestoreError
-from ulfmpy.state import Block
+from ulfmpy.state import Block, Rows, fingerprint
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
@@ -182,6 +182,62 @@ def test_restore_n_to_m(comm, mpi_tmp_path):
             store.save(7, make_state(sub, 7, per_rank=False))
         sub.Free()
     results.append(outcome(_restore_on, comm, run2, "rows"))
+    agree(comm, all(r is True and e is None for r, e in results), results)
+
+
+def particles(comm, cap: int = 40, *, fill: bool = True):
+    """A Rows collection: rank r holds 3r+2 items (uneven), ids and 2-vectors."""
+    rank = comm.Get_rank()
+    n = np.array(3 * rank + 2 if fill else 0)
+    first = sum(3 * r + 2 for r in range(rank))
+    ids, xy = np.full(cap, -1.0), np.full((cap, 2), -1.0)
+    if fill:
+        ids[:n] = np.arange(first, first + n)
+        xy[:n] = np.stack([ids[:n] * 0.5, -ids[:n]], axis=1)
+    return {"id": Rows(ids, n), "xy": Rows(xy, n), "n": n}
+
+
+def _rows_on(sub, run, total):
+    state = particles(sub, fill=False)
+    rec = restore(sub, run, state)
+    n = int(state["n"])
+    lo, hi = total * sub.Get_rank() // sub.Get_size(), total * (sub.Get_rank() + 1) // sub.Get_size()
+    ids = state["id"].local[:n]
+    return (rec.step == 5 and n == hi - lo and np.array_equal(ids, np.arange(lo, hi))
+            and np.array_equal(state["xy"].local[:n], np.stack([ids * 0.5, -ids], axis=1)))
+
+
+@pytest.mark.mpi(min_size=3)
+def test_rows_restore_onto_another_rank_count(comm, mpi_tmp_path):
+    """A ulfmpy.Rows collection is dealt out N→M: the old ranks' rows in rank
+    order, an even contiguous share each, the count set; its fingerprint
+    does not depend on where the rows sit."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    total = sum(3 * r + 2 for r in range(size))
+    run = mpi_tmp_path / "rows"
+    state = particles(comm)
+    want = fingerprint(comm, state)
+    with CheckpointStore(comm, run, mode="sync") as store:
+        store.save(5, state)
+    results = []
+    for m in (size - 1, 2):
+        sub = comm.Split(0 if rank < m else MPI.UNDEFINED, rank)
+        if sub != MPI.COMM_NULL:
+            results.append(outcome(_rows_on, sub, run, total))
+            sub.Free()
+    # the same rows spread another way give the same fingerprint
+    moved = particles(comm, fill=False)
+    restore(comm, run, moved)
+    moved["id"].local[:int(moved["n"])] = moved["id"].local[:int(moved["n"])][::-1].copy()
+    moved["xy"].local[:int(moved["n"])] = moved["xy"].local[:int(moved["n"])][::-1].copy()
+    results.append((fingerprint(comm, moved) == want, None))
+    # a state too small for its share is refused with the reason
+    sub = comm.Split(0 if rank == 0 else MPI.UNDEFINED, rank)
+    if sub != MPI.COMM_NULL:
+        _, exc = outcome(restore, sub, run, particles(sub, cap=total - 1, fill=False))
+        ok = isinstance(exc, RestoreError) and "give the array more capacity" in str(exc)
+        results.append((ok, None if ok else str(exc)))
+        sub.Free()
     agree(comm, all(r is True and e is None for r, e in results), results)
 
 

@@ -4,7 +4,7 @@ plain program's result under flips and kills (apps/tutorials).
 - heat2d: Create_cart/Shift, subarray datatypes for rows and columns,
   Isend/Irecv with default tags, MPI.Request.Waitall, a buffer swap;
 - life: Sendrecv on a 1D split, an object allreduce every step;
-- particles: Alltoall + Alltoallv migration and Reduce, per-rank arrays.
+- particles: Alltoall + Alltoallv migration and Reduce, ulfmpy.Rows (N→M).
 
 Each run's own printed checksum is compared with the plain program's, run
 with ``ulfmpy run`` and no ulfmpy in it.
@@ -54,15 +54,20 @@ CASES = [
     ("life", ["--recovery", "respawn", "--detect-every", "1", "--bounds", "board=0:1",
               "--inject", "bitflip:rank=1,step=30,bit=1", "--inject", "kill:rank=2,step=60"]),
     ("life", ["--recovery", "shrink", "--ckpt-every", "20", "--inject", "kill:rank=0,step=55"]),
+    ("life", ["--spares", "1", "--inject", "kill:rank=1,step=45"]),
     ("particles", ["--spares", "1", "--detect-every", "1", "--bounds", "x=0:1",
                    "--inject", "bitflip:rank=1,step=30,array=x,index=3,bit=62",
                    "--inject", "kill:rank=3,step=60"]),
+    ("particles", ["--recovery", "respawn", "--inject", "kill:rank=1,step=60"]),
+    # ulfmpy.Rows: the dead rank's particles come back dealt out over 3 ranks
+    ("particles", ["--recovery", "shrink", "--ckpt-every", "20", "--inject", "kill:rank=2,step=60"]),
 ]
 
 
 @pytest.mark.parametrize("name,args", CASES,
                          ids=["heat2d-defaults", "heat2d-spare", "heat2d-shrink", "heat2d-respawn-rank0",
-                              "life-respawn", "life-shrink", "particles-spare"])
+                              "life-respawn", "life-shrink", "life-spare", "particles-spare",
+                              "particles-respawn", "particles-shrink"])
 def test_protected_port_is_exact(tmp_path, plain, name, args):
     require_ulfm()
     res = run_ulfmpy(["-n", "4", *args, str(APPS / "tutorials" / f"{name}.py"), *STEPS],
@@ -73,6 +78,8 @@ def test_protected_port_is_exact(tmp_path, plain, name, args):
     kills, flips = (sum(a.startswith(k) for a in args) for k in ("kill", "bitflip"))
     assert s["escaped_faults"] == 0 and len(s["recoveries"]) == kills, s
     assert len(res.events("detection")) >= flips, s  # each flip was found
+    if "shrink" in args:
+        assert s["ranks"] == 3 and s["recoveries"][0]["policy"] == "shrink", s
 
 
 def test_the_port_runs_as_plain_mpi4py_with_no_resilience(tmp_path, plain):

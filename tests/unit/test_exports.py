@@ -6,7 +6,7 @@ import sys
 import ulfmpy
 
 PUBLIC = {
-    "Runtime", "range", "Block", "fingerprint", "register_detector", "UlfmpyError", "ConfigError",
+    "Runtime", "range", "Block", "Rows", "fingerprint", "register_detector", "UlfmpyError", "ConfigError",
     "LaunchError", "UlfmUnavailable", "CheckpointError", "RestoreError", "UnsupportedCall",
     "RetriesExhausted", "RecoveryFailed", "FaultSignal", "ProcessFailure", "CommRevoked",
     "__version__",

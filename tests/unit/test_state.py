@@ -88,3 +88,21 @@ def test_closure_rule():
     assert closure({1}, [R(), R(diverged="x"), R(), R()], 4) == {0, 1, 2, 3}
     # a lone catch-up that reached a neighbour re-executes with it
     assert closure((), [R(repaired_steps=3, contaminated=frozenset({1})), R(), R()], 3) == {0, 1}
+
+
+def test_rows_need_their_count_in_the_state_and_a_0d_integer_count():
+    import numpy as np
+    import pytest
+
+    from ulfmpy.errors import ConfigError
+    from ulfmpy.state import Rows, normalize_state
+
+    n = np.array(3)
+    rows = Rows(np.zeros(10), n)
+    assert list(normalize_state({"x": rows, "n": n})) == ["n", "x"]
+    with pytest.raises(ConfigError, match="count must be in the state too"):
+        normalize_state({"x": rows})
+    with pytest.raises(ConfigError, match="0-d integer"):
+        Rows(np.zeros(10), np.array(3.0))
+    with pytest.raises(ConfigError, match="outside 0..10"):
+        Rows(np.zeros(10), np.array(11))
