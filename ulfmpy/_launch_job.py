@@ -157,8 +157,7 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
                 seen = time.monotonic() if markers or leaving else None
             if seen is not None and time.monotonic() - seen > grace:
                 why = (f"a rank stopped on an error ({_first_error(markers)})" if markers else
-                       f"rank {leaving[0]['rank']} left for a relaunch (status "
-                       f"{leaving[0]['code']})")
+                       f"rank {leaving[0]['rank']} left the job (status {leaving[0]['code']})")
                 print(f"ulfmpy run: {why} and the job did not end within {grace:.0f} s; "
                       "ending it", file=sys.stderr)
                 _end_job(proc, run_dir)

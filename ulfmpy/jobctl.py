@@ -281,7 +281,7 @@ def write_abort_marker(run_dir: str, uid: int, **record: Any) -> None:
 
 
 def write_exit_marker(run_dir: str, uid: int, code: int) -> None:
-    """Say that process ``uid`` leaves this launch with ``code`` (for relaunch). Local.
+    """Say that process ``uid`` leaves this launch with ``code`` (a relaunch, a halt). Local.
 
     A rank that leaves with ``os._exit`` is not always seen by its peers as
     failed under ULFM (they were found waiting on it for good): the
@@ -294,7 +294,7 @@ def write_exit_marker(run_dir: str, uid: int, code: int) -> None:
 
 
 def exit_markers(run_dir: str, launch: str | None = None) -> list[dict[str, Any]]:
-    """The exit-for-relaunch markers of this launch (or of ``launch``). Local."""
+    """The exit markers (relaunch, halt) of this launch (or of ``launch``). Local."""
     return abort_markers(run_dir, launch, pattern="exit-rank-*.json")
 
 

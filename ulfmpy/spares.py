@@ -137,6 +137,14 @@ def leave_halted(events: Any, *, finalize: bool) -> None:
     stop_zygote()
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        # If MPI_Finalize or mpirun does not end (seen once in 26 halts), the
+        # launcher ends the job after its grace period and reports 79.
+        from ulfmpy import jobctl
+
+        jobctl.write_exit_marker(str(events.path.parent.parent), events.rank, EXIT_HALTED)
+    except (OSError, AttributeError):
+        pass
     if finalize:
         # Skipped after a failure: Open MPI's finalize was seen to wait on
         # the dead process (teardown.guard_finalize).

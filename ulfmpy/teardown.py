@@ -357,7 +357,12 @@ def free_at_exit(comms: Any, resilient: Any = None) -> None:
     free_quietly(comms)
 
 
-def agree_at_exit(compute: Any) -> None:
+#: How long a rank waits at exit for the others (agree_at_exit) before it
+#: leaves without them: its own communication is over by then.
+EXIT_AGREE_S = 60.0
+
+
+def agree_at_exit(compute: Any, patience: float = EXIT_AGREE_S) -> None:
     """Wait, at interpreter exit, until every compute rank is there. Collective
     over the compute ranks (a fault-tolerant agreement: a rank that died
     meanwhile does not hang it).
@@ -367,11 +372,27 @@ def agree_at_exit(compute: Any) -> None:
     app's code after the loop was done (a non-root of ``gather``) left at
     once, and ULFM then reported the root's ``gather`` as failed
     (``MPI_ERR_PROC_FAILED``, seen on a respawned rank 0 about half the time).
+
+    A peer that leaves without agreeing (``os._exit`` in the app) and whose
+    end ULFM does not report (a respawned rank is a spawned job, whose
+    deaths Open MPI 5.0 does not always propagate) would hang it, so after
+    ``patience`` seconds the rank says so and leaves: everything it had to
+    communicate is done when it gets here.
     """
     if MPI.Is_finalized():
         return
+    import numpy as np
+
     try:
-        compute.Agree(1)
+        req = compute.Iagree(np.ones(1, dtype=np.intc))
+        deadline = time.monotonic() + patience
+        while not req.Test():
+            if time.monotonic() > deadline:
+                print(f"ulfmpy: rank {compute.Get_rank()}: the other ranks did not reach the "
+                      f"end of the program within {patience:g} s; leaving without them",
+                      file=sys.stderr, flush=True)
+                return
+            time.sleep(0.005)
     except MPI.Exception:
         pass
 

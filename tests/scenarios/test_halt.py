@@ -127,6 +127,20 @@ def test_the_wall_time_halts_without_any_signal(tmp_path):
     assert resumed.summary["fingerprint"] == ref.summary["fingerprint"]
 
 
+def test_a_halted_job_that_does_not_end_is_ended_with_the_halt_status(tmp_path):
+    """Every rank halted, but one never gets out of MPI_Finalize: the
+    launcher ends the job after its grace period and reports 79 (without
+    the halt's exit markers this run hangs until the test's timeout)."""
+    app = [str(TEST_APPS / "finalize_hangs.py"), "--steps", "100"]
+    res = run_ulfmpy(["-n", "4", "--walltime", "4s", "--halt-before", "2s", *app,
+                      "--slow-from", "0", "--slow-s", "0.05"], tmp_path / "run", timeout=60)
+    assert res.returncode == EXIT_HALTED, res
+    assert "did not end within 5 s; ending it" in res.stderr, res
+    assert len({h["step"] for h in res.events("halt")}) == 1
+    assert res.events("halt") and all(h["committed_step"] == h["step"]
+                                      for h in res.events("halt")), res
+
+
 def test_with_halting_off_a_signal_ends_the_job_without_a_checkpoint(tmp_path):
     # The test above fails when halt handling is switched off: this is what a
     # user gets then (and the off switch works).
