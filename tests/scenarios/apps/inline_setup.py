@@ -11,7 +11,7 @@ and take no part.
 30 (another ``alpha``): a replacement that used what it reads now, or that
 broadcast live, would compute another result (or wait forever).
 ``--diverge FILE``: rank 0 creates FILE at step 30, and a set-up that finds
-it makes a call the first run did not (a message to itself).
+it (a replacement's) makes a call the first run did not (a message to itself).
 ``--unlogged``: the set-up makes a call ulfmpy passes through unlogged.
 """
 
@@ -45,7 +45,7 @@ def main():
     params = comm.bcast(params, root=0)
     if args.unlogged:
         comm.Ibarrier().Wait()  # passed through, not logged: no fast-forward
-    if rank == 0 and args.diverge and os.path.exists(args.diverge):
+    if args.diverge and os.path.exists(args.diverge):
         comm.sendrecv("again", dest=rank, source=rank)
     n = args.n
     counts = [(n // size + (r < n % size)) * n for r in range(size)]
