@@ -24,7 +24,7 @@ import numpy as np
 
 from ulfmpy import _ckpt_files as _files
 from ulfmpy.errors import CheckpointError, RestoreError
-from ulfmpy.state import Block, Rows, StateValue, local_array, normalize_state
+from ulfmpy.state import Block, Rows, StateValue, count_name, local_array, normalize_state
 
 __all__ = ["MemoryCopy", "RestoreRecord", "restore", "restore_from_memory"]
 
@@ -261,7 +261,7 @@ def _mismatch(m: _files.Manifest, entries: Mapping[str, StateValue], rank: int,
                 return (f"state[{name!r}] has global shape {value.global_shape} but {where} "
                         f"stored {tuple(e['global_shape'])}")
         elif isinstance(value, Rows):
-            if e["count"] != (mine := _count_of(entries, value)):
+            if e["count"] != (mine := count_name(entries, value)):
                 return (f"state[{name!r}] is counted by state[{mine!r}] but {where} counted it "
                         f"with {e['count']!r}")
             if arr.shape[1:] != tuple(m.ranks[0][name]["shape"][1:]):
@@ -339,12 +339,6 @@ def _load_problems(m: _files.Manifest, entries: Mapping[str, StateValue], rank: 
         return _files.checkpoint_problems(m, verify=_share(m, rank, size), targets=targets)
     except Exception as exc:  # noqa: BLE001 - any read failure makes the checkpoint unusable
         return [(-1, True, f"reading checkpoint step {m.step} failed: {type(exc).__name__}: {exc}")]
-
-
-def _count_of(entries: Mapping[str, StateValue], rows: Rows) -> str:
-    from ulfmpy.state import count_name
-
-    return count_name(entries, rows)
 
 
 def _deal_rows(m: _files.Manifest, name: str, value: StateValue, rank: int, size: int,

@@ -513,6 +513,9 @@ def _vblocks(buf: Any, n: int, call: str, w: bool = False) -> list[Any]:
             raise UnsupportedCall(f"{call}: give {forms}, with {n} byte displacements "
                                   f"and {n} datatypes")
     else:
+        if types is not None and not isinstance(types, MPI.Datatype):
+            raise UnsupportedCall(f"{call}: give one datatype ({forms}); a datatype per "
+                                  "neighbour is Neighbor_alltoallw")
         types = [from_numpy_dtype(arr.dtype) if types is None else types] * n
         if displs is None:
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 import shlex
@@ -94,7 +95,65 @@ def find_mpirun(explicit: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=8)
 def detect_mpi(mpirun: str) -> MPIInfo:
-    """Ask ``mpirun --version`` (and ``ompi_info``) what MPI this is."""
+    """Ask ``mpirun --version`` (and ``ompi_info``) what MPI this is.
+
+    The answer is kept on disk (``$XDG_CACHE_HOME/ulfmpy``), keyed by both
+    programs' paths, sizes and modification times: the two programs take
+    about 60 ms, which every launch (and every relaunch) would pay again.
+    """
+    key = _mpi_key(mpirun)
+    cache = _mpi_cache_path()
+    known = _read_json(cache).get(key) if key else None
+    if isinstance(known, dict):
+        try:
+            return MPIInfo(mpirun, known["implementation"], tuple(known["version"]),
+                           bool(known["ulfm"]))
+        except (KeyError, TypeError):
+            pass
+    info = _detect_mpi(mpirun)
+    if key:
+        entries = _read_json(cache)
+        entries[key] = {"implementation": info.implementation, "version": list(info.version),
+                        "ulfm": info.ulfm}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return info
+
+
+def _mpi_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ulfmpy" / "mpi-info.json"
+
+
+def _mpi_key(mpirun: str) -> str | None:
+    """What the answer depends on: mpirun and ompi_info as files, or None."""
+    parts = []
+    for exe in (mpirun, str(Path(mpirun).parent / "ompi_info")):
+        try:
+            st = os.stat(exe)
+        except OSError:
+            if exe == mpirun:
+                return None
+            parts.append(f"{exe}:-")
+            continue
+        parts.append(f"{os.path.realpath(exe)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _detect_mpi(mpirun: str) -> MPIInfo:
     try:
         out = subprocess.run([mpirun, "--version"], capture_output=True, text=True,
                              timeout=60).stdout

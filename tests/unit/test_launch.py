@@ -336,3 +336,31 @@ def test_a_completed_run_that_lost_a_respawned_rank_is_told_apart(tmp_path, logs
     assert _recovered_spawned_death(str(run_dir), started=time.time() - 60) is expected
     # Files from before this launch (a reused run directory) never count.
     assert _recovered_spawned_death(str(run_dir), started=time.time() + 60) is False
+
+
+def test_what_mpi_this_is_is_asked_once_per_install(tmp_path, monkeypatch):
+    """detect_mpi keeps the answer on disk, keyed by the programs' files: a
+    second launch does not run them again; a changed mpirun is asked anew."""
+    import os
+
+    from ulfmpy import launch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = tmp_path / "calls"
+    for name, text in (("mpirun", "mpirun (Open MPI) 5.0.3"), ("ompi_info", "ft_mpi_support:yes")):
+        exe = tmp_path / "bin" / name
+        exe.parent.mkdir(exist_ok=True)
+        exe.write_text(f"#!/bin/sh\necho {name} >> {calls}\necho '{text}'\n")
+        exe.chmod(0o755)
+    mpirun = str(tmp_path / "bin" / "mpirun")
+    for _ in range(2):
+        launch.detect_mpi.cache_clear()
+        info = launch.detect_mpi(mpirun)
+        assert (info.implementation, info.version, info.ulfm) == ("openmpi", (5, 0, 3), True)
+    assert calls.read_text().split() == ["mpirun", "ompi_info"]  # the second came from disk
+    (tmp_path / "bin" / "mpirun").write_text(
+        f"#!/bin/sh\necho mpirun >> {calls}\necho 'mpirun (Open MPI) 5.0.9'\n")
+    os.utime(tmp_path / "bin" / "mpirun", ns=(1, 1))
+    launch.detect_mpi.cache_clear()
+    assert launch.detect_mpi(mpirun).version == (5, 0, 9)
+    launch.detect_mpi.cache_clear()
