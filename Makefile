@@ -35,7 +35,7 @@ demo: $(STAMP)
 # (installing munge and Slurm from the distribution's packages if missing) and down.
 test: $(STAMP)
 	$(MPI_TIER)
-	slurm/with-localcluster $(PY) -m pytest -p no:cacheprovider -q tests/unit tests/scenarios tests/slurm
+	slurm/with-localcluster $(PY) -m pytest -p no:cacheprovider -q --durations=25 tests/unit tests/scenarios tests/slurm
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -q tests/unit
