@@ -206,6 +206,8 @@ def launch(args: list[str], run_dir: Path, logs: Path, *, cwd: str, timeout: flo
         except BaseException:                     # Ctrl-C: the job must not outlive us
             _kill_all(proc, str(run_dir))
             raise
+        if timed_out:
+            stacks = dump_stacks(_processes_of(str(run_dir)), Path(f"{logs}.stacks"))
         if timed_out or killed:
             left = _kill_all(proc, str(run_dir))
         else:
@@ -230,7 +232,33 @@ def launch(args: list[str], run_dir: Path, logs: Path, *, cwd: str, timeout: flo
             info["kill_trigger"] = trigger.seen
     if timed_out:
         info["last_events"] = _last_events(run_dir)
+        info["stacks"] = stacks
     return out, info
+
+
+def dump_stacks(pids: list[int], path: Path, *, limit: int = 12) -> str | None:
+    """Before a timed-out run is killed: every thread's C stack of its
+    processes (``gdb -batch``), into ``path``, so a HANG shows where each
+    rank waited (an MPI call, a lock). Returns the path, or None without
+    gdb or processes. Local; at most ``limit`` processes, 20 s each."""
+    gdb = shutil.which("gdb")
+    if not gdb or not pids:
+        return None
+    with open(path, "w") as out:
+        for pid in pids[:limit]:
+            try:
+                cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            out.write(f"=== pid {pid}: {cmd.decode(errors='replace').strip()}\n")
+            out.flush()
+            try:
+                subprocess.run([gdb, "-batch", "-nx", "-p", str(pid), "-ex",
+                                "thread apply all bt"], stdout=out, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, timeout=20)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                out.write(f"(gdb: {exc})\n")
+    return str(path)
 
 
 def _last_events(run_dir: Path) -> dict[str, str]:
