@@ -61,13 +61,15 @@ CASES = [
     ("particles", ["--recovery", "respawn", "--inject", "kill:rank=1,step=60"]),
     # ulfmpy.Rows: the dead rank's particles come back dealt out over 3 ranks
     ("particles", ["--recovery", "shrink", "--ckpt-every", "20", "--inject", "kill:rank=2,step=60"]),
+    # the same at the defaults (no checkpoint): 3 ranks start the particles afresh
+    ("particles", ["--recovery", "shrink", "--inject", "kill:rank=2,step=60"]),
 ]
 
 
 @pytest.mark.parametrize("name,args", CASES,
                          ids=["heat2d-defaults", "heat2d-spare", "heat2d-shrink", "heat2d-respawn-rank0",
                               "life-respawn", "life-shrink", "life-spare", "particles-spare",
-                              "particles-respawn", "particles-shrink"])
+                              "particles-respawn", "particles-shrink", "particles-shrink-defaults"])
 def test_protected_port_is_exact(tmp_path, plain, name, args):
     require_ulfm()
     res = run_ulfmpy(["-n", "4", *args, str(APPS / "tutorials" / f"{name}.py"), *STEPS],
