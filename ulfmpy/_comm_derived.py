@@ -20,6 +20,7 @@ the parent's: one family, one segment.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from mpi4py import MPI
@@ -33,15 +34,13 @@ __all__ = ["DerivedComm", "CartComm", "DistGraphComm", "SplitComm", "SubCartComm
 
 
 def _shared(name: str) -> property:
-    """An attribute every member of the family shares: the root's."""
-
-    def get(self: "DerivedComm") -> Any:
-        return getattr(self._root, name)
+    """An attribute every member of the family shares: the root's (read by
+    a C getter: these are read on every call of the hot path)."""
 
     def put(self: "DerivedComm", value: Any) -> None:
         setattr(self._root, name, value)
 
-    return property(get, put)
+    return property(attrgetter(f"_root.{name}"), put)
 
 
 class DerivedComm(ResilientComm):

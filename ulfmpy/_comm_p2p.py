@@ -157,6 +157,24 @@ class _PointToPoint:
         self._send("Rsend", buf, dest, tag)
 
     def _isend(self, call: str, buf: Any, dest: int, tag: int) -> Request:
+        root = self._root
+        if root.mode == "live" and root.failure is None and not self._dropped and (
+                dest >= 0 or (dest == _PROC_NULL and root.void_on_failure)):
+            # The fault-free path of every step, written out for speed (the
+            # general path below gives the same result): live sends are
+            # neither copied nor counted (see _send_token).
+            if root._pending:
+                root._settle()
+            if dest < 0:
+                return Request.make(self, None, call)  # completes at once: no MPI call needed
+            if type(buf) is not _ndarray:
+                _check_buffer(buf, call)
+            try:
+                req = getattr(self._comm, call)(buf, dest, tag)
+            except MPI.Exception as exc:
+                self._fail(call, exc)  # returns only when the failure voids the step
+                req = None
+            return Request.make(self, req, call)
         if self._voided():
             return Request.make(self, None, call)
         if self._pending:
@@ -226,6 +244,14 @@ class _PointToPoint:
                 _fill_status(status, source, self._logged_tag(source, tag, seq), data)
 
     def Irecv(self, buf: Any, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Request:  # noqa: N802
+        root = self._root
+        if root.mode == "live" and root.failure is None and not self._dropped:
+            if source >= 0:
+                return self._irecv_live(root, buf, source, tag)
+            if source == _PROC_NULL and root.void_on_failure:
+                if root._pending:
+                    root._settle()
+                return Request.make(self, None, "Irecv")  # completes at once, receives nothing
         if self._voided():
             return Request.make(self, None, "Irecv")
         if self._pending:
@@ -266,6 +292,40 @@ class _PointToPoint:
         if data is not None:
             _deliver(buf, data, "Irecv")
         return Request.make(self, None, "Irecv")
+
+    def _irecv_live(self, root: Any, buf: Any, source: int, tag: int) -> Request:
+        """Irecv from a named source in a live segment without a failure:
+        the fault-free path of every step, written out for speed. The
+        buffer's rules are checked before anything is posted; the message is
+        logged (the datatype's elements only) when the request completes,
+        in posting order: messages from one source match in that order."""
+        if root._pending:
+            root._settle()
+        if type(buf) is _ndarray:
+            arr, lay = buf, None
+        else:
+            spec = _layout(buf, "Irecv")
+            if spec is None:
+                arr, lay = _payload(buf, "Irecv"), None  # the array itself
+            else:
+                arr, lay = spec
+        try:
+            req = self._comm.Irecv(buf, source, tag)
+        except MPI.Exception as exc:
+            self._fail("Irecv", exc)  # returns only when the failure voids the step
+            return Request.make(self, None, "Irecv")
+        ch, seq = self.log.reserve(source, tag)
+        if lay is None:
+            def keep(_: Any, status: Any) -> None:
+                _put(ch, seq, arr)
+                if tag == _ANY_TAG:
+                    ch.tag(seq, status.Get_tag() if status is not None else None)
+        else:
+            def keep(_: Any, status: Any) -> None:
+                _put(ch, seq, lay.pack(arr))
+                if tag == _ANY_TAG:
+                    ch.tag(seq, status.Get_tag() if status is not None else None)
+        return Request.make(self, req, "Irecv", keep)
 
     def Sendrecv(self, sendbuf: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
                  source: int = MPI.ANY_SOURCE, recvtag: int = MPI.ANY_TAG,

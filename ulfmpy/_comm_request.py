@@ -27,6 +27,7 @@ __all__ = ["Request"]
 
 _MPIRequest = MPI.Request  # the class itself: MPI.Request may name ours inside rt.loop
 _NULL = MPI.REQUEST_NULL
+_new = _MPIRequest.__new__
 
 
 class Request(_MPIRequest):
@@ -51,12 +52,16 @@ class Request(_MPIRequest):
         which unpickles, and completes through it; it holds no handle itself.
         """
         lower = call.islower()
-        self = cls(req if req is not None and not lower else _NULL)
-        self._comm, self._call, self._value, self._lower = comm, call, value, lower
-        self._keep = req
+        # mpi4py's constructor copies the handle; ours (for Request() calls
+        # outside ulfmpy) is skipped: every slot is set here, once.
+        self = _new(cls, req if req is not None and not lower else _NULL)
+        self._comm, self._call, self._value, self._lower, self._keep = \
+            comm, call, value, lower, req
         if req is not None and on_complete is not None:
             self._on_complete = on_complete
             comm._pending.append(self)
+        else:
+            self._on_complete = None
         return self
 
     def _finish(self, value: Any = None, status: Any = None) -> Any:
@@ -237,15 +242,25 @@ def _wait_batch(comm: Any, requests: Sequence[Request], statuses: Any) -> list[A
     segment): one MPI_Waitall, then each logs what it received."""
     if not comm._voided():
         st = statuses
-        if st is None and any(r._on_complete is not None for r in requests):
-            st = [MPI.Status() for _ in requests]
+        if st is None:
+            for r in requests:
+                if r._on_complete is not None:
+                    st = comm._root._statuses(len(requests))
+                    break
         try:
             _MPIRequest.Waitall(requests, st)
         except MPI.Exception as exc:
             comm._fail("Request.Waitall", exc)  # returns only when the failure voids the step
         else:
-            return [r._finish(None, st[i] if st is not None else None)
-                    for i, r in enumerate(requests)]
+            if st is None:
+                out = [r._value for r in requests]
+            else:
+                out = [r._value if r._on_complete is None else r._finish(None, st[i])
+                       for i, r in enumerate(requests)]
+            root = comm._root
+            if root._pending:  # they are logged: the next call need not look at them
+                root._pending = [r for r in root._pending if r._on_complete is not None]
+            return out
     for r in requests:
         r._on_complete = None
     return [r._value for r in requests]

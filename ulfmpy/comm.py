@@ -116,6 +116,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
 
     def __init__(self, comm: MPI.Comm, *, ft: bool = True) -> None:
         set_handle(self, comm)
+        self._root = self  # the family's shared state lives on the root (derived comms read it)
         self._comm = comm
         self._replay_comm: MPI.Comm | None = None
         self.ft = ft
@@ -151,12 +152,35 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
         self._ff_logs: list[MessageLog] | None = None
         self._ff_self: MPI.Comm | None = None
 
+    _dropped = False  # a derived communicator whose app was rebuilt (never the root)
+    _status_pool: list[MPI.Status] = []
+
+    def _statuses(self, n: int) -> list[MPI.Status]:
+        """``n`` or more statuses to complete requests with, reused (each is
+        read as soon as its request is logged). Local."""
+        pool = self._status_pool
+        if len(pool) < n:
+            pool = self._status_pool = pool + [MPI.Status() for _ in range(n - len(pool))]
+        return pool
+
     def _root_flag(self, name: str) -> Any:
-        return getattr(getattr(self, "_root", self), name)
+        return getattr(self._root, name)
 
     def _settle(self) -> None:
-        """Log the receives of requests mpi4py completed behind our back. Local."""
-        self._pending = [r for r in self._pending if not r._settled()]
+        """Log the receives of requests mpi4py completed behind our back. Local.
+
+        Called before every call on the family while receives are pending,
+        so it is written for speed: a request still active stays, one that
+        is finished goes, one whose handle mpi4py nulled is logged now."""
+        keep = []
+        for r in self._pending:
+            if r._on_complete is None:
+                continue
+            if r._lower or r:  # a live handle (lowercase ones finish only through us)
+                keep.append(r)
+            else:
+                r._finish()
+        self._pending = keep
 
     # -- plumbing ---------------------------------------------------------
     @property

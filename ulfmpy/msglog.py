@@ -111,6 +111,13 @@ def _layout(buf: Any, call: str) -> tuple[np.ndarray, _Layout] | None:
     with a derived datatype or an explicit count: the array and its layout
     (cached per datatype, count, displacement and array size). None for a
     whole array of a predefined type."""
+    if type(buf) is list and len(buf) == 3:
+        # The usual form, [array, 1, type], looked up before it is parsed.
+        arr, count, dt = buf
+        if type(count) is int and type(arr) is np.ndarray:
+            hit = _LAYOUTS.get((id(dt), count, 0, arr.nbytes))
+            if hit is not None:
+                return arr, hit[1]
     if not (isinstance(buf, (list, tuple)) and len(buf) >= 2 and type(buf[0]) is np.ndarray):
         return None
     arr, dt = buf[0], buf[-1]
