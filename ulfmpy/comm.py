@@ -179,8 +179,21 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
             if r._lower or r:  # a live handle (lowercase ones finish only through us)
                 keep.append(r)
             else:
+                self._root._late += 1
                 r._finish()
         self._pending = keep
+
+    _late = 0  # receives of this segment logged after mpi4py's own class completed them
+
+    def late_receives(self) -> int:
+        """How many receives of this segment were completed by mpi4py's own
+        ``Request`` class and logged only afterwards (the buffer may have
+        changed between the two, so this rank's log is not trusted for a
+        replay: docs/internals.md, "Requests"). Logs what is pending first.
+        Local."""
+        if self._pending:
+            self._settle()
+        return self._root._late
 
     # -- plumbing ---------------------------------------------------------
     @property
@@ -482,6 +495,7 @@ class ResilientComm(_PointToPoint, _Collectives, MPI.Intracomm):
     def begin_segment(self, steps: int = 0) -> None:
         """Start logging a new segment (of ``steps`` steps, if known). Local."""
         self.mode = "live"
+        self._late = 0
         for c in self._family():
             c._pending = []
             c.log.clear()

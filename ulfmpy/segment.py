@@ -60,6 +60,10 @@ class Report:
     diverged: str | None = None
     repaired_steps: int = 0  # steps re-executed alone after a per-step detection
     repair_s: float = 0.0    # seconds those re-executions took
+    # Its log holds a receive mpi4py's own Request class completed before
+    # ulfmpy could log it: the buffer may have changed in between, so this
+    # rank never replays from its log (docs/internals.md, "Requests").
+    late_log: bool = False
 
 
 def closure(S: Iterable[int], reports: Sequence[Report], size: int) -> frozenset[int]:
@@ -78,6 +82,15 @@ def closure(S: Iterable[int], reports: Sequence[Report], size: int) -> frozenset
         if rep.collective_mismatch or rep.diverged:
             return frozenset(range(size))
     return frozenset(out)
+
+
+def trusted(S: frozenset[int], late: Iterable[int], size: int) -> frozenset[int]:
+    """S, or every rank when a rank of S would replay from a log it does not
+    trust (a receive logged late): with every rank live, nothing is taken
+    from a log. Pure."""
+    if S and not S.isdisjoint(late):
+        return frozenset(range(size))
+    return S
 
 
 def agree_reports(comm: Any, report: Report) -> list[Report]:

@@ -16,7 +16,7 @@ segment ``[first, end)``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -25,7 +25,7 @@ from mpi4py import MPI
 from ulfmpy.detect import run_detectors
 from ulfmpy.identity import sync_state
 from ulfmpy.errors import GlobalRollback
-from ulfmpy.segment import Report, agree_reports, closure
+from ulfmpy.segment import Report, agree_reports, closure, trusted
 
 __all__ = ["SegmentRunner", "SegmentTiming", "Agreed", "PLAN_SLOTS"]
 
@@ -96,6 +96,21 @@ class SegmentRunner:
         self.rollbacks: list[dict[str, Any]] = []
         self.cur_step = 0
         self._vec = np.zeros(1 + PLAN_SLOTS, dtype=np.int64)
+        self._late_told = False
+
+    def _late_log(self, step: int) -> bool:
+        """Whether this segment logged a receive late (see
+        ``ResilientComm.late_receives``); said once per run in the events."""
+        n = self.comm.late_receives()
+        if n and not self._late_told:
+            self._late_told = True
+            self.events.log("late_receive", step=step, receives=n, hint=(
+                "a receive was completed by mpi4py's own Request class and logged only at "
+                "ulfmpy's next call, so a buffer changed in between would be logged changed; "
+                "this rank never replays from its log (a rollback re-executes every rank). "
+                "Complete requests with MPI.Request inside rt.loop, req.Wait() or "
+                "rt.comm.Waitall(reqs) to keep rollbacks local"))
+        return bool(n)
 
     # -- small pieces -------------------------------------------------------------
     def _detect(self, work: Any) -> tuple[str, str] | None:
@@ -155,6 +170,17 @@ class SegmentRunner:
                     self.events.log("detection", step=s, detector=hit[0], finding=hit[1],
                                     when="step")
                     report = Report(detected=True, detector=hit[0], finding=hit[1])
+                elif hit and self._late_log(s):
+                    # Its log is not trusted: no catch-up from it; the
+                    # agreement sends every rank back (trusted()).
+                    self.events.log("detection", step=s, detector=hit[0], finding=hit[1],
+                                    when="step")
+                    report = Report(detected=True, detector=hit[0], finding=hit[1],
+                                    contaminated=report.contaminated,
+                                    collective_mismatch=report.collective_mismatch,
+                                    diverged=report.diverged,
+                                    repaired_steps=report.repaired_steps,
+                                    repair_s=report.repair_s)
                 elif hit:
                     report = yield from self._catch_up(me, work, first, s, hit, report)
                     if report.repaired_steps:
@@ -170,6 +196,8 @@ class SegmentRunner:
                                 contaminated=report.contaminated,
                                 collective_mismatch=report.collective_mismatch,
                                 diverged=report.diverged, repaired_steps=report.repaired_steps)
+        if self._late_log(end - 1):
+            report = replace(report, late_log=True)
         timing = SegmentTiming(first, end, t_start, t_steps_end, t_start - t,
                                clean=not report.detected and not report.repaired_steps)
         reports, agreed = self._agree(me, report, timing, plan)
@@ -178,7 +206,8 @@ class SegmentRunner:
         if lone and len(lone) < me.size:
             reports = self._verify_lone(me, reports, lone)
             fetched = frozenset(lone)
-        S = closure((), reports, me.size)
+        late = frozenset(r for r, rep in enumerate(reports) if rep.late_log)
+        S = trusted(closure((), reports, me.size), late, me.size)
         lone_s = max((rep.repair_s for rep in reports), default=0.0)
         if not S:
             if lone:
@@ -192,7 +221,7 @@ class SegmentRunner:
             or sorted(S)
         reexec = sum(rep.repaired_steps for rep in reports)
         S, rounds, reexec, seconds = yield from self._rounds(me, work, first, end, S, fetched,
-                                                             reexec)
+                                                             reexec, late)
         self._record_rollback(first, lone, S, rounds=rounds, seconds=lone_s + seconds,
                               reexec=reexec, detected_on=detected_on)
         self._commit(first, end, in_S=me.rank in S, repaired_through=repaired_through)
@@ -216,7 +245,8 @@ class SegmentRunner:
         return agree_reports(self.comm.mpi_comm, report), agreed
 
     def _rounds(self, me: Any, work: Any, first: int, end: int, S: frozenset[int],
-                fetched: frozenset[int], reexec: int) -> Iterator[tuple[int, Any]]:
+                fetched: frozenset[int], reexec: int,
+                late: frozenset[int] = frozenset()) -> Iterator[tuple[int, Any]]:
         """Re-execute S until it stops growing (docs/architecture.md, "Segments and local rollback" step 5). Collective."""
         cfg, comm, app = self.config, self.comm, work.app
         t0 = time.perf_counter()
@@ -246,6 +276,7 @@ class SegmentRunner:
             grown = closure(S, [Report(contaminated=r.contaminated,
                                        collective_mismatch=r.collective_mismatch,
                                        diverged=r.diverged) for r in reports], me.size)
+            grown = trusted(grown, late, me.size)
             self.events.log("rollback_round", step=first, round=rounds, S=sorted(S),
                             grown=sorted(grown - S),
                             detected=[r for r, rep in enumerate(reports) if rep.detected])
