@@ -31,7 +31,8 @@ __all__ = ["Boundaries", "make_planner"]
 
 
 def make_planner(config: Any, steps: int, *, nodes: int, checkpoints: bool,
-                 max_segment_s: float = 0.0) -> BoundaryPlanner:
+                 max_segment_s: float = 0.0,
+                 max_segment_stretch_s: float = 0.0) -> BoundaryPlanner:
     """The planner for a run's settings. Local; pure apart from the clock it is given."""
     interval = None
     if config.mtbf > 0 or config.node_mtbf > 0:
@@ -45,7 +46,7 @@ def make_planner(config: Any, steps: int, *, nodes: int, checkpoints: bool,
         soft_mtbf=config.soft_mtbf, ckpt_every=config.ckpt_every,
         ckpt_seconds=config.ckpt_seconds, checkpoints=checkpoints, interval=interval,
         interval_model=config.interval_model, async_writes=config.ckpt_mode == "async",
-        max_segment_s=max_segment_s))
+        max_segment_s=max_segment_s, max_segment_stretch_s=max_segment_stretch_s))
 
 
 class Boundaries:

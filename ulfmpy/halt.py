@@ -74,6 +74,11 @@ def _unclaimed(signum: int) -> None:
 #: While a halt can come, a segment runs at most this many seconds, so a halt
 #: lands within a few seconds and not after a 1000-step segment.
 HALT_WINDOW_S = 2.0
+#: ... which the segment-length policy may stretch to its own length, up to
+#: this (and a quarter of ``--halt-before``): a boundary every 2 s costs more
+#: than the policy's budget once steps are long (a 26 ms step with 10 ms
+#: boundaries: 0.5 % instead of 0.25 %), and a halt still lands in seconds.
+HALT_WINDOW_MAX_S = 10.0
 #: A signal this soon after the first is the same request delivered twice
 #: (``scancel --full`` signals the batch shell and every process; the
 #: launcher passes it on as well), not a second one.

@@ -91,6 +91,9 @@ class Schedule:
         async_writes: saves return before the write is durable.
         max_segment_s: while a halt can come (:mod:`ulfmpy.halt`), a segment
             runs at most about this long, so the halt lands soon; 0 = unbounded.
+        max_segment_stretch_s: the segment-length policy's own length (k
+            steps) may stretch that bound up to this, so boundaries cost no
+            more than its budget where steps are long.
     """
 
     steps: int
@@ -104,6 +107,7 @@ class Schedule:
     interval_model: str = "exact"
     async_writes: bool = True
     max_segment_s: float = 0.0
+    max_segment_stretch_s: float = 0.0
 
 
 @dataclass
@@ -378,7 +382,8 @@ class BoundaryPlanner:
             end = min(end, self._halt_at)
         st = self.step_time
         if s.max_segment_s > 0 and st:
-            end = min(end, step + max(1, int(s.max_segment_s / st)))
+            window = max(s.max_segment_s, min(s.max_segment_stretch_s, self.k * st))
+            end = min(end, step + max(1, int(window / st)))
         return max(end, min(step + 1, s.steps))
 
     def _pending_k(self) -> int:

@@ -40,7 +40,7 @@ from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_
                              sync_state, with_replay)
 from ulfmpy import jobctl as _jobctl
 from ulfmpy.inject import FaultPlan, cannot_fire
-from ulfmpy.halt import HALT_WINDOW_S, HaltWatch, halt_times, parse_signals
+from ulfmpy.halt import HALT_WINDOW_MAX_S, HALT_WINDOW_S, HaltWatch, halt_times, parse_signals
 from ulfmpy.nodes import virtual_node
 from ulfmpy.progress import Reporter
 from ulfmpy.boundary import Boundaries, make_planner
@@ -310,7 +310,9 @@ class Runtime:
         """Rank 0's planner decides; the others' only plan the first segment. Local."""
         planner = make_planner(self.config, self._steps, nodes=len(set(self._hosts)),
                                checkpoints=self.ckpts.store is not None,
-                               max_segment_s=HALT_WINDOW_S if self.halt.possible else 0.0)
+                               max_segment_s=HALT_WINDOW_S if self.halt.possible else 0.0,
+                               max_segment_stretch_s=min(HALT_WINDOW_MAX_S,
+                                                         self.config.halt_before / 4))
         self.planner = planner
         self.bounds = Boundaries(planner, self.ckpts, self.segments, self.events)
 

@@ -134,3 +134,19 @@ def test_segments_are_bounded_in_time_while_a_halt_can_come():
     # 1000-step segments of 10 s: with a halt possible, at most 2 s each.
     assert _planner(0.0).boundary(1000, 1.0).next_end == 2000
     assert _planner(2.0).boundary(1000, 1.0).next_end == 1200
+
+
+def test_the_halt_window_stretches_to_the_policys_length_up_to_its_limit():
+    # Steps of 26 ms and a policy length of 150 steps (3.9 s): a 2 s window
+    # would cut every segment at 76 steps, doubling the boundaries' cost.
+    def planner(stretch):
+        p = BoundaryPlanner(Schedule(steps=100_000, segment_steps=150, max_segment_s=2.0,
+                                     max_segment_stretch_s=stretch))
+        p.start(0, 0.0)
+        for _ in range(3):
+            p.observe_segment(0.026 * 150, 150, clean=True, log_bytes=0, state_bytes=1)
+        return p
+
+    assert planner(0.0).boundary(150, 1.0).next_end == 150 + 76
+    assert planner(10.0).boundary(150, 1.0).next_end == 300
+    assert planner(3.0).boundary(150, 1.0).next_end == 150 + 115  # the limit holds
