@@ -153,8 +153,12 @@ class Request(_MPIRequest):
     @staticmethod
     def Waitall(requests: Sequence[Any], statuses: Any = None) -> bool:  # noqa: N802
         """Complete every request (ulfmpy's and mpi4py's). Local."""
-        _wait_each(requests, statuses)
-        return True
+        for r in requests:
+            if isinstance(r, Request):
+                _wait_each(requests, statuses)
+                return True
+        # None of ulfmpy's (a communicator the app made itself): mpi4py's own call.
+        return _MPIRequest.Waitall(requests, statuses)
 
     @staticmethod
     def waitall(requests: Sequence[Any], statuses: Any = None) -> list[Any]:
