@@ -262,28 +262,12 @@ class _PointToPoint:
             return self._off_request("Irecv", self._comm.Irecv, buf, source, tag)
         if source == _ANY_SOURCE:
             self._no_any_source("Irecv")
+        if self.mode == "live":
+            return self._irecv_live(self._root, buf, source, tag)
         # The buffer's rules, checked before anything is posted (_payload
         # refuses what is neither an array nor [array, ...]).
-        spec = None if type(buf) is _ndarray else _layout(buf, "Irecv")
-        if spec is None and type(buf) is not _ndarray:
+        if type(buf) is not _ndarray and _layout(buf, "Irecv") is None:
             _payload(buf, "Irecv")
-        if self.mode == "live":
-            req = self._guard("Irecv", self._comm.Irecv, buf, source, tag)
-            # The sequence number is the posting order, whatever order they
-            # complete in: messages from one source match in that order.
-            ch, seq = self.log.reserve(source, tag)
-            wild = tag == _ANY_TAG
-            if spec is not None:
-                lay, arr = spec[1], spec[0]
-            else:
-                lay, arr = None, _payload(buf, "Irecv")  # the array itself
-
-            def keep(_: Any, status: Any) -> None:
-                _put(ch, seq, arr if lay is None else lay.pack(arr))
-                if wild:
-                    ch.tag(seq, status.Get_tag() if status is not None else None)
-
-            return Request.make(self, req, "Irecv", keep)
         seq = self._ctr.next_recv(source, tag)
         if self._live(source):
             return Request.make(self, self._guard("Irecv", self._replay_comm.Irecv, buf, source, tag),
@@ -294,11 +278,11 @@ class _PointToPoint:
         return Request.make(self, None, "Irecv")
 
     def _irecv_live(self, root: Any, buf: Any, source: int, tag: int) -> Request:
-        """Irecv from a named source in a live segment without a failure:
-        the fault-free path of every step, written out for speed. The
-        buffer's rules are checked before anything is posted; the message is
-        logged (the datatype's elements only) when the request completes,
-        in posting order: messages from one source match in that order."""
+        """Irecv from a named source in a live segment (the fault-free path
+        of every step). The buffer's rules are checked before anything is
+        posted; the message is logged (the datatype's elements only) when
+        the request completes, under its posting order: messages from one
+        source match in that order."""
         if root._pending:
             root._settle()
         if type(buf) is _ndarray:
@@ -315,16 +299,12 @@ class _PointToPoint:
             self._fail("Irecv", exc)  # returns only when the failure voids the step
             return Request.make(self, None, "Irecv")
         ch, seq = self.log.reserve(source, tag)
-        if lay is None:
-            def keep(_: Any, status: Any) -> None:
-                _put(ch, seq, arr)
-                if tag == _ANY_TAG:
-                    ch.tag(seq, status.Get_tag() if status is not None else None)
-        else:
-            def keep(_: Any, status: Any) -> None:
-                _put(ch, seq, lay.pack(arr))
-                if tag == _ANY_TAG:
-                    ch.tag(seq, status.Get_tag() if status is not None else None)
+
+        def keep(_: Any, status: Any) -> None:
+            _put(ch, seq, arr if lay is None else lay.pack(arr))
+            if tag == _ANY_TAG:
+                ch.tag(seq, status.Get_tag() if status is not None else None)
+
         return Request.make(self, req, "Irecv", keep)
 
     def Sendrecv(self, sendbuf: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
