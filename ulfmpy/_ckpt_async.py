@@ -32,39 +32,7 @@ _ALIGN = 64
 
 
 _shm_prefix = _ckpt_helper.shm_prefix
-
-
-_alive = _jobctl.alive  # a zombie counts as gone: its segments are orphans too
-
-
-def sweep_orphans() -> list[str]:
-    """Unlink staging segments whose creating rank is gone. Local.
-
-    A rank killed with SIGKILL together with its process group (resource
-    tracker included) cannot unlink its buffers; the next store on the node
-    does. Segment names carry the PID namespace and the creator's pid.
-    """
-    prefix = _shm_prefix()
-    removed: list[str] = []
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        try:
-            pid = int(name[len(prefix):].split("-")[0])
-        except ValueError:
-            continue
-        if _alive(pid):
-            continue
-        try:
-            os.unlink(f"/dev/shm/{name}")
-            removed.append(name)
-        except OSError:
-            pass
-    return removed
+sweep_orphans = _jobctl.sweep_staging_segments
 
 
 def _untracked_shm(name: str, size: int) -> _shm.SharedMemory:

@@ -272,11 +272,7 @@ def _sweep_shared_memory(since: float) -> None:
     """Leave nothing in /dev/shm: the staging segments of ranks that died, and
     Open MPI's ``sm_segment.*`` files of this launch that no process maps any
     more (a killed job leaves them, 16 MB each)."""
-    try:
-        from ulfmpy._ckpt_async import sweep_orphans
-    except ImportError:  # pragma: no cover (h5py or numpy missing: no segments either)
-        return
-    sweep_orphans()
+    jobctl.sweep_staging_segments()
     try:
         ours = [e for e in os.scandir("/dev/shm") if e.name.startswith("sm_segment.")
                 and e.stat().st_uid == os.getuid() and e.stat().st_mtime >= since - 1]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -321,6 +320,8 @@ class Config:
     def digest(self) -> str:
         """A short hash of all settings, compared across ranks."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        import hashlib  # here: OpenSSL's load is a tenth of the launcher's start-up
+
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
     def as_dict(self) -> dict[str, Any]:

@@ -42,12 +42,15 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ulfmpy.errors import ConfigError
-from ulfmpy.state import local_array
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported where a fault fires, not here: ``ulfmpy run`` parses every
+# --inject before any rank starts, and numpy would be most of its start-up.
 
 __all__ = ["Fault", "BitFlip", "Kill", "FaultPlan", "parse_fault", "register_injector",
            "flip_bit"]
@@ -193,6 +196,8 @@ def flip_bit(arr: np.ndarray, index: int, bit: int) -> tuple[Any, Any]:
     size = arr.dtype.itemsize
     if not 0 <= bit < 8 * size:
         raise ConfigError(f"bit {bit} out of range for {arr.dtype} (0..{8 * size - 1})")
+    import numpy as np
+
     # State arrays are often views (a block's interior), so go through one element.
     idx = np.unravel_index(index, arr.shape)
     cell = np.array(arr[idx], dtype=arr.dtype)
@@ -255,6 +260,8 @@ class FaultPlan:
                 continue
             self._hits[(i, step)] = hits + 1
             seed = f.seed if f.seed else self.seed
+            import numpy as np
+
             rng = np.random.default_rng([seed, rank, step, 0x5eed])
             if f.rate and rng.random() >= f.rate:
                 continue
@@ -268,6 +275,8 @@ class FaultPlan:
 
     def _flip(self, f: BitFlip, step: int, state: Mapping[str, Any],
               rng: np.random.Generator) -> dict[str, Any]:
+        from ulfmpy.state import local_array
+
         names = [n for n in state if local_array(state[n]).size > 0]
         if f.array is not None:
             if f.array not in state:
@@ -374,6 +383,8 @@ class FaultPlan:
         """(fault, victim rank, seconds after start) of the job's exponential failure."""
         for f in self.kills:
             if f.mtbf and not self.fired(f):
+                import numpy as np
+
                 rng = np.random.default_rng([f.seed or self.seed, 0xdead])
                 return f, int(rng.integers(size)), float(rng.exponential(f.mtbf))
         return None

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAUNCHER_PID_ENV", "LAUNCH_ID_ENV", "RunDirLock", "lock_run_dir",
+__all__ = ["LAUNCHER_PID_ENV", "sweep_staging_segments", "LAUNCH_ID_ENV", "RunDirLock", "lock_run_dir",
            "hold_job_lock", "job_lock_holders", "watch_launcher", "die_with_parent",
            "archive_markers", "abort_markers", "write_abort_marker", "claim_first_error",
            "write_exit_marker", "exit_markers"]
@@ -200,6 +200,40 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def sweep_staging_segments() -> list[str]:
+    """Unlink checkpoint staging segments whose creating rank is gone. Local.
+
+    A rank killed with SIGKILL together with its process group (resource
+    tracker included) cannot unlink its buffers; the next store on the node
+    does, and so does ``ulfmpy run`` after each launch (here, not beside the
+    buffers in ``_ckpt_async``: the launcher must not import numpy). Segment
+    names carry the PID namespace and the creator's pid.
+    """
+    from ulfmpy._ckpt_helper import shm_prefix
+
+    prefix = shm_prefix()
+    removed: list[str] = []
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):].split("-")[0])
+        except ValueError:
+            continue
+        if alive(pid):  # a zombie counts as gone: its segments are orphans too
+            continue
+        try:
+            os.unlink(f"/dev/shm/{name}")
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 # -- the watchdog ----------------------------------------------------------------------

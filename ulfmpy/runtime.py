@@ -478,7 +478,7 @@ class Runtime:
             # return to after a dead rank is its start: keep a copy of it.
             self._initial = Snapshot(self.work.state)
             self._initial.take(step)
-        self.ckpts.open(self.comm.mpi_comm, self.work.state, wait=True)
+        self.ckpts.open(self.comm.mpi_comm, self.work.state)
         self._hosts = self.comm.mpi_comm.allgather(self._host)
         self._make_planner()
         return step
