@@ -1,15 +1,17 @@
-"""The asynchronous machinery: staging buffers and the helper process handle.
+"""The asynchronous machinery: staging buffers and the node writer's handle.
 
 Private engine of :mod:`ulfmpy.checkpoint`. A staging buffer is one
 contiguous copy of the state; in async mode it lives in POSIX shared memory
-(``/dev/shm``), where the rank's helper process (``_ckpt_helper``, started by
-:class:`HelperProcess`) reads it while the rank computes.
+(``/dev/shm``), where the node's writer process (``_ckpt_helper``, reached
+through :class:`NodeWriter`) reads it while the rank computes.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ from ulfmpy import jobctl as _jobctl
 from ulfmpy.errors import CheckpointError
 from ulfmpy.state import Block, Rows, StateValue, count_name, local_array
 
-__all__ = ["Buffer", "HelperProcess", "layout_key", "specs_of", "sweep_orphans"]
+__all__ = ["WRITER_DIED", "Buffer", "NodeWriter", "layout_key", "specs_of", "sweep_orphans", "writer_name"]
 
 _ALIGN = 64
 
@@ -158,48 +160,98 @@ def specs_of(entries: Mapping[str, StateValue]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------
-# The helper process
+# The node's writer, rank side
 
 
-class HelperProcess:
-    """Parent-side handle of one helper process. Local.
+#: How a result says the writer died (``WriterLost``: a failure the run survives).
+WRITER_DIED = "the node's checkpoint writer died"
+
+
+def writer_name(run_dir: str | os.PathLike[str], node: str | None = None) -> str:
+    """The abstract socket name of the writer serving ``run_dir`` on ``node``.
+
+    Every rank of a job on one node (one virtual node) computes the same
+    name without talking to the others; another run directory, user or
+    virtual node gets another writer. Pure.
+    """
+    import hashlib
+
+    key = f"{os.path.realpath(run_dir)}\0{node or ''}".encode()
+    return f"ulfmpy-writer-{os.getuid()}-{hashlib.blake2b(key, digest_size=8).hexdigest()}"
+
+
+def _connect(name: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect("\0" + name)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+class NodeWriter:
+    """A rank's connection to its node's checkpoint writer (``_ckpt_helper``). Local.
+
+    Connects to the writer serving this run directory on this node, and
+    starts it first when none serves yet: the first rank of the node to ask
+    starts it, and when two start one at once the socket's name decides
+    (the loser leaves at once). The writer outlives the rank that started
+    it and serves the node's other ranks on; it leaves with the last.
 
     Args:
-        nice: niceness added to the helper (it is a background writer).
+        run_dir: the run directory (names the writer; its job lock).
+        node: the virtual node (``--virtual-nodes``), or None for the host.
+        nice: niceness added to the writer (it is a background process).
+        start_timeout: how long to wait for a started writer to listen.
     """
 
-    def __init__(self, *, nice: int = 19) -> None:
-        r_job, w_job = os.pipe()
-        r_res, w_res = os.pipe()
-        cmd = [sys.executable]
-        if sys.version_info >= (3, 11):
-            cmd.append("-P")  # no script or cwd directory on sys.path
-        cmd += [os.path.abspath(_ckpt_helper.__file__), str(r_job), str(w_res), str(os.getpid()), str(nice)]
-        from ulfmpy.halt import signals_blocked
-
-        try:
-            with signals_blocked():
-                self.proc = subprocess.Popen(cmd, pass_fds=(r_job, w_res), close_fds=True,
-                                             stdin=subprocess.DEVNULL)
-        finally:
-            os.close(r_job)
-            os.close(w_res)
-        self._out = Connection(w_job, readable=False)
-        self._in = Connection(r_res, writable=False)
+    def __init__(self, run_dir: str | os.PathLike[str], *, node: str | None = None,
+                 nice: int = 19, start_timeout: float = 30.0) -> None:
+        self.name = writer_name(run_dir, node)
+        self.started: subprocess.Popen[bytes] | None = None
+        sock = _connect(self.name)
+        if sock is None:
+            self.started = self._start(self.name, run_dir, nice)
+            deadline = time.monotonic() + start_timeout
+            while sock is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+                sock = _connect(self.name)
+                if sock is None and self.started.poll() is not None:
+                    # Ours lost the race for the name to another rank's,
+                    # which may still be binding: keep trying it.
+                    time.sleep(0.02)
+        if sock is None:
+            raise OSError(f"the node's checkpoint writer did not start within {start_timeout:.0f} s")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid = struct.unpack("3i", creds)[0]
+        self._conn = Connection(sock.detach())
         self._results: dict[int, dict[str, Any]] = {}
         self._next_id = 0
         self._hurried = 0
         self._eof = False
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    @staticmethod
+    def _start(name: str, run_dir: str | os.PathLike[str], nice: int) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable]
+        if sys.version_info >= (3, 11):
+            cmd.append("-P")  # no script or cwd directory on sys.path
+        lock = os.path.join(run_dir, _jobctl.JOB_LOCK_NAME)
+        cmd += [os.path.abspath(_ckpt_helper.__file__), name, str(os.getpid()),
+                str(os.getppid()), str(nice), lock if os.path.exists(lock) else ""]
+        from ulfmpy.halt import signals_blocked
+
+        with signals_blocked():
+            # Its own session: a signal to the rank's process group (a halt,
+            # an interrupt) must not end the writer the other ranks use.
+            return subprocess.Popen(cmd, close_fds=True, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self._eof and _jobctl.alive(self.pid)
 
     def _send(self, msg: tuple[Any, ...]) -> None:
-        self._out.send(msg)
+        self._conn.send(msg)
 
     def submit(self, job: dict[str, Any], kind: str = "write") -> int:
         """Queue a job (``write`` a rank file, or ``commit`` a checkpoint); returns its id."""
@@ -209,7 +261,7 @@ class HelperProcess:
         return self._next_id
 
     def forget(self, shm_name: str) -> None:
-        """Tell the helper to unmap a segment the parent is about to free."""
+        """Tell the writer to unmap a segment this rank is about to free."""
         if self.alive():
             try:
                 self._send(("forget", shm_name))
@@ -217,79 +269,78 @@ class HelperProcess:
                 pass
 
     def _pump(self, timeout: float) -> bool:
-        """Receive one result if one arrives within ``timeout``; False once the pipe is closed."""
+        """Receive one result if one arrives within ``timeout``; False once the writer is gone."""
         if self._eof:
             time.sleep(timeout)
             return False
-        if self._in.poll(timeout):
-            try:
-                res = self._in.recv()
-            except (EOFError, OSError):  # the helper exited
-                self._eof = True
-                return False
-            self._results[res["id"]] = res
+        try:
+            if self._conn.poll(timeout):
+                res = self._conn.recv()
+                self._results[res["id"]] = res
+        except (EOFError, OSError):  # the writer exited
+            self._eof = True
+            return False
         return True
 
     def result(self, job_id: int, *, block: bool, timeout: float | None = None) -> dict[str, Any] | None:
         """The job's result, or None if it is still running (``block=False``).
 
-        A dead helper yields a failed result naming its exit status.
+        A dead writer yields a failed result that says so.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if block and job_id > self._hurried and self.alive():
-            try:  # the rank now waits: the helper should stop sparing it
+            try:  # the rank now waits: the writer should stop sparing it
                 self._send(("hurry", job_id))
                 self._hurried = job_id
             except OSError:
                 pass
         while True:
-            while not self._eof and self._in.poll(0):
+            while not self._eof and self._conn_has_data():
                 self._pump(0)
             if job_id in self._results:
                 return self._results.pop(job_id)
             if self._eof or not self.alive():
-                while not self._eof and self._in.poll(0):
-                    self._pump(0)  # results sent just before exiting
-                if job_id in self._results:
-                    return self._results.pop(job_id)
-                if self.proc.poll() is None:  # closed its pipe but still running: end it
-                    self.proc.kill()
-                    self.proc.wait()
-                return {"id": job_id, "ok": False,
-                        "error": f"the checkpoint helper process {self.pid} died "
-                                 f"(exit status {self.proc.returncode})"}
+                return {"id": job_id, "ok": False, "error": f"{WRITER_DIED} (pid {self.pid})"}
             if not block or (deadline is not None and time.monotonic() >= deadline):
                 return None
             self._pump(0.05)
 
+    def _conn_has_data(self) -> bool:
+        try:
+            return self._conn.poll(0)
+        except (EOFError, OSError):
+            self._eof = True
+            return False
+
     def info(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Ask the helper for its pid, CPUs and the mpi4py modules it has loaded (tests)."""
+        """Ask the writer for its pid, CPUs and the mpi4py modules it has loaded (tests)."""
         self._next_id += 1
         self._send(("info", self._next_id))
         res = self.result(self._next_id, block=True, timeout=timeout)
         if res is None:
-            raise TimeoutError("checkpoint helper did not answer")
+            raise TimeoutError("the node's checkpoint writer did not answer")
         return res
 
     def close(self, *, timeout: float = 10.0, kill: bool = False) -> None:
-        """Stop the helper: ask nicely (or SIGKILL it with ``kill``), then reap it."""
-        if self.alive():
-            if kill:
-                # Not SIGTERM: helpers keep it blocked (halt.signals_blocked),
-                # and an abandoned write needs no goodbye.
-                self.proc.kill()
-            else:
-                try:
-                    self._send(("stop",))
-                except OSError:
-                    pass
+        """Leave the writer. Local.
+
+        ``kill``: abandon this rank's write in flight (the writer stops it);
+        otherwise the writer finishes the rank's queued jobs first. The
+        writer itself goes on for the node's other ranks and leaves with the
+        last. ``timeout`` is kept for the store's clean-up call; nothing waits.
+        """
+        if not self._eof:
             try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for conn in (self._out, self._in):
-            try:
-                conn.close()
+                if not kill:
+                    self._send(("bye",))
             except OSError:
                 pass
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+        self._eof = True
+        if self.started is not None:
+            # Reaped here if it already left; otherwise it serves the node's
+            # other ranks on, and whoever outlives it reaps it.
+            self.started.poll()

@@ -17,8 +17,8 @@ from typing import Any
 
 from ulfmpy import _ckpt_files as _files
 from ulfmpy import _ckpt_helper as _writer
-from ulfmpy._ckpt_async import Buffer, HelperProcess
-from ulfmpy.errors import CheckpointError
+from ulfmpy._ckpt_async import WRITER_DIED, Buffer, NodeWriter
+from ulfmpy.errors import CheckpointError, WriterLost
 
 __all__ = ["CheckpointRecord"]
 
@@ -90,10 +90,10 @@ class _Committer:
     _meta_json: str
 
     @property
-    def _helper(self) -> HelperProcess | None:
+    def _helper(self) -> NodeWriter | None:
         raise NotImplementedError
 
-    def _live_helper(self) -> HelperProcess:
+    def _live_helper(self) -> NodeWriter:
         raise NotImplementedError
 
     def _log(self, event: str, **fields: Any) -> None:
@@ -261,7 +261,12 @@ class _Committer:
             _writer.remove_checkpoint(self.ckpt_dir, p.step)
         self._replace_record(CheckpointRecord(p.step, p.exposed_s, None, p.nbytes, False, None,
                                               p.stage_s))
-        self._log("checkpoint_failed", step=p.step, reasons=reasons)
+        lost = bool(reasons) and all(WRITER_DIED in r for r in reasons)
+        self._log("checkpoint_failed", step=p.step, reasons=reasons, writer_died=lost)
+        if lost:
+            raise WriterLost(f"checkpoint step {p.step} was not committed: {WRITER_DIED} "
+                             f"({'; '.join(reasons[:2])}{'; ...' if len(reasons) > 2 else ''}); "
+                             "the next checkpoint starts a new writer, older ones are intact")
         hint = hint or f"check free space and permissions under {self.ckpt_dir}"
         raise CheckpointError(f"checkpoint step {p.step} failed and was not committed: "
                               + "; ".join(reasons)

@@ -1,24 +1,32 @@
-"""The checkpoint helper program (child side), re-exporting the writers.
+"""The node's checkpoint writer (server side), re-exporting the writers.
 
-This file is the program of the per-rank helper process (its parent-side
-handle is in ``_ckpt_async``): the store starts it as ``python
-ulfmpy/_ckpt_helper.py FDS...``, by path, so the helper imports neither the
-``ulfmpy`` package (whose modules may pull in mpi4py) nor the user's
-``__main__`` (which multiprocessing's spawn and forkserver contexts
-re-import — and a user script imports mpi4py, which would initialize MPI
-inside the helper as a second copy of the rank). It is a fresh interpreter
-started by exec, i.e. a spawn without that import; it needs only the
-standard library, numpy and h5py, and must stay that way. The writers it
-runs live in :mod:`ulfmpy._ckpt_writers`, which the program loads by path
-too; imported as a module of the package, this one re-exports them (the
-names :mod:`ulfmpy.checkpoint` and its parts import from here).
+This file is the program of the one writer process per node (per virtual
+node under ``--virtual-nodes``) that writes every rank's checkpoint files
+(its rank-side handle is :class:`ulfmpy._ckpt_async.NodeWriter`;
+``docs/architecture.md``, "Checkpoints"). The first rank of the node to
+save starts it as ``python ulfmpy/_ckpt_helper.py NAME ...``, by path, so
+the writer imports neither the ``ulfmpy`` package (whose modules may pull
+in mpi4py) nor the user's ``__main__`` (which multiprocessing's spawn and
+forkserver contexts re-import, and a user script imports mpi4py, which
+would initialize MPI inside the writer as another copy of a rank). It is a
+fresh interpreter started by exec; it needs only the standard library,
+numpy and h5py, and must stay that way. The writers it runs live in
+:mod:`ulfmpy._ckpt_writers`, which the program loads by path too; imported
+as a module of the package, this one re-exports them (the names
+:mod:`ulfmpy.checkpoint` and its parts import from here), and costs only
+the standard library.
 
-The helper reads jobs from a pipe: write this rank's file from the shared
-memory staging buffer; on rank 0, also commit a checkpoint (manifest under a
-temporary name, fsync, rename, fsync the directory) and prune old ones. It
-reports each result back. It exits when told to, when the pipe
-closes, or when its parent rank dies (``PR_SET_PDEATHSIG`` on Linux, plus a
-watchdog thread), so a killed rank leaves no orphan behind.
+The writer listens on an abstract socket (node-local, no file to clean
+up) and serves processes of its own user. Each rank connects once and
+sends jobs: write this rank's file from its shared-memory staging buffer;
+on rank 0, also commit a checkpoint (manifest under a temporary name,
+fsync, rename, fsync the directory) and prune old ones. Results go back on
+the rank's connection. A rank's death ends its connection: its write in
+flight stops, its staging segments are unlinked, and the writer goes on
+serving the others. The writer leaves when its last rank has left, or
+when the daemon that started the ranks is gone; it holds the run
+directory's job lock meanwhile, so ``ulfmpy run`` ends it with the job's
+other processes.
 """
 
 from __future__ import annotations
@@ -31,22 +39,12 @@ if __name__ == "__main__":
     # shadow anything numpy or h5py import.
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    if sys.platform.startswith("linux"):  # die with the rank, even while importing h5py
-        try:
-            import ctypes
-
-            # PR_SET_PDEATHSIG, SIGKILL: it ends even a stopped helper. The
-            # dead rank's staging segments are swept by ulfmpy run after the
-            # launch and by the node's next store (nothing left in /dev/shm).
-            ctypes.CDLL(None).prctl(1, 9)
-        except (OSError, AttributeError):
-            pass
-    if len(sys.argv) > 3 and os.getppid() != int(sys.argv[3]):
-        os._exit(3)
 
 import mmap
 import queue
 import signal
+import socket
+import struct
 import threading
 import time
 import traceback
@@ -91,7 +89,7 @@ __all__ = ["commit_checkpoint", "crc32_hex", "fsync_dir", "fsync_path", "remove_
 
 
 # ----------------------------------------------------------------------------
-# The helper process: child side
+# The node's writer: server side
 
 
 def shm_prefix() -> str:
@@ -103,40 +101,37 @@ def shm_prefix() -> str:
     return f"ulfmpy-ckpt-{ns}-"
 
 
-def _orphaned(ppid: int) -> None:
-    """The parent rank died: unlink its staging segments and leave at once."""
-    prefix = f"{shm_prefix()}{ppid}-"
+def _unlink_segments_of(pid: int) -> None:
+    """Unlink the staging segments a dead rank created (nothing left in /dev/shm)."""
+    prefix = f"{shm_prefix()}{pid}-"
     try:
-        for name in os.listdir("/dev/shm"):
-            if name.startswith(prefix):
-                try:
-                    os.unlink(f"/dev/shm/{name}")
-                except OSError:
-                    pass
-    finally:
-        os._exit(3)
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except OSError:
+                pass
 
 
-def _watch_parent(ppid: int) -> None:
-    """Die with the parent rank: no orphan may keep writing.
-
-    On Linux ``PR_SET_PDEATHSIG`` (set first thing at startup) signals the
-    helper when its parent dies; this watchdog covers other systems.
-    """
-    if os.getppid() != ppid:  # the parent died before we got here
-        _orphaned(ppid)
-
-    def watchdog() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != ppid:
-                _orphaned(ppid)
-
-    threading.Thread(target=watchdog, daemon=True).start()
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is gone: it maps nothing and writes nothing
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 class _Mappings:
-    """Shared-memory segments the helper has attached, by name."""
+    """Shared-memory segments the writer has attached for one rank, by name."""
 
     def __init__(self) -> None:
         self._maps: dict[str, mmap.mmap] = {}
@@ -146,7 +141,7 @@ class _Mappings:
         if mm is None or len(mm) < size:
             # POSIX shared memory lives in /dev/shm on Linux. Opening it
             # directly avoids multiprocessing's resource tracker, which would
-            # unlink the parent's segment when the helper exits.
+            # unlink the rank's segment when the writer exits.
             fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # no faults while writing
             try:
@@ -159,13 +154,90 @@ class _Mappings:
     def forget(self, name: str) -> None:
         mm = self._maps.pop(name, None)
         if mm is not None:
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:  # still exported by a write that was abandoned
+                pass
+
+    def close(self) -> None:
+        for name in list(self._maps):
+            self.forget(name)
 
 
-def _do_write(job: dict[str, Any], maps: _Mappings, inbox: _Inbox) -> dict[str, Any]:
+class _Gone(BaseException):
+    """The rank whose write this is has left: stop writing its file."""
+
+
+class _Client(threading.Thread):
+    """One rank's connection to the writer.
+
+    Reads the rank's messages in the background and queues its jobs on the
+    writer's one work queue (in arrival order over all ranks: h5py runs one
+    call at a time anyway). A ``hurry`` overtakes queued work: it is the
+    rank waiting for a job, which is then written at full speed.
+    """
+
+    def __init__(self, sock: socket.socket, pid: int, work: queue.Queue[Any]) -> None:
+        super().__init__(daemon=True, name=f"ulfmpy-writer-client-{pid}")
+        self.conn = Connection(sock.detach())
+        self.pid = pid
+        self.maps = _Mappings()
+        self.gone = False
+        self._work = work
+        self._hurry_upto = 0
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+
+    def run(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):  # the rank closed the connection or died
+                msg = ("bye",)
+            if msg[0] == "hurry":
+                with self._cond:
+                    self._hurry_upto = max(self._hurry_upto, msg[1])
+                    self._cond.notify_all()
+                continue
+            if msg[0] in ("bye", "stop"):
+                with self._cond:
+                    self.gone = True
+                    self._cond.notify_all()
+                self._work.put((self, ("bye",)))
+                return
+            self._work.put((self, msg))
+
+    def send(self, result: dict[str, Any]) -> None:
+        with self._send_lock:
+            try:
+                self.conn.send(result)
+            except OSError:  # the rank is gone: nobody waits for this result
+                pass
+
+    def hurried(self, job_id: int) -> bool:
+        """Whether the rank waits for ``job_id`` (or a later job)."""
+        with self._cond:
+            return self._hurry_upto >= job_id
+
+    def wait_hurry(self, job_id: int, timeout: float) -> None:
+        """Sleep up to ``timeout`` unless the rank is (or becomes) waiting for ``job_id``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.gone or self._hurry_upto >= job_id, timeout)
+        if self.gone:
+            raise _Gone
+
+    def close(self) -> None:
+        self.maps.close()
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+def _do_write(job: dict[str, Any], client: _Client) -> dict[str, Any]:
     import numpy as np
 
-    mm = maps.get(job["shm"], job["size"])
+    mm = client.maps.get(job["shm"], job["size"])
     base = np.frombuffer(mm, dtype=np.uint8, count=job["size"])
     arrays = []
     for name, dtype, shape, offset, dattrs in job["entries"]:
@@ -178,27 +250,29 @@ def _do_write(job: dict[str, Any], maps: _Mappings, inbox: _Inbox) -> dict[str, 
     paced = [0.0]
 
     def pace(busy: float) -> None:
+        if client.gone:
+            raise _Gone
         # Write only `duty` of the time while the rank computes, sparing its
         # memory bandwidth; full speed once the rank waits for this job.
-        if duty < 1.0 and not inbox.hurried(job_id):
+        if duty < 1.0 and not client.hurried(job_id):
             t0 = time.perf_counter()
-            inbox.wait_hurry(job_id, busy * (1.0 / duty - 1.0))
+            client.wait_hurry(job_id, busy * (1.0 / duty - 1.0))
             paced[0] += time.perf_counter() - t0
 
     try:
         result = _load_writers().write_rank_file(job["path"], arrays, job["attrs"], pace=pace)
     finally:
         del arrays, base
-    result.update(paced_s=paced[0], hurried=inbox.hurried(job_id))
+    result.update(paced_s=paced[0], hurried=client.hurried(job_id))
     return result
 
 
-def _place(ppid: int, nice: int) -> None:
-    """Run in the background: lower priority, and off the rank's own cores.
+def _place(starter: int, nice: int) -> None:
+    """Run in the background: lower priority, and off the ranks' cores.
 
-    mpirun often binds a rank to one core; inheriting that binding would make
-    the helper steal the rank's core from compute. Use the other cores when
-    there are any (the kernel then places it next to the compute, not on it).
+    mpirun often binds a rank to one core; inheriting the starting rank's
+    binding would make the writer steal that core from compute. Use the other
+    cores when there are any (the kernel then places it next to the compute).
     """
     if nice:
         try:
@@ -209,23 +283,22 @@ def _place(ppid: int, nice: int) -> None:
         return
     try:
         allowed = set(range(os.cpu_count() or 1))
-        others = allowed - os.sched_getaffinity(ppid)
+        others = allowed - os.sched_getaffinity(starter)
         os.sched_setaffinity(0, others or allowed)
     except OSError:
         pass
 
 
 def _preload_when_idle() -> None:
-    """Import h5py before the first job, on time no rank wants.
+    """Import numpy, the writers and h5py before the first job, on time no rank wants.
 
-    The helper starts with the run, while the ranks import and take their
-    first, step-timing segments: its imports (numpy, the writers, h5py)
-    competing with them cost every launch about 0.2 s on a full node and
-    skewed the step time the policies measure. Scheduling policy is per
-    thread on Linux: the import runs in a ``SCHED_IDLE`` thread (only on an
-    otherwise idle core); the writes themselves run in the main thread at the
-    helper's nice level. A rank that waits for a write sleeps, which leaves
-    a core idle: the import then goes ahead.
+    The writer starts with the run, while the ranks import and take their
+    first, step-timing segments: its imports competing with them cost every
+    launch about 0.2 s on a full node and skewed the step time the policies
+    measure. Scheduling policy is per thread on Linux: the import runs in a
+    ``SCHED_IDLE`` thread (only on an otherwise idle core); the writes run in
+    the main thread at the writer's nice level. A rank that waits for a write
+    sleeps, which leaves a core idle: the import then goes ahead.
     """
 
     def load() -> None:
@@ -235,56 +308,23 @@ def _preload_when_idle() -> None:
             pass
         _load_writers().h5py.File  # the proxy's first use imports h5py
 
-    loader = threading.Thread(target=load, name="ulfmpy-helper-preload", daemon=True)
+    loader = threading.Thread(target=load, name="ulfmpy-writer-preload", daemon=True)
     loader.start()
     loader.join()
 
 
-class _Inbox(threading.Thread):
-    """Reads the job pipe in the background, so a ``hurry`` overtakes queued work."""
-
-    def __init__(self, conn: Connection) -> None:
-        super().__init__(daemon=True)
-        self.conn = conn
-        self.jobs: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self._hurry_upto = 0
-        self._cond = threading.Condition()
-
-    def run(self) -> None:
-        while True:
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError):  # the rank closed the pipe or died
-                msg = ("stop",)
-            if msg[0] in ("hurry", "stop"):
-                with self._cond:
-                    self._hurry_upto = max(self._hurry_upto, msg[1] if msg[0] == "hurry" else 1 << 62)
-                    self._cond.notify_all()
-            if msg[0] != "hurry":
-                self.jobs.put(msg)
-            if msg[0] == "stop":
-                return
-
-    def hurried(self, job_id: int) -> bool:
-        """Whether the rank is waiting for ``job_id`` (or a later job)."""
-        with self._cond:
-            return self._hurry_upto >= job_id
-
-    def wait_hurry(self, job_id: int, timeout: float) -> None:
-        """Sleep up to ``timeout`` unless the rank is (or becomes) waiting for ``job_id``."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._hurry_upto >= job_id, timeout)
-
-
-def _run_job(kind: str, job: dict[str, Any], maps: _Mappings, inbox: _Inbox) -> dict[str, Any]:
+def _run_job(kind: str, job: dict[str, Any], client: _Client) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if kind == "write":
-            result = _do_write(job, maps, inbox)
+            result = _do_write(job, client)
         else:
-            result = _load_writers().commit_checkpoint(job["ckpt_dir"], job["step"], job["infos"],
-                                                   job["meta_json"], job["attrs"], job["keep"])
+            result = _load_writers().commit_checkpoint(
+                job["ckpt_dir"], job["step"], job["infos"], job["meta_json"], job["attrs"],
+                job["keep"])
         result.update(id=job["id"], ok=True)
+    except _Gone:
+        raise
     except BaseException as exc:  # noqa: BLE001 - reported to the rank, which fails the checkpoint
         result = {"id": job["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}",
                   "traceback": traceback.format_exc(limit=4),
@@ -292,33 +332,127 @@ def _run_job(kind: str, job: dict[str, Any], maps: _Mappings, inbox: _Inbox) -> 
     return result
 
 
-def _child_main(argv: list[str]) -> int:
-    rfd, wfd, ppid, nice = (int(a) for a in argv[:4])
-    _watch_parent(ppid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent rank decides when to stop
-    _place(ppid, nice)
-    # Before the inbox starts: its unpickling may import numpy too, and two
-    # threads importing numpy at once break it.
+class _Server:
+    """The node's writer: every rank of the node sends it its jobs.
+
+    It leaves when its last rank has left (a rank's end or death is the end
+    of its connection), when no rank came within ``FIRST_CLIENT_S`` of its
+    start, or when the process it watches (the daemon that started the
+    ranks) is gone. Deciding to leave and accepting a rank happen under one
+    lock, and the listening socket closes first: a rank arriving then starts
+    a writer of its own.
+    """
+
+    FIRST_CLIENT_S = 30.0
+
+    def __init__(self, listener: socket.socket, watch: int) -> None:
+        self.listener, self.watch = listener, watch
+        self.work: queue.Queue[Any] = queue.Queue()
+        self.clients: set[_Client] = set()
+        self.lock = threading.Lock()
+        self.leaving = False
+        self.started = time.monotonic()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:  # closed: the writer is leaving
+                return
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                sock.close()
+                continue
+            with self.lock:
+                if self.leaving:
+                    sock.close()
+                    return
+                client = _Client(sock, pid, self.work)
+                self.clients.add(client)
+            client.start()
+
+    def watchdog(self) -> None:
+        while True:
+            time.sleep(0.5)
+            with self.lock:
+                idle = not self.clients and time.monotonic() - self.started > self.FIRST_CLIENT_S
+            if not _alive(self.watch) or idle:
+                self.work.put((None, ("leave",)))
+                return
+
+    def left(self, client: _Client) -> bool:
+        """A rank left; True when it was the last one (the writer leaves)."""
+        client.close()
+        if not _alive(client.pid):
+            _unlink_segments_of(client.pid)
+        with self.lock:
+            self.clients.discard(client)
+            if self.clients:
+                return False
+            self.leaving = True
+        self.listener.close()
+        return True
+
+    def serve(self) -> int:
+        threading.Thread(target=self.accept, name="ulfmpy-writer-accept", daemon=True).start()
+        threading.Thread(target=self.watchdog, name="ulfmpy-writer-watch", daemon=True).start()
+        while True:
+            client, msg = self.work.get()
+            kind = msg[0]
+            if kind == "leave":
+                return 0
+            if kind == "bye":
+                if self.left(client):
+                    return 0
+            elif client.gone:
+                continue  # the rank left before this job came up: nobody waits for it
+            elif kind == "forget":
+                client.maps.forget(msg[1])
+            elif kind == "info":
+                client.send({"id": msg[1], "pid": os.getpid(),
+                             "mpi_modules": sorted(m for m in sys.modules if m.startswith("mpi4py")),
+                             "affinity": sorted(os.sched_getaffinity(0))
+                             if hasattr(os, "sched_getaffinity") else None})
+            elif kind in ("write", "commit"):
+                try:
+                    client.send(_run_job(kind, msg[1], client))
+                except _Gone:
+                    pass
+
+
+def _hold_job_lock(path: str) -> Any:
+    """Share the run directory's job lock (``ulfmpy.jobctl``): a job's end
+    ends its writer too, even a stopped one, and the next launch waits for it."""
+    if not path:
+        return None
+    import fcntl
+
+    try:
+        fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held until exit)
+        fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return None
+    return fh
+
+
+def _writer_main(argv: list[str]) -> int:
+    """``_ckpt_helper.py NAME STARTER_PID WATCH_PID NICE [JOB_LOCK]``."""
+    name, starter, watch, nice = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the ranks decide when it stops
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind("\0" + name)
+    except OSError:
+        return 0  # another rank of the node started the writer first: it serves
+    listener.listen(256)
+    lock = _hold_job_lock(argv[4] if len(argv) > 4 else "")  # noqa: F841 (held until exit)
+    _place(starter, nice)
+    # Before any rank's connection is read: unpickling a job may import numpy
+    # too, and two threads importing numpy at once break it.
     _preload_when_idle()
-    inbox = _Inbox(Connection(rfd, writable=False))
-    inbox.start()
-    cout = Connection(wfd, readable=False)
-    maps = _Mappings()
-    while True:
-        msg = inbox.jobs.get()
-        kind = msg[0]
-        if kind == "stop":
-            return 0
-        if kind == "forget":
-            maps.forget(msg[1])
-        elif kind == "info":
-            cout.send({"id": msg[1], "pid": os.getpid(),
-                       "mpi_modules": sorted(m for m in sys.modules if m.startswith("mpi4py")),
-                       "affinity": sorted(os.sched_getaffinity(0))
-                       if hasattr(os, "sched_getaffinity") else None})
-        elif kind in ("write", "commit"):
-            cout.send(_run_job(kind, msg[1], maps, inbox))
+    return _Server(listener, watch).serve()
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))
+    sys.exit(_writer_main(sys.argv[1:]))

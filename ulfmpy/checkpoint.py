@@ -33,7 +33,8 @@ import numpy as np
 
 from ulfmpy import _ckpt_helper as _writer
 from ulfmpy._ckpt_async import Buffer as _Buffer
-from ulfmpy._ckpt_async import HelperProcess as _HelperProcess
+from ulfmpy._ckpt_async import WRITER_DIED
+from ulfmpy._ckpt_async import NodeWriter as _NodeWriter
 from ulfmpy._ckpt_async import layout_key as _layout_key
 from ulfmpy._ckpt_async import specs_of as _specs
 from ulfmpy._ckpt_async import sweep_orphans as _sweep_orphans
@@ -62,7 +63,7 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-def _cleanup(procs: list[_HelperProcess | None], buffers: list[_Buffer | None]) -> None:
+def _cleanup(procs: list[_NodeWriter | None], buffers: list[_Buffer | None]) -> None:
     for helper in procs:
         if helper is not None:
             helper.close(kill=True, timeout=5)
@@ -88,16 +89,19 @@ class CheckpointStore(_Committer):
         keep: committed checkpoints to keep (>= 1; 2 or more recommended, so a
             torn newest one leaves an older one). Older ones are deleted only
             after a newer one committed.
-        mode: ``"async"`` (stage into shared memory, a helper process per rank
-            writes the file) or ``"sync"`` (write and commit inside :meth:`save`).
+        mode: ``"async"`` (stage into shared memory, the node's writer
+            process writes the file) or ``"sync"`` (write and commit inside
+            :meth:`save`).
         events: the rank's event log, or None.
         meta: JSON-serializable run description stored in every manifest.
-        helper_nice: niceness of the async helper process. It runs on the
-            cores the rank is not bound to; where every core computes, 19
+        node: the virtual node (``--virtual-nodes``) whose writer serves
+            this rank; None: the host's.
+        helper_nice: niceness of the node's writer process. It runs on the
+            cores the rank that started it is not bound to; where every core computes, 19
             (the default) keeps its share of a busy core near 1.5%: the
             write then stretches out instead of slowing compute, and speeds
             up whenever the rank waits.
-        helper_duty: fraction of the time the helper writes while the rank
+        helper_duty: fraction of the time the writer writes while the rank
             computes (it pauses between 1 MiB chunks to spare the rank's
             memory bandwidth); it writes at full speed whenever the rank
             waits for it (:meth:`drain`, a save behind an unfinished write).
@@ -113,7 +117,8 @@ class CheckpointStore(_Committer):
 
     def __init__(self, comm: Any, run_dir: str | os.PathLike[str], *, keep: int = 2,
                  mode: str = "async", events: Any = None, meta: dict[str, Any] | None = None,
-                 helper_nice: int = 19, helper_duty: float = 1.0) -> None:
+                 node: str | None = None, helper_nice: int = 19,
+                 helper_duty: float = 1.0) -> None:
         if mode not in ("async", "sync"):
             raise ConfigError(f"checkpoint mode must be 'async' or 'sync', got {mode!r}")
         if not 0.0 < float(helper_duty) <= 1.0:
@@ -141,11 +146,13 @@ class CheckpointStore(_Committer):
             if swept:
                 self._log("checkpoint_shm_swept", segments=swept,
                           reason="staging buffers of killed ranks")
-        self._procs = [_HelperProcess(nice=helper_nice) if mode == "async" else None]
+        self._node = node
+        self._procs = [_NodeWriter(self.run_dir, node=node, nice=helper_nice)
+                       if mode == "async" else None]
         self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._buffers)
 
     @property
-    def _helper(self) -> _HelperProcess | None:
+    def _helper(self) -> _NodeWriter | None:
         return self._procs[0]
 
     # -- context manager and lifetime ---------------------------------------
@@ -197,23 +204,9 @@ class CheckpointStore(_Committer):
             self._pending = None
         self.comm = comm
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until the async helper has started (its interpreter, numpy, h5py). Local.
-
-        At the start of a run, so that the helper's start-up is not paid by
-        the first segments (it slowed their steps several times over on a
-        full node). A helper that does not answer is restarted at the first save.
-        """
-        if self._helper is None:
-            return
-        try:
-            self._helper.info(timeout=timeout)
-        except (TimeoutError, OSError, EOFError):
-            pass
-
     @property
     def helper_pid(self) -> int | None:
-        """The pid of this rank's helper process (async mode), for tests and tools."""
+        """The pid of the node's writer this rank uses (async mode), for tests and tools."""
         return self._helper.pid if self._helper is not None else None
 
     # -- records ------------------------------------------------------------
@@ -325,7 +318,7 @@ class CheckpointStore(_Committer):
             try:
                 pending.job = self._live_helper().submit(job)
             except OSError as exc:  # agreed on at the next poll, so every rank raises together
-                pending.result = {"ok": False, "error": f"cannot reach the checkpoint helper: {exc}"}
+                pending.result = {"ok": False, "error": f"{WRITER_DIED} before the write reached it ({exc})"}
         else:
             arrays = [(e[0], buf.views[e[0]], e[4]) for e in buf.job_entries(specs)]
             try:
@@ -409,14 +402,15 @@ class CheckpointStore(_Committer):
         newest = max(committed)[1]
         return 1 - newest
 
-    def _live_helper(self) -> _HelperProcess:
-        """The helper, restarted if it died (a failed write was already reported)."""
+    def _live_helper(self) -> _NodeWriter:
+        """The node's writer, reached anew if it died (a failed write was already
+        reported): the first rank of the node to find it gone starts another."""
         helper = self._procs[0]
         assert helper is not None
         if not helper.alive():
-            self._log("checkpoint_helper_restarted", pid=helper.pid, status=helper.proc.returncode)
-            helper.close()
-            helper = self._procs[0] = _HelperProcess(nice=self._nice)
+            self._log("checkpoint_writer_restarted", pid=helper.pid)
+            helper.close(kill=True)
+            helper = self._procs[0] = _NodeWriter(self.run_dir, node=self._node, nice=self._nice)
         return helper
 
     def _ensure_buffer(self, idx: int, key: tuple[Any, ...]) -> _Buffer:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ulfmpy.errors import GlobalRollback, RestoreError, RetriesExhausted
+from ulfmpy.errors import GlobalRollback, RestoreError, RetriesExhausted, WriterLost
 from ulfmpy.partner import PartnerCopies, plan_handover, receive_copy
 
 __all__ = ["Checkpoints", "RestoreContext", "RESTORE_SOURCES"]
@@ -44,13 +44,16 @@ class Checkpoints:
         self.restored_from: dict[str, Any] | None = None
         self._delta_ns = 0  # the last save's exposed time, reported once
         self._reported: int | None = None  # the last commit reported to the planner
+        self.node: str | None = None  # the virtual node, whose own writer serves this rank
 
     # -- open and resume ------------------------------------------------------------
-    def open(self, comm: Any, state: dict[str, Any], *, wait: bool = False) -> None:
+    def open(self, comm: Any, state: dict[str, Any]) -> None:
         """Open the store for ``state`` when checkpoints are on. Local.
 
-        ``wait``: let the writer finish starting first (at the run's start;
-        a replacement opening its store during a recovery does not wait).
+        The node's writer is reached (started by the node's first rank) but
+        not waited for: it imports at idle priority, and a first save queued
+        before it is ready waits in its queue (docs/architecture.md,
+        "Checkpoints").
         """
         if self.store is not None or not enabled(self.config):
             return
@@ -58,10 +61,9 @@ class Checkpoints:
 
         cfg = self.config
         self.store = CheckpointStore(comm, self.run_dir, keep=cfg.ckpt_keep, mode=cfg.ckpt_mode,
-                                     events=self.events, meta={"config": cfg.as_dict()})
+                                     events=self.events, meta={"config": cfg.as_dict()},
+                                     node=self.node)
         self.store.prepare(state)
-        if wait:
-            self.store.wait_ready()
 
     def resume(self, comm: Any, state: dict[str, Any], start: int) -> int:
         """Restore ``--resume`` (none, auto, a path) into ``state``. Collective."""
@@ -101,7 +103,7 @@ class Checkpoints:
         store = self.store
         if store is None:
             return None, False
-        store.poll(ready=writes_ready)
+        self._surviving_the_writer(store.poll, ready=writes_ready)
         if not save:
             return self._newly_committed(), False
         if any(r.step == step and r.committed for r in store.records):
@@ -111,7 +113,9 @@ class Checkpoints:
             return self._newly_committed(), False
         if store.mode == "sync":
             self.hooks.kill_point("checkpoint", step)
-        rec = store.save(step, state)
+        rec = self._surviving_the_writer(store.save, step, state)
+        if rec is None:  # the write before it was lost with the writer: nothing is pending now
+            rec = store.save(step, state)
         if store.mode == "async":
             # Staged and handed to the helper, not committed: the worst moment.
             self.hooks.kill_point("checkpoint", step)
@@ -163,7 +167,16 @@ class Checkpoints:
     def drain(self) -> None:
         """End of run: wait for the outstanding write and commit it. Collective."""
         if self.store is not None:
-            self.store.drain()
+            self._surviving_the_writer(self.store.drain)
+
+    def _surviving_the_writer(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``call``; a checkpoint lost with the node's writer is logged, not
+        raised (every rank learns it in the same agreement). Collective."""
+        try:
+            return call(*args, **kwargs)
+        except WriterLost as exc:
+            self.events.log("checkpoint_writer_lost", error=str(exc))
+            return None
 
     # -- global rollback ---------------------------------------------------------------
     def global_rollback(self, comm: Any, state: dict[str, Any], gr: GlobalRollback,

@@ -72,6 +72,12 @@ class CheckpointError(UlfmpyError):
     """Writing or committing a checkpoint failed."""
 
 
+class WriterLost(CheckpointError):
+    """The node's checkpoint writer died: the checkpoint in flight was not
+    committed (older ones are intact), and the next save reaches a new writer.
+    The runtime logs it and goes on; a direct user of the store may too."""
+
+
 class RestoreError(UlfmpyError):
     """No checkpoint can be restored (missing, corrupt, wrong rank count)."""
 

@@ -228,6 +228,7 @@ class Runtime:
             self._shimmed = True
         self.segments = SegmentRunner(cfg, self.comm, self.events, self.hooks)
         self.ckpts = Checkpoints(cfg, self.run_dir, self.events, self.hooks)
+        self.ckpts.node = self._node if self._virtual else None
         self.repairer = Repairer(cfg, self.events, self.hooks, self.run_dir, ft=self.ft,
                                  zygote_name=zygote, node=self._host, virtual=self._virtual,
                                  halt_times=self._halt_times)

@@ -200,7 +200,7 @@ def test_checkpointed_run_is_exact_and_starts_fresh(small, baseline):
         assert files == [f"rank-{r:05d}.h5" for r in range(4)]
     assert not (small.run_dir / "ckpt" / "step-00000030").exists()
     assert len(small.events("checkpoint_committed")) == 4 * 5
-    assert not left_behind(small), "the checkpoint helpers must stop at the end of the run"
+    assert not left_behind(small), "the checkpoint writer must stop at the end of the run"
 
 
 def test_sync_writer_writes_the_same_checkpoint(runs, small, baseline):
@@ -242,7 +242,7 @@ def killed(root):
     process group of its own, so ``os.killpg`` of the launcher's or
     ``mpirun``'s group alone leaves the ranks running for a while: both groups
     are killed and every rank by pid, all at once, as a node crash would. The
-    ranks' checkpoint helpers are not killed: they must die with their ranks.
+    node's checkpoint writer is not killed: it must leave with the ranks.
 
     Returns a dict: ``run_dir``, ``at_kill`` (committed steps seen when
     killing), ``pids`` (the job's processes then), ``survivors`` (those still
@@ -302,8 +302,8 @@ def long_baseline(runs):
 
 
 def test_killed_job_leaves_no_process_behind(killed):
-    helpers = [cmd for cmd in killed["pids"].values() if "_ckpt_helper" in cmd]
-    assert len(helpers) == 4, f"expected a checkpoint helper per rank: {killed['pids']}"
+    writers = [cmd for cmd in killed["pids"].values() if "_ckpt_helper" in cmd]
+    assert len(writers) == 1, f"expected one checkpoint writer for the node: {killed['pids']}"
     assert not killed["survivors"], (
         "processes of the killed job were still alive 15 s after the launcher, mpirun and "
         f"every rank were SIGKILLed: {killed['survivors']}")
@@ -441,7 +441,7 @@ def test_kill_between_rank_files_and_manifest_commits_nothing(killed_in_commit):
     assert manifests(res.run_dir) == [10, 20]
     assert not list(ckpt.glob("step-00000030.h5*")) and not list(ckpt.glob(".step-00000030.h5*"))
     assert [e["rank"] for e in res.events("inject")] == [1]
-    assert not left_behind(res), "helpers must die with their ranks (no orphans)"
+    assert not left_behind(res), "the writer must leave with the ranks (no orphans)"
     v = inspect(res.run_dir, "--verify", "--json")
     assert v.returncode == 0, v.stdout + v.stderr
     rows = {r["step"]: r for r in json.loads(v.stdout)["checkpoints"]}
@@ -567,7 +567,7 @@ def test_persistent_fault_ends_the_job_with_a_clear_error(runs):
     assert not (res.run_dir / "summary.json").exists()
     # It tried: --max-retries 1 global rollbacks after the first, on every rank.
     assert len(res.events("global_rollback")) == 4 * 2
-    assert not left_behind(res), "helpers must stop when the job ends on an error"
+    assert not left_behind(res), "the writer must stop when the job ends on an error"
 
 
 # -- (6) ulfmpy inspect and the manifest's virtual datasets ------------------------

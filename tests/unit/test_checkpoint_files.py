@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -309,37 +310,79 @@ def test_inspect_needs_no_mpi(tmp_path):
     assert "virtual dataset /u" in res.stdout
 
 
-@pytest.mark.parametrize("stalled", [False, True])
-def test_helper_dies_with_its_parent(tmp_path, stalled):
-    """SIGKILL the rank: its helper must not outlive it (no orphans).
-
-    A stalled (stopped) helper cannot notice its pipe closing: only the
-    parent-death signal can end it.
-    """
+def _start_rank_with_a_store(run_dir, *, save: bool):
+    """A child process with a store on ``run_dir`` (one rank of a node); prints the writer's pid."""
     script = textwrap.dedent(f"""
-        import os, signal, sys, time
+        import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import numpy as np
         from test_checkpoint_files import COMM
         from ulfmpy.checkpoint import CheckpointStore
-        store = CheckpointStore(COMM, {str(tmp_path)!r}, mode="async")
+        store = CheckpointStore(COMM, {str(run_dir)!r}, mode="async")
         store._helper.info()  # started up
-        if {stalled}:
-            os.kill(store.helper_pid, signal.SIGSTOP)
+        if {save}:
+            store.save(1, {{"u": np.arange(1000.0)}})
+            store.drain()
         print(store.helper_pid, flush=True)
         time.sleep(600)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    return proc, int(proc.stdout.readline())
+
+
+def _gone_within(pid, seconds=10.0):
+    # a zombie (dead, waiting for its parent to reap it) counts as gone
+    deadline = time.monotonic() + seconds
+    while _proc_state(pid) not in ("gone", "Z") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _proc_state(pid) in ("gone", "Z")
+
+
+def test_one_writer_serves_the_node_outlives_a_dead_rank_and_leaves_with_the_last(tmp_path):
+    """Two ranks of a node share one writer; the death of the rank that
+    started it (SIGKILL) takes it down neither for the other rank nor with a
+    staging segment left behind; it leaves when the last rank closes."""
+    from ulfmpy._ckpt_async import _shm_prefix
+
+    proc, pid = _start_rank_with_a_store(tmp_path, save=True)
     try:
-        pid = int(proc.stdout.readline())
-        assert Path(f"/proc/{pid}").exists()
+        store = CheckpointStore(COMM, tmp_path, mode="async")
+        assert store.helper_pid == pid, "a second rank of the node must use the same writer"
+        assert f"{_shm_prefix()}{proc.pid}-" in " ".join(os.listdir("/dev/shm"))
     finally:
         proc.kill()
         proc.wait()
-    # a zombie (dead, waiting for init to reap it) counts as gone
     deadline = time.monotonic() + 10
-    while _proc_state(pid) not in ("gone", "Z") and time.monotonic() < deadline:
+    while (f"{_shm_prefix()}{proc.pid}-" in " ".join(os.listdir("/dev/shm"))
+           and time.monotonic() < deadline):
         time.sleep(0.02)
-    assert _proc_state(pid) in ("gone", "Z"), f"helper {pid} outlived its parent"
+    assert f"{_shm_prefix()}{proc.pid}-" not in " ".join(os.listdir("/dev/shm")), \
+        "the dead rank's staging segment must be unlinked"
+    assert _proc_state(pid) not in ("gone", "Z"), "the writer must outlive the rank that started it"
+    state = make_state()
+    fill(state, 2)
+    store.save(2, state)
+    assert store.drain().step == 2
+    store.close()
+    assert _gone_within(pid), f"writer {pid} outlived its last rank"
+
+
+def test_a_stopped_writer_ends_with_the_job(tmp_path):
+    """A stopped writer cannot notice its ranks leaving: it holds the run
+    directory's job lock, so the launcher's end of the job (SIGKILL after
+    SIGTERM) ends it too."""
+    from ulfmpy import jobctl
+
+    (tmp_path / jobctl.JOB_LOCK_NAME).touch()
+    proc, pid = _start_rank_with_a_store(tmp_path, save=False)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert pid in jobctl.job_lock_holders(str(tmp_path))
+    jobctl.end_processes(jobctl.job_lock_holders(str(tmp_path)), grace=1.0)
+    assert _gone_within(pid), f"stopped writer {pid} outlived the job"
 
 
 def _proc_state(pid):
@@ -354,7 +397,7 @@ def test_helper_stops_at_close(tmp_path):
     pid = store.helper_pid
     assert store._helper.info()["mpi_modules"] == []
     store.close()
-    assert not Path(f"/proc/{pid}").exists()
+    assert _gone_within(pid), "the writer must leave with its last rank"
     with pytest.raises(CheckpointError, match="closed"):
         store.save(1, make_state())
     store.close()  # idempotent
