@@ -139,7 +139,7 @@ class Config:
         lambda s: _bool(s), "also write the final state as a committed checkpoint when the loop "
         "ends (keeps the result as data; ulfmpy inspect and xarray open it)"))
     ckpt_mode: str = field(default="async", metadata=_opt(
-        str, "async: a helper process writes the files while the loop goes on; sync: the "
+        str, "async: the node's writer process writes the files while the loop goes on; sync: the "
         "save writes and commits before the loop goes on", choices=("async", "sync")))
     resume: str = field(default="none", metadata=_opt(
         str, "resume from: none, auto (newest valid checkpoint in the run dir), or a checkpoint path"))

@@ -231,18 +231,22 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
             except Exception as exc:  # a missing optional module only costs its import later
                 _log(f"preload {mod}: {exc!r}")
 
-    loader = threading.Thread(target=load, name="ulfmpy-zygote-preload")
-    loader.start()
-    loader.join()
-    from ulfmpy.jobctl import alive as _alive
-
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind("\0" + name)
     except OSError as exc:
         _log(f"not serving {name}: {exc}")  # another zygote has it
         return None
+    # Listening before the preload: a replacement asked for while it runs
+    # (a failure early in the run, when the busy ranks left no idle core)
+    # waits for it in the backlog and still starts warm; the ranks are
+    # idle then, in the repair, so the preload goes ahead.
     listener.listen(64)
+    loader = threading.Thread(target=load, name="ulfmpy-zygote-preload")
+    loader.start()
+    loader.join()
+    from ulfmpy.jobctl import alive as _alive
+
     _log(f"serving {name} (preloaded in {time.perf_counter() - t0:.3f} s, watching {watch})")
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
