@@ -241,13 +241,17 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
     # (a failure early in the run, when the busy ranks left no idle core)
     # waits for it in the backlog and still starts warm; the ranks are
     # idle then, in the repair, so the preload goes ahead.
+    # A quit is answered at once; a fork waits for the preload (no thread
+    # may be importing when the process forks).
     listener.listen(64)
-    loader = threading.Thread(target=load, name="ulfmpy-zygote-preload")
-    loader.start()
-    loader.join()
     from ulfmpy.jobctl import alive as _alive
 
-    _log(f"serving {name} (preloaded in {time.perf_counter() - t0:.3f} s, watching {watch})")
+    def load_and_log() -> None:
+        load()
+        _log(f"serving {name} (preloaded in {time.perf_counter() - t0:.3f} s, watching {watch})")
+
+    loader = threading.Thread(target=load_and_log, name="ulfmpy-zygote-preload", daemon=True)
+    loader.start()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -264,7 +268,7 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
                     conn, _addr = listener.accept()
                 except OSError:
                     continue
-                got = _handle(conn, children, [listener, sel, wake_r, wake_w])
+                got = _handle(conn, children, [listener, sel, wake_r, wake_w], loader)
                 if isinstance(got, _Job):
                     return got
                 quitting = quitting or got == "quit"
@@ -276,11 +280,16 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
         _reap(children)
         if (quitting or not _alive(watch)) and not children:
             _log("leaving")
+            if loader.is_alive():
+                # Told to leave mid-preload (a short job): the importing
+                # thread must not hold up the exit, nor run at finalization.
+                sys.stdout.flush()
+                os._exit(0)
             return None
 
 
 def _handle(conn: socket.socket, children: dict[int, socket.socket],
-            closing: list[Any]) -> _Job | str | None:
+            closing: list[Any], loader: threading.Thread) -> _Job | str | None:
     fds: list[int] = []
     try:
         conn.settimeout(5.0)
@@ -298,6 +307,7 @@ def _handle(conn: socket.socket, children: dict[int, socket.socket],
         if len(fds) != 3:
             raise ValueError(f"expected 3 descriptors, got {len(fds)}")
         conn.settimeout(None)
+        loader.join()
         got = _fork(conn, request, fds, closing + list(children.values()))
         if isinstance(got, _Job):
             return got
