@@ -193,8 +193,8 @@ def _connect(name: str) -> socket.socket | None:
 class NodeWriter:
     """A rank's connection to its node's checkpoint writer (``_ckpt_helper``). Local.
 
-    Connects to the writer serving this run directory on this node, and
-    starts it first when none serves yet: the first rank of the node to ask
+    Connects (at its first use) to the writer serving this run directory on
+    this node, and starts it first when none serves yet: the first rank of the node to ask
     starts it, and when two start one at once the socket's name decides
     (the loser leaves at once). The writer outlives the rank that started
     it and serves the node's other ranks on; it leaves with the last.
@@ -210,10 +210,25 @@ class NodeWriter:
                  nice: int = 19, start_timeout: float = 30.0) -> None:
         self.name = writer_name(run_dir, node)
         self.started: subprocess.Popen[bytes] | None = None
+        self._run_dir, self._nice, self._start_timeout = run_dir, nice, start_timeout
+        self._conn: Connection | None = None
+        self._pid: int | None = None
+        self._results: dict[int, dict[str, Any]] = {}
+        self._next_id = 0
+        self._hurried = 0
+        self._eof = False
+
+    def _ensure(self) -> Connection:
+        """The connection, made on first use: a run that never saves never
+        starts a writer, and one that does pays its start at the first save."""
+        if self._conn is not None:
+            return self._conn
+        if self._eof:
+            raise OSError("this rank already left the node's checkpoint writer")
         sock = _connect(self.name)
         if sock is None:
-            self.started = self._start(self.name, run_dir, nice)
-            deadline = time.monotonic() + start_timeout
+            self.started = self._start(self.name, self._run_dir, self._nice)
+            deadline = time.monotonic() + self._start_timeout
             while sock is None and time.monotonic() < deadline:
                 time.sleep(0.005)
                 sock = _connect(self.name)
@@ -222,14 +237,19 @@ class NodeWriter:
                     # which may still be binding: keep trying it.
                     time.sleep(0.02)
         if sock is None:
-            raise OSError(f"the node's checkpoint writer did not start within {start_timeout:.0f} s")
+            raise OSError(f"the node's checkpoint writer did not start within "
+                          f"{self._start_timeout:.0f} s")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        self.pid = struct.unpack("3i", creds)[0]
+        self._pid = struct.unpack("3i", creds)[0]
         self._conn = Connection(sock.detach())
-        self._results: dict[int, dict[str, Any]] = {}
-        self._next_id = 0
-        self._hurried = 0
-        self._eof = False
+        return self._conn
+
+    @property
+    def pid(self) -> int:
+        """The writer's pid (connecting first, if this rank has not yet)."""
+        self._ensure()
+        assert self._pid is not None
+        return self._pid
 
     @staticmethod
     def _start(name: str, run_dir: str | os.PathLike[str], nice: int) -> subprocess.Popen[bytes]:
@@ -248,10 +268,13 @@ class NodeWriter:
                                     start_new_session=True)
 
     def alive(self) -> bool:
-        return not self._eof and _jobctl.alive(self.pid)
+        """False once the writer is known gone (not yet connected: nothing is lost)."""
+        if self._eof:
+            return False
+        return self._pid is None or _jobctl.alive(self._pid)
 
     def _send(self, msg: tuple[Any, ...]) -> None:
-        self._conn.send(msg)
+        self._ensure().send(msg)
 
     def submit(self, job: dict[str, Any], kind: str = "write") -> int:
         """Queue a job (``write`` a rank file, or ``commit`` a checkpoint); returns its id."""
@@ -262,7 +285,7 @@ class NodeWriter:
 
     def forget(self, shm_name: str) -> None:
         """Tell the writer to unmap a segment this rank is about to free."""
-        if self.alive():
+        if self._conn is not None and self.alive():
             try:
                 self._send(("forget", shm_name))
             except OSError:
@@ -270,9 +293,9 @@ class NodeWriter:
 
     def _pump(self, timeout: float) -> bool:
         """Receive one result if one arrives within ``timeout``; False once the writer is gone."""
-        if self._eof:
+        if self._eof or self._conn is None:
             time.sleep(timeout)
-            return False
+            return not self._eof
         try:
             if self._conn.poll(timeout):
                 res = self._conn.recv()
@@ -300,12 +323,14 @@ class NodeWriter:
             if job_id in self._results:
                 return self._results.pop(job_id)
             if self._eof or not self.alive():
-                return {"id": job_id, "ok": False, "error": f"{WRITER_DIED} (pid {self.pid})"}
+                return {"id": job_id, "ok": False, "error": f"{WRITER_DIED} (pid {self._pid})"}
             if not block or (deadline is not None and time.monotonic() >= deadline):
                 return None
             self._pump(0.05)
 
     def _conn_has_data(self) -> bool:
+        if self._conn is None:
+            return False
         try:
             return self._conn.poll(0)
         except (EOFError, OSError):
@@ -329,6 +354,9 @@ class NodeWriter:
         writer itself goes on for the node's other ranks and leaves with the
         last. ``timeout`` is kept for the store's clean-up call; nothing waits.
         """
+        if self._conn is None:  # never connected: no writer to leave
+            self._eof = True
+            return
         if not self._eof:
             try:
                 if not kill:
