@@ -46,6 +46,9 @@ def _env() -> dict[str, str]:
 
 
 def _kind(cmd: bytes) -> str:
+    exe = os.path.basename(cmd.split(b"\0", 1)[0])
+    if exe in (b"mpirun", b"prterun", b"prted", b"ompirun_wrapper") or b"prte" in exe:
+        return "mpi"
     if b"_ckpt_helper" in cmd:
         return "writer"
     if b"ulfmpy.zygote" in cmd:

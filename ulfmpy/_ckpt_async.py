@@ -8,6 +8,7 @@ through :class:`NodeWriter`) reads it while the rank computes.
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
 import socket
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from multiprocessing import shared_memory as _shm
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -37,26 +37,37 @@ _shm_prefix = _ckpt_helper.shm_prefix
 sweep_orphans = _jobctl.sweep_staging_segments
 
 
-def _untracked_shm(name: str, size: int) -> _shm.SharedMemory:
-    """A new segment the multiprocessing resource tracker does not own.
+class _Segment:
+    """A POSIX shared-memory segment this rank created in ``/dev/shm``. Local.
 
-    The tracker outlives a SIGKILLed rank and warns of "leaked shared_memory
-    objects" after every injected kill; the segment's name carries its
-    creator's pid instead, and :func:`sweep_orphans` (the next store on the
-    node, and ``ulfmpy run`` after each launch) unlinks it.
+    Not ``multiprocessing.shared_memory``: before Python 3.13 it registers
+    every segment with a resource tracker, one more process per rank, which
+    outlives a SIGKILLed rank and warns of "leaked shared_memory objects"
+    after every injected kill. The segment's name carries its creator's pid
+    instead, and :func:`sweep_orphans` (the node's next store, and ``ulfmpy
+    run`` after each launch) unlinks a dead rank's.
     """
-    try:
-        return _shm.SharedMemory(name=name, create=True, size=size, track=False)  # 3.13+
-    except TypeError:
-        pass
-    seg = _shm.SharedMemory(name=name, create=True, size=size)
-    try:
-        from multiprocessing import resource_tracker
 
-        resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
-    except (ImportError, AttributeError, OSError):
-        pass
-    return seg
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:  # ENOSPC now rather than SIGBUS when the copy touches the pages
+                os.posix_fallocate(fd, 0, size)
+            except AttributeError:  # pragma: no cover (not Linux)
+                os.ftruncate(fd, size)
+            self.buf = mmap.mmap(fd, size)
+        except OSError:
+            os.close(fd)
+            os.unlink(f"/dev/shm/{name}")
+            raise
+        os.close(fd)
+
+    def close(self) -> None:
+        self.buf.close()
+
+    def unlink(self) -> None:
+        os.unlink(f"/dev/shm/{self.name}")
 
 
 def layout_key(entries: Mapping[str, StateValue]) -> tuple[Any, ...]:
@@ -76,7 +87,7 @@ class Buffer:
             self.slots.append((name, dtype, shape, size))
             size += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         self.size = max(size, 1)
-        self.shm: _shm.SharedMemory | None = None
+        self.shm: _Segment | None = None
         if shared:
             self._make_shared()
             raw = np.ndarray((self.size,), np.uint8, buffer=self.shm.buf)  # type: ignore[attr-defined]
@@ -101,16 +112,12 @@ class Buffer:
                 f"buffer (two per rank) but /dev/shm has {avail} free; enlarge /dev/shm "
                 "or use ckpt_mode='sync'")
         name = f"{_shm_prefix()}{os.getpid()}-{secrets.token_hex(6)}"
-        self.shm = _untracked_shm(name, self.size)
-        fd = getattr(self.shm, "_fd", -1)
-        if fd >= 0 and hasattr(os, "posix_fallocate"):
-            try:  # ENOSPC now rather than SIGBUS when the copy touches the pages
-                os.posix_fallocate(fd, 0, self.size)
-            except OSError as exc:
-                self.close()
-                raise CheckpointError(f"cannot allocate {self.size} bytes of shared memory for "
-                                      f"checkpoint staging ({exc}); enlarge /dev/shm or use "
-                                      "ckpt_mode='sync'") from exc
+        try:
+            self.shm = _Segment(name, self.size)
+        except OSError as exc:
+            raise CheckpointError(f"cannot allocate {self.size} bytes of shared memory for "
+                                  f"checkpoint staging ({exc}); enlarge /dev/shm or use "
+                                  "ckpt_mode='sync'") from exc
 
     def job_entries(self, specs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         return [(name, dt, shape, off, _dataset_attrs(spec))
@@ -125,8 +132,7 @@ class Buffer:
             except BufferError:  # a caller still holds a memory_copy() view; the map stays
                 pass
             try:
-                # Not shm.unlink(): it would also tell the tracker, which never had it.
-                os.unlink(f"/dev/shm/{self.shm.name}")
+                self.shm.unlink()
             except FileNotFoundError:
                 pass
             self.shm = None
@@ -227,15 +233,29 @@ class NodeWriter:
             raise OSError("this rank already left the node's checkpoint writer")
         sock = _connect(self.name)
         if sock is None:
-            self.started = self._start(self.name, self._run_dir, self._nice)
-            deadline = time.monotonic() + self._start_timeout
-            while sock is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-                sock = _connect(self.name)
-                if sock is None and self.started.poll() is not None:
-                    # Ours lost the race for the name to another rank's,
-                    # which may still be binding: keep trying it.
-                    time.sleep(0.02)
+            # One rank of the node starts it: the one that binds the name's
+            # "starting" twin (freed when it closes or dies); the others
+            # wait for the writer to listen instead of starting their own.
+            guard = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                guard.bind("\0" + self.name + "-starting")
+            except OSError:
+                guard.close()
+                guard = None
+            try:
+                if guard is not None and (sock := _connect(self.name)) is None:
+                    self.started = self._start(self.name, self._run_dir, self._nice)
+                deadline = time.monotonic() + self._start_timeout
+                while sock is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    sock = _connect(self.name)
+                    if sock is None and self.started is not None and self.started.poll() is not None:
+                        # Ours lost the name to a writer started past the
+                        # guard (a rank that gave up waiting): use that one.
+                        time.sleep(0.02)
+            finally:
+                if guard is not None:
+                    guard.close()
         if sock is None:
             raise OSError(f"the node's checkpoint writer did not start within "
                           f"{self._start_timeout:.0f} s")

@@ -571,3 +571,45 @@ def test_h5py_is_imported_only_when_used(tmp_path):
                            "h5py.File\nprint('h5py' in sys.modules)"],
                           capture_output=True, text=True, timeout=120, check=True).stdout.split()
     assert read == ["True"]
+
+
+def test_ranks_reaching_for_the_writer_at_once_start_one(tmp_path):
+    """Four ranks of a node at their first save together: one writer is
+    started, and all four use it."""
+    import threading
+
+    from ulfmpy._ckpt_async import NodeWriter
+
+    writers = [NodeWriter(tmp_path) for _ in range(4)]
+    go = threading.Barrier(4)
+    pids = {}
+
+    def reach(i):
+        go.wait()
+        pids[i] = writers[i].pid
+
+    threads = [threading.Thread(target=reach, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert len(set(pids.values())) == 1 and len(pids) == 4, pids
+        assert sum(w.started is not None for w in writers) == 1
+    finally:
+        for w in writers:
+            w.close()
+    assert _gone_within(pids[0])
+
+
+def test_staging_starts_no_resource_tracker(tmp_path):
+    """Staging segments are made without multiprocessing's resource tracker
+    (one more process per rank, and "leaked" warnings after every kill)."""
+    from multiprocessing import resource_tracker
+
+    with CheckpointStore(COMM, tmp_path, mode="async") as store:
+        state = make_state()
+        fill(state, 1)
+        store.save(1, state)
+        assert store.drain().step == 1
+        assert getattr(resource_tracker._resource_tracker, "_pid", None) is None
