@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
 
 _WRITERS = ("CHECKSUM_ALGO", "DIRECT_BYTES", "MANIFEST_FORMAT", "RANK_FORMAT", "RESERVED",
             "STEP_RE", "commit_checkpoint", "crc32_hex", "fsync_dir", "fsync_path", "h5py",
@@ -171,22 +171,49 @@ class _Gone(BaseException):
 class _Client(threading.Thread):
     """One rank's connection to the writer.
 
-    Reads the rank's messages in the background and queues its jobs on the
-    writer's one work queue (in arrival order over all ranks: h5py runs one
-    call at a time anyway). A ``hurry`` overtakes queued work: it is the
-    rank waiting for a job, which is then written at full speed.
+    Reads the rank's messages in the background; a worker thread of its own
+    runs the rank's jobs in order. Ranks' jobs run side by side, as their
+    own helper processes' did (checksums and copies overlap; h5py's own
+    calls take turns). A ``hurry`` overtakes queued work: it is the rank
+    waiting for a job, which is then written at full speed. The rank's end
+    (``bye`` or its connection's) reaches the server after its last job.
     """
 
-    def __init__(self, sock: socket.socket, pid: int, work: queue.Queue[Any]) -> None:
+    def __init__(self, sock: socket.socket, pid: int, done: Callable[[_Client], None]) -> None:
         super().__init__(daemon=True, name=f"ulfmpy-writer-client-{pid}")
         self.conn = Connection(sock.detach())
         self.pid = pid
         self.maps = _Mappings()
         self.gone = False
-        self._work = work
+        self._work: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._done = done
         self._hurry_upto = 0
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
+        threading.Thread(target=self._worker, daemon=True,
+                         name=f"ulfmpy-writer-jobs-{pid}").start()
+
+    def _worker(self) -> None:
+        while True:
+            msg = self._work.get()
+            kind = msg[0]
+            if kind == "bye":
+                self._done(self)
+                return
+            if self.gone:
+                continue  # the rank left before this job came up: nobody waits for it
+            if kind == "forget":
+                self.maps.forget(msg[1])
+            elif kind == "info":
+                self.send({"id": msg[1], "pid": os.getpid(),
+                           "mpi_modules": sorted(m for m in sys.modules if m.startswith("mpi4py")),
+                           "affinity": sorted(os.sched_getaffinity(0))
+                           if hasattr(os, "sched_getaffinity") else None})
+            elif kind in ("write", "commit"):
+                try:
+                    self.send(_run_job(kind, msg[1], self))
+                except _Gone:
+                    pass
 
     def run(self) -> None:
         while True:
@@ -203,9 +230,9 @@ class _Client(threading.Thread):
                 with self._cond:
                     self.gone = True
                     self._cond.notify_all()
-                self._work.put((self, ("bye",)))
+                self._work.put(("bye",))
                 return
-            self._work.put((self, msg))
+            self._work.put(msg)
 
     def send(self, result: dict[str, Any]) -> None:
         with self._send_lock:
@@ -368,7 +395,7 @@ class _Server:
                 if self.leaving:
                     sock.close()
                     return
-                client = _Client(sock, pid, self.work)
+                client = _Client(sock, pid, self._client_done)
                 self.clients.add(client)
             client.start()
 
@@ -378,47 +405,27 @@ class _Server:
             with self.lock:
                 idle = not self.clients and time.monotonic() - self.started > self.FIRST_CLIENT_S
             if not _alive(self.watch) or idle:
-                self.work.put((None, ("leave",)))
+                self.work.put(("leave",))
                 return
 
-    def left(self, client: _Client) -> bool:
-        """A rank left; True when it was the last one (the writer leaves)."""
+    def _client_done(self, client: _Client) -> None:
+        """A rank left (its worker's last act): the writer leaves with the last one."""
         client.close()
         if not _alive(client.pid):
             _unlink_segments_of(client.pid)
         with self.lock:
             self.clients.discard(client)
             if self.clients:
-                return False
+                return
             self.leaving = True
         self.listener.close()
-        return True
+        self.work.put(("leave",))
 
     def serve(self) -> int:
         threading.Thread(target=self.accept, name="ulfmpy-writer-accept", daemon=True).start()
         threading.Thread(target=self.watchdog, name="ulfmpy-writer-watch", daemon=True).start()
-        while True:
-            client, msg = self.work.get()
-            kind = msg[0]
-            if kind == "leave":
-                return 0
-            if kind == "bye":
-                if self.left(client):
-                    return 0
-            elif client.gone:
-                continue  # the rank left before this job came up: nobody waits for it
-            elif kind == "forget":
-                client.maps.forget(msg[1])
-            elif kind == "info":
-                client.send({"id": msg[1], "pid": os.getpid(),
-                             "mpi_modules": sorted(m for m in sys.modules if m.startswith("mpi4py")),
-                             "affinity": sorted(os.sched_getaffinity(0))
-                             if hasattr(os, "sched_getaffinity") else None})
-            elif kind in ("write", "commit"):
-                try:
-                    client.send(_run_job(kind, msg[1], client))
-                except _Gone:
-                    pass
+        self.work.get()  # ("leave",): the last rank left, or the watched daemon is gone
+        return 0
 
 
 def _hold_job_lock(path: str) -> Any:

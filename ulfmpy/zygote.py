@@ -84,16 +84,25 @@ def start(name: str, *, watch: int, log: str | None = None,
             out = open(log, "ab")  # noqa: SIM115 (closed below: the child keeps its copy)
         # Not started with the halt signals blocked (as checkpoint helpers
         # are): the programs it forks and its own stop need them. A zygote
-        # ended by a halt's signal costs nothing: the job is leaving.
+        # ended by a halt's signal costs nothing: the job is leaving. A
+        # process group of its own, not a session: the kernel's autogroup
+        # scheduling gives every session a fair share of the CPU, which made
+        # the "idle" preload take half a core from the starting ranks.
         return subprocess.Popen(
             [sys.executable, "-m", "ulfmpy.zygote", name, str(watch), ",".join(preload)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            close_fds=True, start_new_session=True)
+            close_fds=True, **_own_group())
     except OSError:
         return None
     finally:
         if out is not subprocess.DEVNULL:
             out.close()
+
+
+def _own_group() -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": lambda: os.setpgid(0, 0)}  # pragma: no cover (3.10)
 
 
 def stop(name: str, timeout: float = 1.0) -> bool:
