@@ -186,12 +186,6 @@ def writer_name(run_dir: str | os.PathLike[str], node: str | None = None) -> str
     return f"ulfmpy-writer-{os.getuid()}-{hashlib.blake2b(key, digest_size=8).hexdigest()}"
 
 
-def _own_group() -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        return {"process_group": 0}
-    return {"preexec_fn": lambda: os.setpgid(0, 0)}  # pragma: no cover (3.10)
-
-
 def _connect(name: str) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -295,7 +289,7 @@ class NodeWriter:
             # writer would take half a core from the ranks instead of their
             # idle time (a 2-rank Jacobi step was 7-17 % slower during writes).
             return subprocess.Popen(cmd, close_fds=True, stdin=subprocess.DEVNULL,
-                                    **_own_group())
+                                    **_jobctl.own_process_group())
 
     def alive(self) -> bool:
         """False once the writer is known gone (not yet connected: nothing is lost)."""

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAUNCHER_PID_ENV", "sweep_staging_segments", "LAUNCH_ID_ENV", "RunDirLock", "lock_run_dir",
+__all__ = ["LAUNCHER_PID_ENV", "own_process_group", "sweep_staging_segments", "LAUNCH_ID_ENV", "RunDirLock", "lock_run_dir",
            "hold_job_lock", "job_lock_holders", "watch_launcher", "die_with_parent",
            "archive_markers", "abort_markers", "write_abort_marker", "claim_first_error",
            "write_exit_marker", "exit_markers"]
@@ -200,6 +200,19 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def own_process_group() -> dict[str, Any]:
+    """``subprocess.Popen`` arguments for a helper in a process group of its own. Local.
+
+    Out of the starting rank's group, so a signal to it (a halt, an interrupt)
+    does not end the helper; not a session of its own, because the kernel's
+    autogroup scheduling gives each session a fair share of the CPU whatever
+    its nice level (docs/internals.md, "The writer").
+    """
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": lambda: os.setpgid(0, 0)}  # pragma: no cover (3.10)
 
 
 def sweep_staging_segments() -> list[str]:

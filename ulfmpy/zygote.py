@@ -40,6 +40,8 @@ import traceback
 import warnings
 from typing import Any
 
+from ulfmpy.jobctl import own_process_group
+
 __all__ = ["PRELOAD", "available", "name_for", "start", "stop", "spawn_command", "serve"]
 
 #: Imported by the zygote before it listens: what a replacement would import
@@ -91,18 +93,12 @@ def start(name: str, *, watch: int, log: str | None = None,
         return subprocess.Popen(
             [sys.executable, "-m", "ulfmpy.zygote", name, str(watch), ",".join(preload)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            close_fds=True, **_own_group())
+            close_fds=True, **own_process_group())
     except OSError:
         return None
     finally:
         if out is not subprocess.DEVNULL:
             out.close()
-
-
-def _own_group() -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        return {"process_group": 0}
-    return {"preexec_fn": lambda: os.setpgid(0, 0)}  # pragma: no cover (3.10)
 
 
 def stop(name: str, timeout: float = 1.0) -> bool:
