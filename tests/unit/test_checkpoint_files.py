@@ -370,19 +370,21 @@ def test_one_writer_serves_the_node_outlives_a_dead_rank_and_leaves_with_the_las
 def test_a_stopped_writer_ends_with_the_job(tmp_path):
     """A stopped writer cannot notice its ranks leaving: it holds the run
     directory's job lock, so the launcher's end of the job (SIGKILL after
-    SIGTERM) ends it too."""
+    SIGTERM) ends it too. (Once its starter is gone as well, its process
+    group is orphaned and the kernel's SIGHUP ends it anyway.)"""
     from ulfmpy import jobctl
 
     (tmp_path / jobctl.JOB_LOCK_NAME).touch()
     proc, pid = _start_rank_with_a_store(tmp_path, save=False)
     try:
         os.kill(pid, signal.SIGSTOP)
+        holders = jobctl.job_lock_holders(str(tmp_path))
+        assert pid in holders, holders
+        jobctl.end_processes(holders, grace=1.0)
+        assert _gone_within(pid), f"stopped writer {pid} outlived the job"
     finally:
         proc.kill()
         proc.wait()
-    assert pid in jobctl.job_lock_holders(str(tmp_path))
-    jobctl.end_processes(jobctl.job_lock_holders(str(tmp_path)), grace=1.0)
-    assert _gone_within(pid), f"stopped writer {pid} outlived the job"
 
 
 def _proc_state(pid):
