@@ -223,42 +223,76 @@ class NodeWriter:
         self._next_id = 0
         self._hurried = 0
         self._eof = False
+        self._guard: socket.socket | None = None  # held while the writer this rank started starts
+
+    def start_soon(self) -> None:
+        """Have the node's writer started, without waiting for it. Local.
+
+        Called when the store opens (a run with checkpoints on): the one
+        rank of the node that binds the name's ``-starting`` twin starts the
+        writer, and everyone goes on. The first save then finds it listening
+        instead of paying its interpreter's start inside the exposed save
+        time the interval policy measures as delta.
+        """
+        if self._conn is not None or self._eof or self._guard is not None:
+            return
+        sock = _connect(self.name)
+        if sock is not None:
+            self._adopt(sock)
+            return
+        guard = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            guard.bind("\0" + self.name + "-starting")
+        except OSError:  # another rank of the node is starting it
+            guard.close()
+            return
+        if (sock := _connect(self.name)) is not None:
+            guard.close()
+            self._adopt(sock)
+            return
+        # Held until this rank connects: the node's other ranks wait for the
+        # writer to listen instead of starting another.
+        self._guard = guard
+        self.started = self._start(self.name, self._run_dir, self._nice)
 
     def _ensure(self) -> Connection:
-        """The connection, made on first use: a run that never saves never
-        starts a writer, and one that does pays its start at the first save."""
+        """The connection, made on first use (after :meth:`start_soon`, or
+        starting the writer here when nobody did)."""
         if self._conn is not None:
             return self._conn
         if self._eof:
             raise OSError("this rank already left the node's checkpoint writer")
         sock = _connect(self.name)
+        guard, self._guard = self._guard, None
         if sock is None:
             # One rank of the node starts it: the one that binds the name's
             # "starting" twin (freed when it closes or dies); the others
             # wait for the writer to listen instead of starting their own.
-            guard = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                guard.bind("\0" + self.name + "-starting")
-            except OSError:
-                guard.close()
-                guard = None
-            try:
+            if guard is None:
+                guard = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    guard.bind("\0" + self.name + "-starting")
+                except OSError:
+                    guard.close()
+                    guard = None
                 if guard is not None and (sock := _connect(self.name)) is None:
                     self.started = self._start(self.name, self._run_dir, self._nice)
-                deadline = time.monotonic() + self._start_timeout
-                while sock is None and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                    sock = _connect(self.name)
-                    if sock is None and self.started is not None and self.started.poll() is not None:
-                        # Ours lost the name to a writer started past the
-                        # guard (a rank that gave up waiting): use that one.
-                        time.sleep(0.02)
-            finally:
-                if guard is not None:
-                    guard.close()
+            deadline = time.monotonic() + self._start_timeout
+            while sock is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+                sock = _connect(self.name)
+                if sock is None and self.started is not None and self.started.poll() is not None:
+                    # Ours lost the name to a writer started past the
+                    # guard (a rank that gave up waiting): use that one.
+                    time.sleep(0.02)
+        if guard is not None:
+            guard.close()
         if sock is None:
             raise OSError(f"the node's checkpoint writer did not start within "
                           f"{self._start_timeout:.0f} s")
+        return self._adopt(sock)
+
+    def _adopt(self, sock: socket.socket) -> Connection:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self._pid = struct.unpack("3i", creds)[0]
         self._conn = Connection(sock.detach())
@@ -378,6 +412,9 @@ class NodeWriter:
         writer itself goes on for the node's other ranks and leaves with the
         last. ``timeout`` is kept for the store's clean-up call; nothing waits.
         """
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
         if self._conn is None:  # never connected: no writer to leave
             self._eof = True
             return

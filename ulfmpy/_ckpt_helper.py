@@ -41,6 +41,7 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import mmap
+import pickle
 import queue
 import signal
 import socket
@@ -218,9 +219,13 @@ class _Client(threading.Thread):
     def run(self) -> None:
         while True:
             try:
-                msg = self.conn.recv()
+                data = self.conn.recv_bytes()
             except (EOFError, OSError):  # the rank closed the connection or died
-                msg = ("bye",)
+                msg: tuple[Any, ...] = ("bye",)
+            else:
+                if _preload is not None:
+                    _preload.need()  # a job may unpickle numpy arrays
+                msg = pickle.loads(data)
             if msg[0] == "hurry":
                 with self._cond:
                     self._hurry_upto = max(self._hurry_upto, msg[1])
@@ -316,28 +321,65 @@ def _place(starter: int, nice: int) -> None:
         pass
 
 
-def _preload_when_idle() -> None:
+class _Preload:
     """Import numpy, the writers and h5py before the first job, on time no rank wants.
 
     The writer starts with the run, while the ranks import and take their
     first, step-timing segments: its imports competing with them cost every
     launch about 0.2 s on a full node and skewed the step time the policies
     measure. Scheduling policy is per thread on Linux: the import runs in a
-    ``SCHED_IDLE`` thread (only on an otherwise idle core); the writes run in
-    the main thread at the writer's nice level. A rank that waits for a write
-    sleeps, which leaves a core idle: the import then goes ahead.
+    ``SCHED_IDLE`` thread (only on an otherwise idle core). The first message
+    a rank sends (its first job) needs them: :meth:`need` then lifts the
+    thread to the normal policy and waits for it. On a node whose ranks
+    never leave a core idle (oversubscribed, busy-polling), an idle-priority
+    import would otherwise hold the first write back for as long as compute
+    runs, and the wait would land in the next save's exposed time (the
+    delta the interval policy measures).
+
+    Started before the writer lowers its own priority (:func:`_place`):
+    nice values are per thread on Linux, and a thread takes its creator's.
     """
 
-    def load() -> None:
+    def __init__(self) -> None:
+        self._tid: int | None = None
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._lifted = False
+        threading.Thread(target=self._load, name="ulfmpy-writer-preload", daemon=True).start()
+        self._ready.wait()
+
+    def _load(self) -> None:
+        self._tid = threading.get_native_id()
         try:
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(self._tid, os.SCHED_IDLE, os.sched_param(0))
         except (OSError, AttributeError):
             pass
-        _load_writers().h5py.File  # the proxy's first use imports h5py
+        self._ready.set()
+        try:
+            _load_writers().h5py.File  # the proxy's first use imports h5py
+        finally:
+            self._done.set()
 
-    loader = threading.Thread(target=load, name="ulfmpy-writer-preload", daemon=True)
-    loader.start()
-    loader.join()
+    def need(self) -> None:
+        """Wait until the imports are done, at normal priority from now on.
+
+        Two threads importing numpy at once break it, so nothing that may
+        unpickle or write runs before this returns.
+        """
+        if self._done.is_set():
+            return
+        with self._lock:
+            if not self._lifted and self._tid is not None:
+                self._lifted = True
+                try:
+                    os.sched_setscheduler(self._tid, os.SCHED_OTHER, os.sched_param(0))
+                except (OSError, AttributeError):
+                    pass
+        self._done.wait()
+
+
+_preload: _Preload | None = None
 
 
 def _run_job(kind: str, job: dict[str, Any], client: _Client) -> dict[str, Any]:
@@ -454,10 +496,9 @@ def _writer_main(argv: list[str]) -> int:
         return 0  # another rank of the node started the writer first: it serves
     listener.listen(256)
     lock = _hold_job_lock(argv[4] if len(argv) > 4 else "")  # noqa: F841 (held until exit)
+    global _preload
+    _preload = _Preload()
     _place(starter, nice)
-    # Before any rank's connection is read: unpickling a job may import numpy
-    # too, and two threads importing numpy at once break it.
-    _preload_when_idle()
     return _Server(listener, watch).serve()
 
 

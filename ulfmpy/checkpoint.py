@@ -255,11 +255,14 @@ class CheckpointStore(_Committer):
         return MemoryCopy(int(buf.step), arrays)  # type: ignore[arg-type]
 
     def prepare(self, state: Mapping[str, Any]) -> None:
-        """Allocate and pre-fault both staging buffers for this state's layout. Local.
+        """Allocate and pre-fault both staging buffers for this state's layout,
+        and have the node's writer started. Local.
 
-        Optional: :meth:`save` does it on first use, then inside the exposed time.
+        Optional: :meth:`save` does both on first use, then inside the exposed time.
         """
         self._check_open()
+        if self._helper is not None:
+            self._helper.start_soon()
         entries = normalize_state(state)
         for idx in range(2):
             if self._buffers[idx] is None or not self._buffers[idx].committed:  # type: ignore[union-attr]
