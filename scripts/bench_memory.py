@@ -10,7 +10,9 @@ MPI daemons. Three parts:
 - **memory**: for each state size per rank (``--sizes``, MB), the extra
   peak of a rank over the unprotected app (``--no-resilience``), in units of
   its state, at the defaults, with checkpoints (``--ckpt-every``) and with
-  checkpoints without partner copies (``--partner 0``);
+  checkpoints without partner copies (``--partner 0``); and the node's
+  extra peak (the run's processes' ``Pss`` summed, shared memory counted
+  once) per rank, in the same units;
 - **processes and files**: 8 ranks on 1, 2, 4 and 8 virtual nodes (8, 4, 2,
   1 ranks per node) with checkpoints: checkpoint writers seen, and files per
   committed checkpoint;
@@ -70,24 +72,50 @@ def _hwm_kb(pid: str) -> int | None:
     return None
 
 
+def _pss_kb(pid: str) -> int | None:
+    """The process's proportional set size: shared pages (the staging buffers in
+    /dev/shm, mapped by a rank and its node's writer) split among their mappers."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def watched_run(args: list[str], run_dir: Path) -> dict[str, object]:
-    """Run ``ulfmpy run --run-dir RUN_DIR ARGS`` and return its processes' peaks (MB) by kind."""
+    """Run ``ulfmpy run --run-dir RUN_DIR ARGS``; its processes' peaks (MB) by kind.
+
+    Per process: ``VmHWM``, the kernel's own peak of the resident set (shared
+    pages count in full in every process that maps them). Per node
+    (``"node"``): the largest sum over the run's processes of their ``Pss``
+    seen in one sample, where shared pages count once.
+    """
     cmd = [sys.executable, "-m", "ulfmpy", "run", "--run-dir", str(run_dir), *args]
     proc = subprocess.Popen(cmd, env=_env(), cwd=str(REPO), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     tag = f"ULFMPY_RUN_DIR={run_dir}".encode()
     seen: dict[str, tuple[str, int]] = {}
+    kinds: dict[str, str] = {}
+    node_kb = 0
     while proc.poll() is None:
+        total = 0
         for d in Path("/proc").glob("[0-9]*"):
+            kind = kinds.get(d.name)
             try:
-                if tag not in d.joinpath("environ").read_bytes().split(b"\0"):
-                    continue
-                kind = _kind(d.joinpath("cmdline").read_bytes())
+                if kind is None:
+                    if tag not in d.joinpath("environ").read_bytes().split(b"\0"):
+                        continue
+                    kind = kinds[d.name] = _kind(d.joinpath("cmdline").read_bytes())
             except OSError:
                 continue
             hwm = _hwm_kb(d.name)
             if hwm is not None:
                 seen[d.name] = (kind, max(hwm, seen.get(d.name, (kind, 0))[1]))
+            if kind in ("rank", "writer", "zygote"):
+                total += _pss_kb(d.name) or 0
+        node_kb = max(node_kb, total)
         time.sleep(0.02)
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:
@@ -95,7 +123,9 @@ def watched_run(args: list[str], run_dir: Path) -> dict[str, object]:
     by: dict[str, list[float]] = {}
     for kind, kb in seen.values():
         by.setdefault(kind, []).append(kb / 1024)
-    return {k: sorted(v) for k, v in by.items()}
+    out: dict[str, object] = {k: sorted(v) for k, v in by.items()}
+    out["node"] = node_kb / 1024
+    return out
 
 
 def _state_mb(run_dir: Path) -> float:
@@ -121,16 +151,21 @@ def memory(sizes: list[int], ranks: int, tmp: Path, ckpt_every: int) -> list[dic
             peaks = watched_run(["-n", str(ranks), *flags, *app], run_dir)
             if name == "default":
                 row["state_mb_per_rank"] = _state_mb(run_dir)
+            node_mb = float(peaks.pop("node"))  # type: ignore[arg-type]
             row["ways"][name] = {"peaks_mb": peaks,
                                  "rank_mb": statistics.median(peaks.get("rank", [0.0])),
+                                 "node_mb": node_mb,
                                  "processes": {k: len(v) for k, v in peaks.items()}}
             print(f"{mb} MB/rank {name}: rank {row['ways'][name]['rank_mb']:.0f} MB, "
                   f"processes {row['ways'][name]['processes']}", file=sys.stderr, flush=True)
         state = float(row["state_mb_per_rank"])  # type: ignore[arg-type]
         plain = row["ways"]["plain"]["rank_mb"]
+        plain_node = row["ways"]["plain"]["node_mb"]
         for w in row["ways"].values():
             w["extra_mb"] = w["rank_mb"] - plain
             w["extra_per_state"] = (w["rank_mb"] - plain) / state
+            # the node's extra memory (processes' Pss summed) per rank, in states
+            w["node_extra_per_state"] = (w["node_mb"] - plain_node) / (state * ranks)
         rows.append(row)
     return rows
 
@@ -177,15 +212,19 @@ def plot(result: dict[str, object], path: str) -> None:
 
     rows = result["memory"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for way in ("default", "checkpoints", "checkpoints_no_partner"):
+    for i, way in enumerate(("default", "checkpoints", "checkpoints_no_partner")):
         xs = [r["state_mb_per_rank"] for r in rows]
         ys = [r["ways"][way]["extra_per_state"] for r in rows]
-        ax.plot(xs, ys, marker="o", label=way)
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=f"{way}: a rank's peak")
+        ys = [r["ways"][way]["node_extra_per_state"] for r in rows]
+        ax.plot(xs, ys, marker="x", linestyle="--", color=f"C{i}",
+                label=f"{way}: node's peak per rank")
     ax.axhline(3.0, color="grey", linestyle=":", label="target ≤ 3× state")
+    ax.axhline(2.0, color="grey", linestyle="-.", label="2× state (+ the log)")
     ax.set_xscale("log")
     ax.set_xlabel("state per rank (MB)")
     ax.set_ylabel("extra peak memory per rank / state")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.set_title(f"{result['ranks']} ranks, stencil, ckpt every {result['ckpt_every']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -215,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(result, args.png)
     for r in result.get("memory", []):
         print(f"state {r['state_mb_per_rank']:.1f} MB/rank: " + ", ".join(
-            f"{w} +{v['extra_per_state']:.2f}x" for w, v in r["ways"].items() if w != "plain"))
+            f"{w} +{v['extra_per_state']:.2f}x (node +{v['node_extra_per_state']:.2f}x per rank)"
+            for w, v in r["ways"].items() if w != "plain"))
     for r in result.get("processes_and_files", []):
         print(f"{r['ranks_per_node']} ranks/node: {r['writers']} writer(s), "
               f"{r['files_per_checkpoint']} files per checkpoint")

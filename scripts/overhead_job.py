@@ -92,20 +92,15 @@ def protected(world: MPI.Comm, nx: int, ny: int, steps: int, k: int, run_dir: st
     out: dict[str, Any] = {"loop_s": s["wall_s"], "fingerprint": s["fingerprint"],
                            "segment_length_end": int(s["segment_length"])}
     if ckpt_every:
+        # The exposed save time includes the partner copy (the save stages each
+        # rank's state in its holder's memory).
         mine = checkpoint_times(list(s.get("checkpoints") or []))
-        # The partner copies a checkpoint makes (rank to rank, in the loop) are
-        # part of the save: add this rank's, from its own event log.
-        from ulfmpy.events import read_events
-
-        partner = sum(float(e.get("seconds", 0.0)) for e in read_events(run_dir, "partner_copy")
-                      if e.get("rank") == world.Get_rank())
-        mine["exposed_s"] += partner
         # Rank 0 holds the list; should every rank hold its own, the slowest counts.
         held = world.allgather(mine if mine["steps"] else None)
         ref = next((h for h in held if h is not None), mine)
         out.update({"ckpt_every": ckpt_every, "checkpoint_steps": ref["steps"],
                     "checkpoints_committed": ref["committed"],
-                    # exposed save time plus partner copies, the slowest rank's
+                    # exposed save time (partner copy included), the slowest rank's
                     "saves_s": max((h["exposed_s"] for h in held if h is not None), default=0.0),
                     "writes_s": max((h["write_s"] for h in held if h is not None), default=0.0)})
         # ~8 MB per rank per checkpoint: do not let the rounds pile them up.

@@ -58,18 +58,25 @@ class CheckpointRecord:
 
 
 @dataclass
+class _Write:
+    """One rank file of the outstanding checkpoint, written from a copy this rank holds."""
+
+    ward: int                                   # whose file (this rank, or a ward it holds)
+    specs: list[dict[str, Any]]                 # the ward's arrays, as it described them
+    job: int | None = None                      # the helper job writing it
+    result: dict[str, Any] | None = None        # ... and its result
+
+
+@dataclass
 class _Pending:
     """The outstanding checkpoint: its files being written, then its manifest."""
 
     step: int
-    buf: int
-    specs: list[dict[str, Any]]
+    writes: list[_Write]
     exposed_s: float
     stage_s: float
     nbytes: int
     phase: str = "write"                        # "write", then "commit"
-    job: int | None = None                      # helper job writing this rank's file
-    result: dict[str, Any] | None = None        # ... and its result
     commit_job: int | None = None               # rank 0: helper job writing the manifest
     commit: dict[str, Any] | None = None        # rank 0: the commit's outcome
     stats: dict[str, Any] | None = None         # rank 0: maxima/sums over ranks
@@ -85,7 +92,7 @@ class _Committer:
     keep: int
     mode: str
     _pending: _Pending | None
-    _buffers: list[Buffer | None]
+    _copies: dict[int, Buffer]
     _records: list[CheckpointRecord]
     _meta_json: str
 
@@ -148,21 +155,28 @@ class _Committer:
 
     def _agree_written(self, p: _Pending, block: bool) -> bool:
         """Phase 1: every rank's file durable? Raises on every rank if one failed."""
-        if p.result is None and self._helper is not None:
-            p.result = self._helper.result(p.job or 0, block=block)
-        if p.result is None:
-            status: tuple[int, str | None] = (_PENDING, None)
-        elif p.result.get("ok"):
-            status = (_DONE, None)
+        if self._helper is not None:
+            for w in p.writes:
+                if w.result is None:
+                    w.result = self._helper.result(w.job or 0, block=block)
+        failed = [w.result.get("error", "unknown error") for w in p.writes
+                  if w.result is not None and not w.result.get("ok")]
+        status: tuple[int, str | None]
+        if failed:
+            status = (_FAILED, "; ".join(failed))
+        elif any(w.result is None for w in p.writes):
+            status = (_PENDING, None)
         else:
-            status = (_FAILED, p.result.get("error", "unknown error"))
+            status = (_DONE, None)
         if block:
             self._wait_without_spinning()
         statuses = self.comm.allgather(status)
         worst = min(s for s, _ in statuses)
         if worst == _FAILED:
-            if p.result is None and self._helper is not None:  # let every write end first
-                p.result = self._helper.result(p.job or 0, block=True)
+            if self._helper is not None:  # let every write end first
+                for w in p.writes:
+                    if w.result is None:
+                        w.result = self._helper.result(w.job or 0, block=True)
             self.comm.Barrier()
             self._fail(p, [f"rank {r}: {m}" for r, (s, m) in enumerate(statuses) if s == _FAILED])
         return worst == _DONE
@@ -170,23 +184,29 @@ class _Committer:
     def _start_commit(self, p: _Pending) -> None:
         """Phase 2 begins: rank 0 gathers the file list and writes the manifest.
 
-        In async mode rank 0's helper writes, fsyncs and renames the manifest
-        while compute continues; a later poll learns the outcome.
+        Each rank reports the files it wrote (its own, or its wards' from
+        the copies it holds). In async mode rank 0's helper writes, fsyncs
+        and renames the manifest while compute continues; a later poll
+        learns the outcome.
         """
         rank = self.comm.Get_rank()
-        assert p.result is not None
-        info = {"rank": rank,
-                "file": f"{_writer.step_dir_name(p.step)}/{_writer.rank_file_name(rank)}",
-                "bytes": p.result["bytes"], "write_s": p.result["write_s"],
+        mine = []
+        for w in p.writes:
+            assert w.result is not None
+            mine.append({
+                "rank": w.ward,
+                "file": f"{_writer.step_dir_name(p.step)}/{_writer.rank_file_name(w.ward)}",
+                "bytes": w.result["bytes"], "write_s": w.result["write_s"],
                 "exposed_s": p.exposed_s,
                 "entries": {s["name"]: {**{k: v for k, v in s.items()
-                                           if k != "coords" or rank == 0},  # rank 0's suffice
-                                        "checksum": p.result["checksums"][s["name"]]}
-                            for s in p.specs}}
-        infos = self.comm.gather(info, root=0)
+                                           if k != "coords" or w.ward == 0},  # rank 0's suffice
+                                        "checksum": w.result["checksums"][s["name"]]}
+                            for s in w.specs}})
+        gathered = self.comm.gather(mine, root=0)
         p.phase = "commit"
         if rank != 0:
             return
+        infos = sorted((i for part in gathered for i in part), key=lambda i: i["rank"])
         p.stats = {"exposed_s": max(i["exposed_s"] for i in infos),
                    "write_s": max(i["write_s"] for i in infos),
                    "bytes": sum(int(i["bytes"]) for i in infos)}
@@ -232,9 +252,11 @@ class _Committer:
                            else f"rank 0: {outcome['error']}"],
                        hint="fix the app's state" if outcome.get("user_error") else None)
         self._pending = None
-        buf = self._buffers[p.buf]
-        assert buf is not None and p.result is not None
-        buf.committed = True
+        for w in p.writes:
+            buf = self._copies.get(w.ward)
+            if buf is not None and buf.step == p.step:
+                buf.committed = True
+        first = (p.writes[0].result if p.writes else None) or {}
         poll_s = p.poll_s + (time.perf_counter() - t0 if t0 is not None else 0.0)
         record = CheckpointRecord(p.step, outcome["exposed_s"] + poll_s, outcome["write_s"],
                                   outcome["bytes"], True, outcome["path"], p.stage_s, poll_s)
@@ -242,8 +264,8 @@ class _Committer:
         self._log("checkpoint_committed", step=p.step, path=outcome["path"],
                   exposed_s=record.exposed_s, write_s=record.write_s, bytes=record.bytes,
                   poll_s=poll_s, manifest_s=outcome.get("commit_s"),
-                  rank_write_s=p.result["write_s"], rank_fsync_s=p.result.get("fsync_s"),
-                  rank_paced_s=p.result.get("paced_s", 0.0), rank_hurried=p.result.get("hurried"),
+                  rank_write_s=first.get("write_s"), rank_fsync_s=first.get("fsync_s"),
+                  rank_paced_s=first.get("paced_s", 0.0), rank_hurried=first.get("hurried"),
                   rank_bytes=p.nbytes)
         if outcome.get("pruned"):
             self._log("checkpoint_pruned", steps=outcome["pruned"], keep=self.keep)
@@ -254,9 +276,9 @@ class _Committer:
     def _fail(self, p: _Pending, reasons: list[str], hint: str | None = None) -> None:
         """Every rank: drop the failed checkpoint, record and raise."""
         self._pending = None
-        buf = self._buffers[p.buf]
-        if buf is not None:
-            buf.step = None
+        for w in p.writes:
+            if w.ward in self._copies:
+                self._copies[w.ward].step = None
         if self.comm.Get_rank() == 0:  # never committed (or its commit is void): tidy up
             _writer.remove_checkpoint(self.ckpt_dir, p.step)
         self._replace_record(CheckpointRecord(p.step, p.exposed_s, None, p.nbytes, False, None,

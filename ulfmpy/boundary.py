@@ -13,7 +13,7 @@ the two halves of a boundary that need the rank's mechanisms:
 
 The boundary cost the automatic segment length learns is the time from the
 last step of one segment to the first of the next, with the checkpoint work
-(poll, save, partner copy) subtracted, so it keeps learning at boundaries
+(poll, save with its partner copy) subtracted, so it keeps learning at boundaries
 that save.
 """
 
@@ -90,8 +90,7 @@ class Boundaries:
             self.events.log(name, **fields)
         return np.array((int(b.save), b.next_end, p.k, delta, unfinished, int(halt)))
 
-    def apply(self, agreed: Any, me: Any, comm: Any, state: dict[str, Any],
-              hosts: list[str]) -> int:
+    def apply(self, agreed: Any, me: Any, comm: Any, work: Any, hosts: list[str]) -> int:
         """After the commit: checkpoint work, then the next segment's end. Collective."""
         if self.k != agreed.k:
             if self.k:
@@ -102,10 +101,11 @@ class Boundaries:
         if rank0 and agreed.delta_ns:
             p.observe_save(agreed.delta_ns / 1e9)
         t = time.perf_counter()
-        committed, saved = self.ckpts.at_boundary(comm, me, agreed.timing.end, state,
+        committed, saved = self.ckpts.at_boundary(comm, me, agreed.timing.end, work,
                                                   save=agreed.save or agreed.halt,
                                                   writes_ready=agreed.writes_ready, hosts=hosts)
-        ckpt_s = time.perf_counter() - t
+        # The snapshot a save took is the next segment's (it reports it).
+        ckpt_s = time.perf_counter() - t - (work.snap.seconds if saved else 0.0)
         if rank0 and committed is not None and committed.write_s is not None:
             p.observe_write(committed.write_s, committed.step)
         if rank0 and agreed.save and not saved:

@@ -5,11 +5,12 @@
   ``ckpt/step-NNNNNNNN/rank-NNNNN.h5``, all ranks agree that every write
   succeeded, then rank 0 writes the manifest ``ckpt/step-NNNNNNNN.h5`` under
   a temporary name, fsyncs it and renames it. The rename is the commit
-  point: a checkpoint without a manifest does not exist. In ``async`` mode
-  the only exposed part of a save is the copy of the state into a shared
-  memory staging buffer; a helper process per rank writes the file while
-  compute continues, and :meth:`CheckpointStore.poll` commits once every
-  rank's file is durable.
+  point: a checkpoint without a manifest does not exist. A save stages
+  each rank's state in a shared-memory buffer of its holder (another rank:
+  the partner copy, :mod:`ulfmpy.partner`; or its own); in ``async`` mode
+  that copy is the only exposed part, the holder's node writer process
+  writes the file while compute continues, and :meth:`CheckpointStore.poll`
+  commits once every rank's file is durable.
 * :func:`restore` picks the newest committed checkpoint whose checksums
   verify (falling back to older ones and saying why) and restores the state
   in place, N→M for distributed blocks.
@@ -25,7 +26,7 @@ import json
 import os
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from ulfmpy._ckpt_async import NodeWriter as _NodeWriter
 from ulfmpy._ckpt_async import layout_key as _layout_key
 from ulfmpy._ckpt_async import specs_of as _specs
 from ulfmpy._ckpt_async import sweep_orphans as _sweep_orphans
-from ulfmpy._ckpt_commit import CheckpointRecord, _Committer, _Pending
+from ulfmpy._ckpt_commit import CheckpointRecord, _Committer, _Pending, _Write
 from ulfmpy._ckpt_files import (
     CheckpointInfo,
     Verification,
@@ -47,7 +48,9 @@ from ulfmpy._ckpt_files import (
 )
 from ulfmpy._ckpt_helper import write_rank_file as _write_rank_file
 from ulfmpy._ckpt_restore import MemoryCopy, RestoreRecord, restore, restore_from_memory
+from ulfmpy import partner as _partner
 from ulfmpy.errors import CheckpointError, ConfigError
+from ulfmpy.partner import wards_of
 from ulfmpy.state import local_array, normalize_state
 
 __all__ = [
@@ -63,13 +66,13 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-def _cleanup(procs: list[_NodeWriter | None], buffers: list[_Buffer | None]) -> None:
+def _cleanup(procs: list[_NodeWriter | None], copies: dict[int, _Buffer]) -> None:
     for helper in procs:
         if helper is not None:
             helper.close(kill=True, timeout=5)
-    for b in buffers:
-        if b is not None:
-            b.close()
+    for b in copies.values():
+        b.close()
+    copies.clear()
 
 
 # ----------------------------------------------------------------------------
@@ -96,6 +99,11 @@ class CheckpointStore(_Committer):
         meta: JSON-serializable run description stored in every manifest.
         node: the virtual node (``--virtual-nodes``) whose writer serves
             this rank; None: the host's.
+        holders: every rank's holder (:func:`ulfmpy.partner.holders`, the
+            same list on every rank): a save stages each rank's state in its
+            holder's memory, and the holder's node writer writes the rank's
+            file from there (the partner copy is the staging buffer). None:
+            every rank stages and writes its own.
         helper_nice: niceness of the node's writer process. It runs on the
             cores the rank that started it is not bound to; where every core computes, 19
             (the default) keeps its share of a busy core near 1.5%: the
@@ -110,15 +118,16 @@ class CheckpointStore(_Committer):
     **waits** for it and commits it first (logged as ``checkpoint_waited``):
     a skipped save would silently stretch the checkpoint interval, while the
     wait shows up in the exposed time the interval policy measures. There is
-    thus at most one write outstanding per rank. Two staging buffers
-    alternate, so the last committed checkpoint stays in memory
-    (:meth:`memory_copy`) while the next one is staged and written.
+    thus at most one write outstanding per rank, and one staging buffer per
+    copy held: it keeps the last committed checkpoint in memory until the
+    next save stages over it (:meth:`held`, :meth:`memory_copy`); during a
+    write only the files hold the one before.
     """
 
     def __init__(self, comm: Any, run_dir: str | os.PathLike[str], *, keep: int = 2,
                  mode: str = "async", events: Any = None, meta: dict[str, Any] | None = None,
-                 node: str | None = None, helper_nice: int = 19,
-                 helper_duty: float = 1.0) -> None:
+                 node: str | None = None, holders: Sequence[int] | None = None,
+                 helper_nice: int = 19, helper_duty: float = 1.0) -> None:
         if mode not in ("async", "sync"):
             raise ConfigError(f"checkpoint mode must be 'async' or 'sync', got {mode!r}")
         if not 0.0 < float(helper_duty) <= 1.0:
@@ -135,12 +144,14 @@ class CheckpointStore(_Committer):
         self.keep = int(keep)
         self.mode = mode
         self._events = events
-        self._buffers: list[_Buffer | None] = [None, None]
+        self._copies: dict[int, _Buffer] = {}  # ward -> the staged copy of its state
         self._pending: _Pending | None = None
         self._records: list[CheckpointRecord] = []
         self._closed = False
         self._nice = helper_nice
         self._duty = float(helper_duty)
+        self._holder, self._wards = 0, [0]
+        self.set_holders(holders)
         if mode == "async":
             swept = _sweep_orphans()
             if swept:
@@ -149,7 +160,7 @@ class CheckpointStore(_Committer):
         self._node = node
         self._procs = [_NodeWriter(self.run_dir, node=node, nice=helper_nice)
                        if mode == "async" else None]
-        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._buffers)
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._copies)
 
     @property
     def _helper(self) -> _NodeWriter | None:
@@ -181,12 +192,28 @@ class CheckpointStore(_Committer):
                 self._helper.close(kill=True)
         self._finalizer()
 
-    def reset(self, comm: Any) -> None:
+    def set_holders(self, holders: Sequence[int] | None) -> None:
+        """Who holds whose copy from the next save on (None: everyone its own). Local.
+
+        Copies of ranks this rank no longer holds are freed.
+        """
+        rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        if holders is None or size == 1:
+            self._holder, self._wards = rank, [rank]
+        else:
+            if len(holders) != size:
+                raise ConfigError(f"holders names {len(holders)} ranks, the communicator has {size}")
+            self._holder, self._wards = int(holders[rank]), wards_of(rank, holders)
+        for w in [w for w in self._copies if w not in self._wards]:
+            self._drop_copy(w)
+
+    def reset(self, comm: Any, *, same_ranks: bool = True) -> None:
         """Continue on a repaired communicator. Local.
 
         An outstanding uncommitted write is abandoned (it can no longer commit:
-        the ranks that shared it changed); the memory copies of committed
-        checkpoints are kept.
+        the ranks that shared it changed). The memory copies of committed
+        checkpoints are kept when the ranks keep their numbers
+        (``same_ranks``: spares, respawn), and dropped otherwise (a shrink).
         """
         self._check_open()
         p = self._pending
@@ -194,14 +221,19 @@ class CheckpointStore(_Committer):
             # Let the helper go idle. A commit job already handed to rank 0's
             # helper may still rename the manifest: that checkpoint is then
             # complete on disk (every rank's file was durable), just not in memory.
-            if self._helper is not None and p.result is None:
-                p.result = self._helper.result(p.job or 0, block=True, timeout=120)
+            if self._helper is not None:
+                for w in p.writes:
+                    if w.result is None:
+                        w.result = self._helper.result(w.job or 0, block=True, timeout=120)
             if self._helper is not None and p.commit_job is not None and p.commit is None:
                 p.commit = self._helper.result(p.commit_job, block=True, timeout=120)
             self._log("checkpoint_abandoned", step=p.step,
                       reason="communicator repaired before the checkpoint committed",
                       on_disk=bool(p.commit and p.commit.get("ok")))
-            self._pending = None
+            self._pending = None  # its copies stay staged (held(staged=True))
+        if not same_ranks:
+            for w in list(self._copies):
+                self._drop_copy(w)
         self.comm = comm
 
     @property
@@ -226,51 +258,73 @@ class CheckpointStore(_Committer):
         """The step of the outstanding uncommitted write, or None."""
         return self._pending.step if self._pending is not None else None
 
-    def memory_copy(self, step: int | None = None) -> MemoryCopy | None:
-        """The in-memory staged copy of a committed checkpoint, or None. Local.
+    @property
+    def holder(self) -> int:
+        """The rank that holds this rank's copy (itself: no partner copies)."""
+        return self._holder
 
-        Args:
-            step: which one; None means the newest committed. The previous
-                committed copy is also kept until the next save stages over it,
-                so ranks that disagree on whether the last commit landed (a
-                failure during the commit) can agree on the older step.
+    @property
+    def wards(self) -> list[int]:
+        """The ranks whose copies this rank holds."""
+        return list(self._wards)
 
-        Returns:
-            read-only views into the store's buffers: valid until a later save
-            stages into the same buffer or the store closes. Copy to keep.
+    def held(self, *, staged: bool = False) -> dict[int, tuple[int, Any]]:
+        """The committed copies in this rank's memory: ``{ward: (step, layout)}``. Local.
+
+        ``staged``: also copies fully staged for a checkpoint that did not
+        commit (its write was abandoned by :meth:`reset`, or is in flight).
         """
-        held = [b for b in self._buffers if b is not None and b.committed]
-        if step is None:
-            held.sort(key=lambda b: b.step or 0)
-            buf = held[-1] if held else None
-        else:
-            buf = next((b for b in held if b.step == step), None)
-        if buf is None:
-            return None
-        arrays = {}
-        for name, view in buf.views.items():
+        return {w: (int(b.step), b.key) for w, b in self._copies.items()
+                if b.step is not None and (b.committed or staged)}
+
+    def copy_views(self, ward: int) -> list[np.ndarray]:
+        """Read-only views of the copy held for ``ward``, in its layout's order. Local."""
+        out = []
+        for view in self._copies[ward].views.values():
             v = view.view()
             v.flags.writeable = False
-            arrays[name] = v
-        return MemoryCopy(int(buf.step), arrays)  # type: ignore[arg-type]
+            out.append(v)
+        return out
+
+    def memory_copy(self, step: int | None = None) -> MemoryCopy | None:
+        """This rank's own committed copy, when this rank holds it, or None. Local.
+
+        A rank holds its own copy when partner copies are off (``holders``
+        None) or it is the only rank; otherwise its holder does (see
+        :func:`ulfmpy.partner.restore_from_copies`).
+
+        Args:
+            step: which step; None means whichever is held.
+
+        Returns:
+            read-only views into the staging buffer: valid until the next
+            save stages into it or the store closes. Copy to keep.
+        """
+        rank = self.comm.Get_rank()
+        held = self.held().get(rank)
+        if held is None or (step is not None and held[0] != step):
+            return None
+        names = [name for name, _, _ in self._copies[rank].key]
+        return MemoryCopy(held[0], dict(zip(names, self.copy_views(rank))))
 
     def prepare(self, state: Mapping[str, Any]) -> None:
-        """Allocate and pre-fault both staging buffers for this state's layout,
-        and have the node's writer started. Local.
+        """Allocate and pre-fault the staging buffers (a ward's in this rank's
+        layout until its own is known), and have the node's writer started. Local.
 
         Optional: :meth:`save` does both on first use, then inside the exposed time.
         """
         self._check_open()
         if self._helper is not None:
             self._helper.start_soon()
-        entries = normalize_state(state)
-        for idx in range(2):
-            if self._buffers[idx] is None or not self._buffers[idx].committed:  # type: ignore[union-attr]
-                self._ensure_buffer(idx, _layout_key(entries))
+        key = _layout_key(normalize_state(state))
+        for w in self._wards:
+            if w not in self._copies:
+                self._ensure_copy(w, key)
 
     # -- save / poll / drain ------------------------------------------------
 
-    def save(self, step: int, state: Mapping[str, Any]) -> CheckpointRecord:
+    def save(self, step: int, state: Mapping[str, Any], *,
+             data: Mapping[str, np.ndarray] | None = None) -> CheckpointRecord:
         """Save the state as checkpoint ``step``. Collective over ``comm``.
 
         Call only at a committed segment boundary (no messages in flight), on
@@ -280,6 +334,11 @@ class CheckpointStore(_Committer):
         >= ``step`` belong to an abandoned future (the run rolled back) and
         are removed first.
 
+        Args:
+            data: the state's values by name, read instead of the state's
+                own arrays (C-contiguous copies such as the segment
+                snapshot taken at this step: no array is copied twice).
+
         Raises:
             CheckpointError: on every rank, if any rank could not stage or
                 write (sync mode), naming the ranks and the problem.
@@ -288,6 +347,7 @@ class CheckpointStore(_Committer):
         t0 = time.perf_counter()
         step = int(step)
         entries = normalize_state(state)
+        arrays = [local_array(v) if data is None else data[n] for n, v in entries.items()]
         waited = 0.0
         if self._pending is not None:
             previous = self._pending.step
@@ -295,45 +355,62 @@ class CheckpointStore(_Committer):
             waited = time.perf_counter() - t0
             self._log("checkpoint_waited", step=step, previous=previous, waited_s=waited)
         # After a rollback, copies of steps >= step hold an abandoned future.
-        for b in self._buffers:
-            if b is not None and b.committed and (b.step or 0) >= step:
+        for b in self._copies.values():
+            if b.committed and (b.step or 0) >= step:
                 b.committed = False
-        idx = self._free_index()
+        rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        mine = (_layout_key(entries), _specs(entries))
+        t1 = time.perf_counter()
+        alone = self._wards == [rank]
+        layouts = ({rank: mine} if alone and self._holder == rank
+                   else _partner.exchange_layouts(self.comm, self._holder, self._wards, mine))
         err = None
         try:
-            buf = self._ensure_buffer(idx, _layout_key(entries))
+            bufs = {w: self._ensure_copy(w, key) for w, (key, _) in layouts.items()}
         except CheckpointError as exc:
             err = str(exc)
         self._prepare_dir(step, err)
-        t1 = time.perf_counter()
-        buf.step, buf.committed = step, False
-        for name, value in entries.items():
-            np.copyto(buf.views[name], local_array(value))
-        stage_s = time.perf_counter() - t1
-        specs = _specs(entries)
-        path = self.ckpt_dir / _writer.step_dir_name(step) / _writer.rank_file_name(self.comm.Get_rank())
-        attrs = {"step": step, "rank": self.comm.Get_rank(), "nranks": self.comm.Get_size()}
-        nbytes = sum(local_array(v).nbytes for v in entries.values())
-        pending = _Pending(step, idx, specs, 0.0, stage_s, nbytes)
-        if self._helper is not None:
-            job = {"path": str(path), "shm": buf.shm.name, "size": buf.size,  # type: ignore[union-attr]
-                   "attrs": attrs, "entries": buf.job_entries(specs), "duty": self._duty}
-            try:
-                pending.job = self._live_helper().submit(job)
-            except OSError as exc:  # agreed on at the next poll, so every rank raises together
-                pending.result = {"ok": False, "error": f"{WRITER_DIED} before the write reached it ({exc})"}
+        for buf in bufs.values():  # staged over from here: no committed copy
+            buf.step, buf.committed = None, False
+        if self._holder == rank:
+            buf = bufs[rank]
+            for (name, _, _), a in zip(mine[0], arrays):
+                np.copyto(buf.views[name], a)
         else:
-            arrays = [(e[0], buf.views[e[0]], e[4]) for e in buf.job_entries(specs)]
-            try:
-                pending.result = dict(_write_rank_file(str(path), arrays, attrs), ok=True)
-            except Exception as exc:  # noqa: BLE001 - agreed on below: every rank raises together
-                pending.result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            _partner.transfer(
+                self.comm, {self._holder: [np.ascontiguousarray(a) for a in arrays]},
+                {w: [bufs[w].views[name] for name, _, _ in layouts[w][0]] for w in self._wards})
+        stage_s = time.perf_counter() - t1
+        nbytes = sum(a.nbytes for a in arrays)
+        pending = _Pending(step, [], 0.0, stage_s, nbytes)
+        for w in self._wards:
+            buf, specs = bufs[w], layouts[w][1]
+            buf.step = step
+            write = _Write(w, specs)
+            path = self.ckpt_dir / _writer.step_dir_name(step) / _writer.rank_file_name(w)
+            attrs = {"step": step, "rank": w, "nranks": size}
+            if self._helper is not None:
+                job = {"path": str(path), "shm": buf.shm.name, "size": buf.size,  # type: ignore[union-attr]
+                       "attrs": attrs, "entries": buf.job_entries(specs), "duty": self._duty}
+                try:
+                    write.job = self._live_helper().submit(job)
+                except OSError as exc:  # agreed on at the next poll, so every rank raises together
+                    write.result = {"ok": False,
+                                    "error": f"{WRITER_DIED} before the write reached it ({exc})"}
+            else:
+                views = [(e[0], buf.views[e[0]], e[4]) for e in buf.job_entries(specs)]
+                try:
+                    write.result = dict(_write_rank_file(str(path), views, attrs), ok=True)
+                except Exception as exc:  # noqa: BLE001 - agreed on below: every rank raises together
+                    write.result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            pending.writes.append(write)
         pending.exposed_s = time.perf_counter() - t0
         self._pending = pending
         record = CheckpointRecord(step, pending.exposed_s, None, nbytes, False, None, stage_s)
         self._records.append(record)
         self._log("checkpoint_saved", step=step, mode=self.mode, exposed_s=pending.exposed_s,
-                  stage_s=stage_s, waited_s=waited, bytes=nbytes)
+                  stage_s=stage_s, waited_s=waited, bytes=nbytes, holder=self._holder,
+                  wards=self._wards)
         if self._helper is None:
             self._finish(block=True)
             return self._records[-1]
@@ -350,9 +427,10 @@ class CheckpointStore(_Committer):
         if p is None or self._helper is None:
             return True
         if p.phase == "write":
-            if p.result is None:
-                p.result = self._helper.result(p.job or 0, block=False)
-            return p.result is not None
+            for w in p.writes:
+                if w.result is None:
+                    w.result = self._helper.result(w.job or 0, block=False)
+            return all(w.result is not None for w in p.writes)
         if self.comm.Get_rank() == 0 and p.commit is None:
             p.commit = self._helper.result(p.commit_job or 0, block=False)
             return p.commit is not None
@@ -397,14 +475,6 @@ class CheckpointStore(_Committer):
         if self._events is not None:
             self._events.log(event, **fields)
 
-    def _free_index(self) -> int:
-        """The buffer to stage into: never the one holding the newest committed copy."""
-        committed = [(b.step, i) for i, b in enumerate(self._buffers) if b is not None and b.committed]
-        if not committed:
-            return 0
-        newest = max(committed)[1]
-        return 1 - newest
-
     def _live_helper(self) -> _NodeWriter:
         """The node's writer, reached anew if it died (a failed write was already
         reported): the first rank of the node to find it gone starts another."""
@@ -416,17 +486,21 @@ class CheckpointStore(_Committer):
             helper = self._procs[0] = _NodeWriter(self.run_dir, node=self._node, nice=self._nice)
         return helper
 
-    def _ensure_buffer(self, idx: int, key: tuple[Any, ...]) -> _Buffer:
-        buf = self._buffers[idx]
+    def _ensure_copy(self, ward: int, key: tuple[Any, ...]) -> _Buffer:
+        buf = self._copies.get(ward)
         if buf is not None and buf.key == key:
             return buf
-        if buf is not None:
-            if self._helper is not None and buf.shm is not None:
-                self._helper.forget(buf.shm.name)
-            buf.close()
-            self._buffers[idx] = None
-        self._buffers[idx] = _Buffer(key, shared=self.mode == "async")
-        return self._buffers[idx]  # type: ignore[return-value]
+        self._drop_copy(ward)
+        self._copies[ward] = buf = _Buffer(key, shared=self.mode == "async")
+        return buf
+
+    def _drop_copy(self, ward: int) -> None:
+        buf = self._copies.pop(ward, None)
+        if buf is None:
+            return
+        if self._helper is not None and buf.shm is not None:
+            self._helper.forget(buf.shm.name)
+        buf.close()
 
     def _prepare_dir(self, step: int, local_error: str | None) -> None:
         """Rank 0 retires checkpoints >= step and creates the step directory; all agree."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ulfmpy.errors import GlobalRollback, RestoreError, RetriesExhausted, WriterLost
-from ulfmpy.partner import PartnerCopies, plan_handover, receive_copy
+from ulfmpy import partner as _partner
 
 __all__ = ["Checkpoints", "RestoreContext", "RESTORE_SOURCES"]
 
@@ -39,7 +39,7 @@ class Checkpoints:
     def __init__(self, config: Any, run_dir: str, events: Any, hooks: Any) -> None:
         self.config, self.run_dir, self.events, self.hooks = config, run_dir, events, hooks
         self.store: Any = None
-        self.partners: PartnerCopies | None = None
+        self._hosts: tuple[str, ...] | None = None  # the layout the holders follow
         self.global_rollbacks: list[dict[str, Any]] = []
         self.restored_from: dict[str, Any] | None = None
         self._delta_ns = 0  # the last save's exposed time, reported once
@@ -47,23 +47,42 @@ class Checkpoints:
         self.node: str | None = None  # the virtual node, whose own writer serves this rank
 
     # -- open and resume ------------------------------------------------------------
-    def open(self, comm: Any, state: dict[str, Any]) -> None:
+    def open(self, comm: Any, state: dict[str, Any], hosts: list[str]) -> None:
         """Open the store for ``state`` when checkpoints are on. Local.
 
-        The node's writer is reached (started by the node's first rank) but
-        not waited for: it imports at idle priority, and a first save queued
-        before it is ready waits in its queue (docs/architecture.md,
-        "Checkpoints").
+        ``hosts``: every rank's host (virtual node), the layout partner
+        copies follow. The node's writer is started (by the node's first
+        rank) but not waited for: it imports at idle priority until the
+        first save needs it (docs/architecture.md, "Checkpoints").
         """
         if self.store is not None or not enabled(self.config):
             return
         from ulfmpy.checkpoint import CheckpointStore
 
         cfg = self.config
+        self._hosts = tuple(hosts)
         self.store = CheckpointStore(comm, self.run_dir, keep=cfg.ckpt_keep, mode=cfg.ckpt_mode,
                                      events=self.events, meta={"config": cfg.as_dict()},
-                                     node=self.node)
+                                     node=self.node, holders=self._holders(hosts, comm))
         self.store.prepare(state)
+
+    def relayout(self, comm: Any, state: dict[str, Any], hosts: list[str]) -> None:
+        """After a repair: partner roles for the repaired layout, buffers ready. Local."""
+        if self.store is None:
+            self.open(comm, state, hosts)
+            return
+        self._follow(hosts, comm)
+        self.store.prepare(state)
+
+    def _holders(self, hosts: list[str], comm: Any) -> list[int] | None:
+        if not self.config.partner or comm.Get_size() <= 1:
+            return None
+        return _partner.holders(hosts)
+
+    def _follow(self, hosts: list[str], comm: Any) -> None:
+        if tuple(hosts) != self._hosts:
+            self._hosts = tuple(hosts)
+            self.store.set_holders(self._holders(hosts, comm))
 
     def resume(self, comm: Any, state: dict[str, Any], start: int) -> int:
         """Restore ``--resume`` (none, auto, a path) into ``state``. Collective."""
@@ -93,9 +112,14 @@ class Checkpoints:
             return delta, 0
         return delta, 0 if self.store.ready() else 1
 
-    def at_boundary(self, comm: Any, me: Any, step: int, state: dict[str, Any], *,
+    def at_boundary(self, comm: Any, me: Any, step: int, work: Any, *,
                     save: bool, writes_ready: bool, hosts: list[str]) -> tuple[Any, bool]:
         """At a committed boundary: commit a finished write; save when decided. Collective.
+
+        A save copies the state once, into the segment snapshot of the
+        segment that starts here (it would copy the same bytes a moment
+        later), and stages the checkpoint from that copy in its holder's
+        memory (docs/internals.md, "Copies of the state").
 
         Returns the record of a checkpoint that committed here (or None),
         and whether this boundary saved.
@@ -113,21 +137,16 @@ class Checkpoints:
             return self._newly_committed(), False
         if store.mode == "sync":
             self.hooks.kill_point("checkpoint", step)
-        rec = self._surviving_the_writer(store.save, step, state)
+        work.snap.take(step, fresh=True)
+        self._follow(hosts, comm)
+        data = work.snap.data
+        rec = self._surviving_the_writer(store.save, step, work.state, data=data)
         if rec is None:  # the write before it was lost with the writer: nothing is pending now
-            rec = store.save(step, state)
+            rec = store.save(step, work.state, data=data)
         if store.mode == "async":
             # Staged and handed to the helper, not committed: the worst moment.
             self.hooks.kill_point("checkpoint", step)
         self._delta_ns = max(1, int(rec.exposed_s * 1e9))
-        if self.config.partner and me.size > 1:
-            t0 = time.perf_counter()
-            if self.partners is None:
-                self.partners = PartnerCopies(hosts, me.rank)
-            got = self.partners.exchange(comm, step, state)
-            self.events.log("partner_copy", step=step, holder=self.partners.holder,
-                            wards=self.partners.wards, bytes=got,
-                            seconds=time.perf_counter() - t0)
         return self._newly_committed(), True
 
     def _newly_committed(self) -> Any:
@@ -179,36 +198,63 @@ class Checkpoints:
             return None
 
     # -- global rollback ---------------------------------------------------------------
-    def global_rollback(self, comm: Any, state: dict[str, Any], gr: GlobalRollback,
-                        count: int) -> int:
+    def global_rollback(self, comm: Any, work: Any, gr: GlobalRollback, count: int) -> int:
         """Restore the newest committed checkpoint on every rank. Collective."""
         store = self.store
         hint = ("no committed checkpoint to roll back to: enable global checkpoints "
                 "(--ckpt-every N) or raise --max-retries")
-        if store is None:
+        last = store.last_committed if store is not None else None
+        if last is None:
             raise RetriesExhausted(f"{gr}; {hint}")
         if count > 1 + self.config.max_retries:
             raise RetriesExhausted(f"{gr}; {count - 1} global rollbacks did not cure it either")
-        from ulfmpy.checkpoint import restore, restore_from_memory
+        from ulfmpy.checkpoint import restore
 
         t0 = time.perf_counter()
-        copy = store.memory_copy()
-        held = comm.allgather(copy.step if copy is not None else None)
-        if copy is not None and len(set(held)) == 1:
-            restore_from_memory(state, copy)
-            step, how = copy.step, "memory"
+        _, how = self._restore_copies(comm, work, last.step, need=True)
+        if all(comm.allgather(how is not None)):
+            step = last.step
         else:
-            # A save staged over the in-memory copy (the run had rolled back
-            # before): the files still hold every committed checkpoint.
-            got = restore(comm, self.run_dir, state, events=self.events)
+            # A copy staged over since (a save after a rollback), or a holder
+            # without it: the files hold every committed checkpoint.
+            got = restore(comm, self.run_dir, work.state, events=self.events)
             if got is None:
                 raise RetriesExhausted(f"{gr}; {hint}")
             step, how = got.step, "file"
+            work.snap.fresh = None
         rec = {"step": step, "from_segment": gr.first, "reason": str(gr), "how": how,
                "seconds": time.perf_counter() - t0, "lost_steps": gr.first - step}
         self.global_rollbacks.append(rec)
         self.events.log("global_rollback", **rec)
         return step
+
+    def _restore_copies(self, comm: Any, work: Any, step: int, *, need: bool,
+                        own_snapshot: bool = True, staged: int | None = None) -> tuple[int, str | None]:
+        """This rank's state back to checkpoint ``step`` from memory, where some
+        rank holds it: its own snapshot, its own copy, or its holder's.
+        Collective over ``comm`` (every rank serves the copies it holds).
+
+        ``staged``: this rank's newer checkpoint that was staged but had not
+        committed when a rank died; taken instead when memory holds every
+        rank's state of it (:func:`ulfmpy.partner.choose_restore`).
+
+        Returns the step restored (the same on every rank), and "memory"
+        (this rank's own memory), "partner" (another rank's) or None (read
+        the files).
+        """
+        from ulfmpy._ckpt_async import layout_key
+
+        snap, store = work.snap, self.store
+        step, src = _partner.restore_from_copies(
+            comm, step, layout_key(work.state) if need else None,
+            store.held(staged=staged is not None) if store is not None else {},
+            store.copy_views if store is not None else None,
+            snap.buffers if need else None,
+            snap=snap.step if own_snapshot else None, staged=staged)
+        if src is None:
+            return step, None
+        snap.filled(step)
+        return step, "memory" if src == comm.Get_rank() else "partner"
 
     # -- after a repair ----------------------------------------------------------------
     def last_committed_step(self) -> int | None:
@@ -219,57 +265,38 @@ class Checkpoints:
                              build: Callable[[], Any], work: Any) -> tuple[Any, str]:
         """Application recovery: the state back to checkpoint ``ctx.target``. Collective.
 
-        Tries the restore sources of :data:`RESTORE_SOURCES` in order; the
-        partner handover before it is collective (holders send, replacements
-        receive). Returns the (possibly rebuilt) work and the source used.
+        Survivors that keep their logical rank keep their app; replacements,
+        a new rank count and a restart from the loop's start build it anew.
+        With the ranks' numbers kept (spares, respawn), every rank first
+        takes its state from memory where some rank holds it (collective);
+        then the sources of :data:`RESTORE_SOURCES` in order. Returns the
+        (possibly rebuilt) work and the source used; ``ctx.target`` is the
+        step restored, newer than the one asked when a checkpoint staged in
+        memory everywhere had not committed yet. Call :meth:`relayout` once
+        the repaired layout is known.
         """
-        if ctx.same_layout and self.store is not None and ctx.target is not None:
-            ctx.copy = self.store.memory_copy(ctx.target)
+        same_ranks = ctx.policy in (None, "spares", "respawn")
+        staged = None
         if self.store is not None:
-            self.store.reset(comm)
-        if ctx.copy is None or work is None:
+            staged = self.store.pending_step
+            self.store.reset(comm, same_ranks=same_ranks)
+        if work is None or not ctx.same_layout or ctx.target is None:
             work = build()
         ctx.state = work.state
-        if (ctx.target is not None and self.config.partner and me.size > 1
-                and ctx.policy in (None, "spares", "respawn")):
-            ctx.partner_source = self._partner_handover(comm, me, ctx.target, ctx.replacement)
-        self.partners = None  # holder and ward roles follow the new layout
+        work.snap.fresh = None
         how = "factory"
         if ctx.target is not None:
+            if same_ranks:
+                ctx.target, ctx.from_memory = self._restore_copies(
+                    comm, work, ctx.target, need=ctx.same_layout or ctx.replacement,
+                    own_snapshot=ctx.same_layout, staged=staged)
             for name, source in RESTORE_SOURCES:
                 if source(ctx, comm, self):
                     how = name
                     break
-        if how != "memory":
-            from ulfmpy.segment import Snapshot
-
-            work.snap = Snapshot(work.state)
-        if self.store is None:
-            self.open(comm, work.state)
-        else:
-            self.store.prepare(work.state)
+        self.events.log("restore_source", step=ctx.target, how=how,
+                        holder=self.store.holder if self.store is not None else None)
         return work, how
-
-    def _partner_handover(self, comm: Any, me: Any, target: int, replacement: bool) -> int | None:
-        """Hand each replacement its partner copy of checkpoint ``target``.
-
-        Collective over the repaired compute communicator (same size and
-        logical ranks as before: spares or respawn). Holders send; returns,
-        on a replacement, the rank to receive from (None: read the files).
-        Roles change with the new layout, so every rank drops its copies
-        afterwards; the next checkpoint makes new ones.
-        """
-        held = {}
-        if self.partners is not None and not replacement:
-            held = {w: self.partners.steps(w) for w in self.partners.wards}
-        senders = plan_handover(comm.allgather((replacement, held)), target)
-        for r, h in senders.items():
-            if h == me.rank:
-                assert self.partners is not None
-                self.partners.send_to_replacement(comm, r, r, target)
-        self.partners = None
-        self.events.log("partner_handover", step=target, senders=senders)
-        return senders.get(me.rank) if replacement else None
 
 
 @dataclass
@@ -281,8 +308,8 @@ class RestoreContext:
         policy: the repair policy (None: a respawned process joining).
         same_layout: this rank keeps its logical rank and the rank count.
         replacement: this process takes a failed rank's place.
-        copy: this rank's in-memory copy of ``target``, if it has one.
-        partner_source: the rank sending this replacement its partner copy.
+        from_memory: where the state already came back from memory
+            ("memory": this rank's own, "partner": its holder's), or None.
         state: the state to restore into.
     """
 
@@ -290,8 +317,7 @@ class RestoreContext:
     policy: str | None
     same_layout: bool
     replacement: bool
-    copy: Any = None
-    partner_source: int | None = None
+    from_memory: str | None = None
     state: Any = None
 
     @classmethod
@@ -305,21 +331,14 @@ class RestoreContext:
 
 
 def _from_memory(ctx: RestoreContext, comm: Any, ck: Checkpoints) -> bool:
-    """Survivors keeping their place: their in-memory copy, no file I/O."""
-    if ctx.copy is None:
-        return False
-    from ulfmpy.checkpoint import restore_from_memory
-
-    restore_from_memory(ctx.state, ctx.copy)
-    return True
+    """This rank's own memory: the snapshot of a segment that began at the
+    checkpoint, or its own staged copy (partner copies off)."""
+    return ctx.from_memory == "memory"
 
 
 def _from_partner(ctx: RestoreContext, comm: Any, ck: Checkpoints) -> bool:
-    """A replacement whose partner holds its copy: received, no file I/O."""
-    if ctx.partner_source is None:
-        return False
-    receive_copy(comm, ctx.partner_source, ctx.state)
-    return True
+    """The copy another rank (its holder) staged for it: received, no file I/O."""
+    return ctx.from_memory == "partner"
 
 
 def _from_local_file(ctx: RestoreContext, comm: Any, ck: Checkpoints) -> bool:
@@ -346,7 +365,9 @@ def _from_files_n_to_m(ctx: RestoreContext, comm: Any, ck: Checkpoints) -> bool:
     return True
 
 
-#: The restore sources after a repair, tried in order (docs/architecture.md, "Checkpoints" and "Who decides where a segment ends").
+#: The restore sources after a repair, tried in order (docs/architecture.md,
+#: "Restore sources after a repair"). The first two were filled in one
+#: collective step before (:meth:`Checkpoints._restore_copies`).
 RESTORE_SOURCES: tuple[tuple[str, Callable[[RestoreContext, Any, Checkpoints], bool]], ...] = (
     ("memory", _from_memory),
     ("partner", _from_partner),

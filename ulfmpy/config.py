@@ -144,8 +144,9 @@ class Config:
     resume: str = field(default="none", metadata=_opt(
         str, "resume from: none, auto (newest valid checkpoint in the run dir), or a checkpoint path"))
     partner: bool = field(default=True, metadata=_opt(
-        lambda s: _bool(s), "at each checkpoint also keep one partner rank's copy in memory, so a "
-        "replacement restores from it instead of the files"))
+        lambda s: _bool(s), "stage each rank's checkpoint in another rank's memory (on another "
+        "node when there is one), which writes it and keeps it, so a replacement restores from "
+        "it instead of the files (0 = every rank stages its own)"))
     recovery: tuple[str, ...] = field(default=("spares", "respawn", "shrink"), metadata=_opt(
         lambda s: () if str(s).strip().lower() == "none" else _csv(s),
         "in-job recovery policies tried in order, comma-separated (spares,respawn,shrink), or "

@@ -1,160 +1,175 @@
-"""Partner copies: each rank keeps one other rank's checkpoint in memory.
+"""Partner copies: each rank's checkpoint is staged in another rank's memory.
 
-When a rank dies, its replacement (a spare or a respawned process) would
-otherwise read its block back from the HDF5 files. With partner copies the
-rank that held the dead rank's copy sends it over MPI instead: no file
-system, no h5py, just one message per state array. The copy is taken at
-every checkpoint save, so it always matches a checkpoint on disk (which
-stays the fallback: when the holder died too, or never got the step).
+A checkpoint save sends each rank's state to its **holder** (another rank,
+on another host when there is one), which receives it into a shared-memory
+staging buffer; the holder's node writer writes the ward's rank file from
+that buffer. So the partner copy *is* the staging buffer: a checkpoint costs
+a rank one copy of a state, its ward's, beside its segment snapshot
+(docs/internals.md, "Copies of the state"), and after a failure a rank's
+state comes back from memory, its holder's, even when the rank itself died
+(a replacement). When the holder died too, or holds another step, the files
+are the fallback. With partner copies off (``--partner 0``) or one rank,
+every rank holds its own copy.
 
-Who holds whose copy (:func:`holder_of`): the next rank in the ring that
-sits on another host, so a node failure does not take both a block and its
-copy; the next rank when every rank shares one host.
+Who holds whose copy (:func:`holders`): the ring shifted by the smallest
+distance that puts every holder on another host, so every rank holds
+exactly one copy (ranks packed by node, any number of equal nodes); when no
+shift does, the next rank on another host (a rank may then hold several);
+the next rank when every rank shares one host.
 
-:func:`holder_of` and :func:`ward_of` are pure; :class:`PartnerCopies`
-communicates (collective calls are marked).
+:func:`holders`, :func:`plan_restore` and :func:`choose_restore` are pure; :func:`exchange_layouts`
+and :func:`transfer` communicate (collective calls are marked).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ulfmpy.state import local_array, normalize_state
-
-__all__ = ["holder_of", "ward_of", "PartnerCopies", "receive_copy", "plan_handover"]
+__all__ = ["holders", "wards_of", "plan_restore", "choose_restore", "exchange_layouts", "transfer",
+           "restore_from_copies"]
 
 _TAG = 7401
-KEEP_STEPS = 2  # like the store: the newest committed and one in flight
 
 
-def holder_of(rank: int, hosts: Sequence[str]) -> int:
-    """The rank that keeps ``rank``'s copy: the next one on another host, else the next one."""
-    size = len(hosts)
-    for d in range(1, size):
-        other = (rank + d) % size
-        if hosts[other] != hosts[rank]:
-            return other
-    return (rank + 1) % size
+def holders(hosts: Sequence[str]) -> list[int]:
+    """The rank that keeps each rank's copy (``hosts[r]``: rank r's host). Pure.
 
-
-def ward_of(rank: int, hosts: Sequence[str]) -> int | None:
-    """The rank whose copy ``rank`` keeps (None if nobody's: only with one rank)."""
-    for r in range(len(hosts)):
-        if r != rank and holder_of(r, hosts) == rank:
-            return r
-    return None
-
-
-class PartnerCopies:
-    """This rank's copy of its ward's checkpoints, and the exchange that keeps it.
-
-    Args:
-        hosts: host name of every rank of the compute communicator (the
-            layout the holder/ward roles come from).
-        rank: this rank in that communicator.
+    A single rank holds its own copy.
     """
-
-    def __init__(self, hosts: Sequence[str], rank: int) -> None:
-        self.hosts = list(hosts)
-        self.rank = rank
-        self.holder = holder_of(rank, self.hosts)
-        self.ward = ward_of(rank, self.hosts)
-        # Wards map to one rank each only when the ring has no host gaps;
-        # every rank that holds someone's copy is listed here.
-        self.wards = [r for r in range(len(self.hosts))
-                      if r != rank and holder_of(r, self.hosts) == rank]
-        self.copies: dict[int, dict[int, dict[str, np.ndarray]]] = {}  # ward -> step -> arrays
-
-    def steps(self, ward: int) -> list[int]:
-        return sorted(self.copies.get(ward, {}))
-
-    def exchange(self, comm: Any, step: int, state: Mapping[str, Any]) -> float:
-        """Send this rank's state to its holder, receive the wards'. Collective over ``comm``.
-
-        Call right after the checkpoint save of ``step`` (the state is the
-        saved one). Returns the bytes received. Copies of steps >= ``step``
-        (an abandoned future) and all but the newest older one are dropped.
-        """
-        entries = normalize_state(state)
-        names = sorted(entries)
-        # Every array's layout travels first: a ward's shapes are not ours.
-        layout = [(n, local_array(entries[n]).shape, local_array(entries[n]).dtype.str) for n in names]
-        req = comm.isend(layout, dest=self.holder, tag=_TAG)
-        layouts = {w: comm.recv(source=w, tag=_TAG) for w in self.wards}
-        req.wait()
-        sends = [np.ascontiguousarray(local_array(entries[n])) for n in names]
-        received = 0
-        incoming: dict[int, dict[str, np.ndarray]] = {}
-        rreqs = []
-        for w in self.wards:
-            kept = self._recycle(w, step)
-            bufs = {}
-            for i, (n, shape, dtype) in enumerate(layouts[w]):
-                buf = kept.get(n)
-                if buf is None or buf.shape != tuple(shape) or buf.dtype.str != dtype:
-                    buf = np.empty(shape, dtype)
-                bufs[n] = buf
-                rreqs.append(comm.Irecv(buf, source=w, tag=_TAG + 1 + i))
-                received += buf.nbytes
-            incoming[w] = bufs
-        sreqs = [comm.Isend(a, dest=self.holder, tag=_TAG + 1 + i) for i, a in enumerate(sends)]
-        # One by one, not Waitall: a dead peer then raises its own error
-        # class (proc-failed, revoked), not ERR_IN_STATUS.
-        for r in rreqs + sreqs:
-            r.Wait()
-        for w, bufs in incoming.items():
-            self.copies.setdefault(w, {})[step] = bufs
-        return received
-
-    def _recycle(self, ward: int, step: int) -> dict[str, np.ndarray]:
-        """Drop copies that are no longer wanted; hand back buffers to reuse."""
-        held = self.copies.get(ward, {})
-        for s in [s for s in held if s >= step]:
-            del held[s]
-        free: dict[str, np.ndarray] = {}
-        while len(held) >= KEEP_STEPS:
-            free = held.pop(min(held))
-        return free
-
-    def send_to_replacement(self, comm: Any, ward: int, dest: int, step: int) -> None:
-        """Send the held copy of ``ward`` at ``step`` to ``dest``. Point to point."""
-        arrays = self.copies[ward][step]
-        for i, n in enumerate(sorted(arrays)):
-            comm.Send(arrays[n], dest=dest, tag=_TAG + 1 + i)
+    n = len(hosts)
+    if n <= 1:
+        return list(range(n))
+    if len(set(hosts)) > 1:
+        for d in range(1, n):
+            if all(hosts[(r + d) % n] != hosts[r] for r in range(n)):
+                return [(r + d) % n for r in range(n)]
+    out = []
+    for r in range(n):
+        other = next((o for o in ((r + d) % n for d in range(1, n)) if hosts[o] != hosts[r]),
+                     (r + 1) % n)
+        out.append(other)
+    return out
 
 
-def plan_handover(table: Sequence[tuple[bool, Mapping[int, Sequence[int]]]],
-                  step: int) -> dict[int, int]:
-    """Who sends whom their copy of checkpoint ``step``. Pure.
+def wards_of(rank: int, holder: Sequence[int]) -> list[int]:
+    """The ranks whose copies ``rank`` keeps, given every rank's holder. Pure."""
+    return [r for r, h in enumerate(holder) if h == rank]
 
-    Args:
-        table: per rank, ``(needs_a_copy, {ward: steps held})``.
+
+#: What a rank tells the others before a restore from copies: its layout
+#: when it needs its state back (else None), the copies it holds,
+#: ``{ward: (step, layout)}``, and the step its own segment snapshot holds
+#: (None: it has none to offer).
+Offer = tuple[Any, Mapping[int, tuple[int, Any]], Any]
+
+
+def plan_restore(table: Sequence[Offer], step: int) -> dict[int, int]:
+    """Who gives whom their state of ``step``. Pure.
 
     Returns:
-        ``{replacement rank: holder rank}`` for every replacement whose copy
-        of ``step`` is held by a rank that is not itself a replacement.
+        ``{rank: source}`` for every rank that needs its state and can get
+        it from memory: itself (its snapshot holds ``step``, or it holds its
+        own copy) or a rank holding its copy of ``step`` in the same layout.
     """
     out = {}
-    for r, (needs, _) in enumerate(table):
-        if not needs:
+    for r, (needs, _, snap) in enumerate(table):
+        if needs is None:
             continue
-        for h, (h_needs, held) in enumerate(table):
-            if not h_needs and step in held.get(r, ()):
+        if snap == step:
+            out[r] = r
+            continue
+        for h, (_, held, _) in enumerate(table):
+            got = held.get(r)
+            if got is not None and got[0] == step and got[1] == needs:
                 out[r] = h
                 break
     return out
 
 
-def receive_copy(comm: Any, source: int, state: Mapping[str, Any]) -> None:
-    """Receive this rank's state from the rank that held its copy, in place. Point to point."""
-    entries = normalize_state(state)
-    for i, n in enumerate(sorted(entries)):
-        dest = local_array(entries[n])
-        if dest.flags.c_contiguous:
-            comm.Recv(dest, source=source, tag=_TAG + 1 + i)
-        else:
-            tmp = np.empty(dest.shape, dest.dtype)
-            comm.Recv(tmp, source=source, tag=_TAG + 1 + i)
-            np.copyto(dest, tmp)
+def choose_restore(table: Sequence[Offer], committed: int,
+                   staged: int | None = None) -> tuple[int, dict[int, int]]:
+    """The step to restore and who gives whom, after a failure. Pure.
+
+    ``staged`` is a newer checkpoint that every rank staged but that had not
+    committed (its files incomplete): it is taken when memory holds every
+    rank's state of it (a snapshot or a live holder's copy), so a failure
+    during a write neither loses the steps since it nor reads the files.
+    Otherwise the committed step, with the ranks memory cannot serve
+    reading their files.
+    """
+    if staged is not None and staged > committed:
+        plan = plan_restore(table, staged)
+        if all(r in plan for r, offer in enumerate(table) if offer[0] is not None):
+            return staged, plan
+    return committed, plan_restore(table, committed)
+
+
+def exchange_layouts(comm: Any, holder: int, wards: Sequence[int], mine: Any) -> dict[int, Any]:
+    """Send this rank's layout to its holder, receive its wards'. Collective over ``comm``.
+
+    ``mine`` is any picklable description (layout key and dataset specs).
+    """
+    req = comm.isend(mine, dest=holder, tag=_TAG)
+    got = {w: comm.recv(source=w, tag=_TAG) for w in wards}
+    req.wait()
+    return got
+
+
+def transfer(comm: Any, sends: Mapping[int, Sequence[np.ndarray]],
+             recvs: Mapping[int, Sequence[np.ndarray]]) -> int:
+    """Point-to-point arrays: ``sends[dest]`` to each dest, ``recvs[src]`` from each src.
+
+    Every array is C-contiguous; the i-th array to one peer matches its i-th
+    receive. Collective in effect: every rank calls it with the pairs the
+    others expect. Returns the bytes received.
+    """
+    rreqs = [comm.Irecv(a, source=src, tag=_TAG + 1 + i)
+             for src, arrays in recvs.items() for i, a in enumerate(arrays)]
+    sreqs = [comm.Isend(a, dest=dest, tag=_TAG + 1 + i)
+             for dest, arrays in sends.items() for i, a in enumerate(arrays)]
+    # One by one, not Waitall: a dead peer then raises its own error class
+    # (proc-failed, revoked), not ERR_IN_STATUS.
+    for r in rreqs + sreqs:
+        r.Wait()
+    return sum(a.nbytes for arrays in recvs.values() for a in arrays)
+
+
+def restore_from_copies(comm: Any, step: int, need: Any, held: Mapping[int, tuple[int, Any]],
+                        views: Callable[[int], Sequence[np.ndarray]] | None,
+                        into: Sequence[np.ndarray] | None, *, snap: int | None = None,
+                        staged: int | None = None) -> tuple[int, int | None]:
+    """Every rank that needs its state of checkpoint ``step`` (or of the newer
+    ``staged`` one, see :func:`choose_restore`) gets it from memory. Collective.
+
+    Args:
+        need: this rank's layout when it needs its state, else None.
+        held: the copies this rank holds, ``{ward: (step, layout)}``.
+        views: the arrays of a held copy, by ward, in the layout's order.
+        into: C-contiguous arrays to receive this rank's state into (when it
+            needs it), in the layout's order.
+        snap: the step this rank's own snapshot holds (it serves itself).
+        staged: this rank's uncommitted, fully staged newer checkpoint.
+
+    Returns:
+        the step chosen (the same on every rank), and the rank this rank's
+        state came from: itself (its snapshot when ``snap`` is that step,
+        else its own copy, already in ``into``), another rank (received into
+        ``into``), or None (nobody has it: read the files).
+    """
+    me = comm.Get_rank()
+    table = comm.allgather((need, dict(held), snap, staged))
+    stageds = {t[3] for t in table if t[1] or t[2] is not None}
+    newer = stageds.pop() if len(stageds) == 1 else None
+    step, plan = choose_restore([t[:3] for t in table], step, newer)
+    src = plan.get(me)
+    if src == me and snap != step:
+        assert into is not None and views is not None
+        for dst, a in zip(into, views(me)):
+            np.copyto(dst, a)
+    sends = {r: views(r) for r, h in plan.items()  # type: ignore[misc]
+             if h == me and r != me}
+    recvs = {src: into} if src is not None and src != me and into is not None else {}
+    transfer(comm, sends, recvs)
+    return step, src

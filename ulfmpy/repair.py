@@ -253,8 +253,12 @@ class Repairer:
         with timer("restore"):
             resumed = restore(me, plan, target, old_logical)
         seconds = time.perf_counter() - t_detect
+        # The steps this rank had computed since the restored checkpoint, which
+        # it computes again (the segment's own steps count: they are redone).
+        reached = max(step, cur_step)
         rec.update({"seconds": seconds, "phases": dict(timer.phases), "resumed_step": resumed,
-                    "lost_steps": max(0, step - resumed), "role": role.value})
+                    "reached_step": reached, "lost_steps": max(0, reached - resumed),
+                    "role": role.value})
         self.recoveries.append(rec)
         # This process's rank after the repair: the report follows its lane.
         self.events.log("recovery", **rec, logical=logical)

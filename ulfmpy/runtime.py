@@ -356,7 +356,7 @@ class Runtime:
                 agreed = yield from self.segments.run(self.me, self.work, step, end, self._slots)
                 step = agreed.timing.end
                 sync_state(self.work)  # a save and the summary read the arrays named now
-                end = self.bounds.apply(agreed, self.me, self.comm.mpi_comm, self.work.state,
+                end = self.bounds.apply(agreed, self.me, self.comm.mpi_comm, self.work,
                                         self._hosts)
                 if self._initial is not None and self.ckpts.last_committed_step() is not None:
                     self._initial = None  # a checkpoint is the state to go back to now
@@ -367,7 +367,7 @@ class Runtime:
                 global_rollbacks += 1
                 sync_state(self.work)
                 self.segments.abandon()
-                step = self.ckpts.global_rollback(self.comm.mpi_comm, self.work.state, gr,
+                step = self.ckpts.global_rollback(self.comm.mpi_comm, self.work, gr,
                                                   global_rollbacks)
                 end = self._restart(step)
             except (ProcessFailure, MPI.Exception) as exc:
@@ -479,8 +479,8 @@ class Runtime:
             # return to after a dead rank is its start: keep a copy of it.
             self._initial = Snapshot(self.work.state)
             self._initial.take(step)
-        self.ckpts.open(self.comm.mpi_comm, self.work.state)
         self._hosts = self.comm.mpi_comm.allgather(self._host)
+        self.ckpts.open(self.comm.mpi_comm, self.work.state, self._hosts)
         self._make_planner()
         return step
 
@@ -548,12 +548,14 @@ class Runtime:
         ctx = RestoreContext.after(plan, target, old_logical=old_logical, logical=me.logical)
         self.work, how = self.ckpts.restore_after_repair(self.comm.mpi_comm, me, ctx,
                                                          self._build, self.work)
+        target = ctx.target  # newer when a checkpoint staged in memory everywhere was taken
         if self._inline and target is None and survivor:
             # No checkpoint yet: the inline loop's arrays go back to the loop's
             # start (a replacement's are there already: it ran the set-up).
             self._initial.restore(self.work.state)
             how = "loop start"
         self._hosts = self.comm.mpi_comm.allgather(self._host)
+        self.ckpts.relayout(self.comm.mpi_comm, self.work.state, self._hosts)
         if self.planner is None:
             self._make_planner()
         self.events.log("restore_after_repair", how=how, step=target,

@@ -8,6 +8,7 @@ S of ranks that must re-execute.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -23,6 +24,16 @@ class Snapshot:
 
     ``take`` and ``restore`` copy with ``np.copyto`` into existing memory: no
     allocation per segment, and restore writes into the app's own arrays.
+    The buffers are C-contiguous, so a checkpoint sends and stages straight
+    from them.
+
+    Attributes:
+        step: the step the buffers hold (None: nothing yet).
+        fresh: the step of a copy made at a boundary for the segment that
+            starts there (a checkpoint's, or a restore's): that segment
+            uses it instead of taking its own (docs/internals.md, "Copies
+            of the state"). None once a segment started.
+        seconds: what the last take cost.
     """
 
     def __init__(self, state: Mapping[str, StateValue]) -> None:
@@ -30,22 +41,45 @@ class Snapshot:
         # same shapes (identity.sync_state), and copies follow it by name.
         self._state = state
         self._names = list(state)
-        self._buffers = [np.empty_like(local_array(v)) for v in state.values()]
+        self._buffers = [np.empty(local_array(v).shape, local_array(v).dtype)
+                         for v in state.values()]
         self.step: int | None = None
+        self.fresh: int | None = None
+        self.seconds = 0.0
 
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self._buffers)
 
-    def take(self, step: int) -> None:
+    @property
+    def data(self) -> dict[str, np.ndarray]:
+        """The buffers by state name (what a checkpoint saves from)."""
+        return dict(zip(self._names, self._buffers))
+
+    @property
+    def buffers(self) -> list[np.ndarray]:
+        """The buffers, in the state's (sorted) order."""
+        return list(self._buffers)
+
+    def take(self, step: int, *, fresh: bool = False) -> None:
+        t0 = time.perf_counter()
         for buf, v in zip(self._buffers, self._state.values()):
             np.copyto(buf, local_array(v))
         self.step = step
+        self.fresh = step if fresh else None
+        self.seconds = time.perf_counter() - t0
 
     def restore(self, state: Mapping[str, StateValue] | None = None) -> None:
         """Copy back into the arrays ``state`` (default: the one taken) names now."""
         for buf, v in zip(self._buffers, (state or self._state).values()):
             np.copyto(local_array(v), buf)
+
+    def filled(self, step: int) -> None:
+        """The buffers were written from elsewhere (a copy of ``step``): restore the
+        state from them, and let the next segment start from them."""
+        self.restore()
+        self.step = self.fresh = step
+        self.seconds = 0.0
 
 
 @dataclass(frozen=True)

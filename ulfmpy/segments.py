@@ -144,7 +144,13 @@ class SegmentRunner:
         cfg, comm, app, snap, hooks = self.config, self.comm, work.app, work.snap, self.hooks
         t = time.perf_counter()
         sync_state(work)
-        snap.take(first)
+        if snap.fresh == first:
+            # The boundary before copied the state already (a checkpoint
+            # saved from this copy, or a restore filled it): the same bytes.
+            snap.fresh = None
+            t -= snap.seconds
+        else:
+            snap.take(first)
         t_start = time.perf_counter()
         comm.begin_segment(end - first)
         hooks.flips.clear()

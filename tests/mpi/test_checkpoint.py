@@ -170,6 +170,64 @@ def test_round_trip_commit_prune_vds(comm, mpi_tmp_path, mode):
     agree(comm, ok, detail)
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_partner_copies_are_the_staging_buffers(comm, mpi_tmp_path, mode):
+    """Each rank's state is staged in its holder's memory and written from
+    there (docs/internals.md, "Copies of the state"): every rank file holds
+    its own rank's data, nobody keeps its own copy, and every rank gets its
+    state back from its holder's memory, or the files when the holder is gone."""
+    from ulfmpy._ckpt_async import layout_key
+    from ulfmpy.partner import holders, restore_from_copies
+    from ulfmpy.state import normalize_state
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    run = mpi_tmp_path / f"partner-{mode}"
+    hold = holders(["one-host"] * size)
+    state = normalize_state(make_state(comm, 1))  # sorted by name, as layouts are
+    key = layout_key(normalize_state(state))
+    ok, detail = True, []
+    with CheckpointStore(comm, run, mode=mode, keep=2, holders=hold) as store:
+        ok &= store.holder == (rank + 1) % size and store.wards == [(rank - 1) % size]
+        for step in (1, 2, 3):
+            fill(state, comm, step)
+            data = {n: np.array(v.local if isinstance(v, Block) else v) for n, v in state.items()}
+            store.save(step, state, data=data)
+            store.poll()
+        store.drain()
+        ref3 = expected(state, comm, 3)
+        held = store.held()
+        ok &= store.memory_copy() is None and list(held) == [(rank - 1) % size]
+        ok &= held[(rank - 1) % size][0] == 3
+        detail.append(f"held {held}")
+        # Every rank back from its holder's memory.
+        scramble(state)
+        into = [np.empty_like(v.local if isinstance(v, Block) else v) for v in state.values()]
+        step, src = restore_from_copies(comm, 3, key, held, store.copy_views, into)
+        for v, a in zip(state.values(), into):
+            np.copyto(v.local if isinstance(v, Block) else v, a)
+        ok &= step == 3 and src == hold[rank] and same(state, ref3)
+        detail.append(f"source {src}")
+        # Rank 1 is a replacement: it held 0's copy, which died with it.
+        scramble(state)
+        mine = {} if rank == 1 else held
+        _, src = restore_from_copies(comm, 3, key, mine, store.copy_views, into)
+        if src is None:
+            got = restore(comm, run / "ckpt" / "step-00000003.h5", state)
+            ok &= got.step == 3
+        else:
+            restore(comm, run / "ckpt" / "step-00000003.h5", normalize_state(make_state(comm, 0)))
+            for v, a in zip(state.values(), into):
+                np.copyto(v.local if isinstance(v, Block) else v, a)
+        ok &= (src is None) == (rank == 0) and same(state, ref3)
+    if rank == 0:
+        with h5py.File(run / "ckpt" / "step-00000003.h5", "r") as f:
+            ok &= np.array_equal(f["u"][()], global_field(3))
+            ok &= all(np.array_equal(f["r"][r], np.arange(5) + 10 * r + 3) for r in range(size))
+            ok &= np.array_equal(f["x"][()], np.arange(size) + 4.5)
+    agree(comm, ok, detail)
+
+
 def _restore_on(sub, run, by):
     state = make_state(sub, 0, by=by, per_rank=False)
     scramble(state)
@@ -355,7 +413,8 @@ def test_the_writers_death_fails_the_checkpoint_then_a_new_writer_takes_over(com
         # every rank learns it together as a WriterLost (a run goes on).
         ok &= isinstance(exc, WriterLost) and "writer died" in str(exc)
         detail.append(str(exc))
-        ok &= store.last_committed.step == 1 and store.memory_copy().step == 1
+        # Staged over for step 2: step 1 is on disk only now.
+        ok &= store.last_committed.step == 1 and store.memory_copy() is None
         fill(state, comm, 3)
         store.save(3, state)  # a new writer takes over
         rec = store.drain()

@@ -54,6 +54,8 @@ TIMEOUT = 45          # a launch takes 2-6 s here (relaunches ~10); more is a ha
 EXIT_RELAUNCH = 75
 MID = 33              # a step in the middle of segment 30-34
 RESUMED = 20          # the newest committed checkpoint when MID strikes
+STAGED = 30           # ... and the one staged in memory, its write in flight: with the
+                      # ranks kept (spares, respawn) memory holds every rank's state of it
 KILL_MID = f"kill:rank=2,step={MID}"
 POLICIES = {          # policy -> extra launcher flags it needs
     "spares": ["--spares", "1"],
@@ -216,9 +218,12 @@ def kinds_of_kills(res: Result) -> list[tuple[int, str]]:
 def detected_in_segment(rec: dict, first: int) -> None:
     """The failure was detected in the segment starting at ``first`` (the
     runtime may label it with the segment's first step or the step it was
-    running), and the lost work is counted from there back to the checkpoint."""
+    running), and the lost work is counted from the step this rank had
+    reached back to the checkpoint (a checkpoint staged at the segment's first
+    step loses only the segment's own steps)."""
     assert first <= rec["detected_at_step"] < first + 5, rec
-    assert rec["lost_steps"] == rec["detected_at_step"] - rec["resumed_step"], rec
+    assert rec["detected_at_step"] <= rec["reached_step"] < first + 5, rec
+    assert rec["lost_steps"] == rec["reached_step"] - rec["resumed_step"], rec
 
 
 def failed_union(summary: dict) -> set[int]:
@@ -242,7 +247,7 @@ def test_policy_alone_kill_middle_rank(runs, clean, policy):
     [rec] = s["recoveries"]
     assert rec["policy"] == policy
     assert rec["failed_ranks"] == [2]
-    assert rec["resumed_step"] == RESUMED
+    assert rec["resumed_step"] == (RESUMED if policy == "shrink" else STAGED)
     detected_in_segment(rec, 30)
     assert rec["role"] == "survivor"          # rank 0 wrote the summary and lived
     assert rec["seconds"] > 0
@@ -265,16 +270,16 @@ def test_policy_alone_kill_middle_rank(runs, clean, policy):
         assert rec["replaced"] == {"2": new}
         if policy == "spares":
             assert s["spares_lost"] == 0  # used, not lost
-        # Survivors restore from their in-memory copy, the replacement from
-        # the partner copy rank 3 kept of rank 2 (one host: the next rank).
+        # Checkpoint 30 was staged, not yet committed. Survivors' snapshots
+        # hold it (their segment began there), and rank 3 held rank 2's copy
+        # (one host: the next rank): the replacement gets it from there.
         assert how == {0: ["memory"], 1: ["memory"], 3: ["memory"], new: ["partner"]}
-        handovers = res.events("partner_handover")
-        assert {e["rank"] for e in handovers} == {0, 1, 3, new}
-        assert all(e["senders"] == {"2": 3} and e["step"] == RESUMED for e in handovers)
-        copies = [e for e in res.events("partner_copy") if e["rank"] == 3 and e["step"] == RESUMED]
-        assert copies and copies[0]["wards"] == [2] and copies[0]["bytes"] > 0
+        staged = [e for e in res.events("checkpoint_saved") if e["rank"] == 3 and e["step"] == STAGED]
+        assert staged and staged[0]["wards"] == [2] and staged[0]["holder"] == 0
         [joined] = [e for e in res.events("recovery") if e["rank"] == new]
-        assert joined["role"] == "recovered" and joined["resumed_step"] == RESUMED
+        assert joined["role"] == "recovered"
+        # (a spare's repair event carries the agreed checkpoint; its restore, the step taken)
+        assert [e["step"] for e in res.events("restore_after_repair") if e["rank"] == new] == [STAGED]
         if policy == "respawn":
             # Forked by the node's zygote, not started as a fresh interpreter.
             assert joined["warm"] is True
@@ -334,6 +339,27 @@ def test_killing_a_forked_replacement_is_a_failure_like_any_other(runs, clean):
     assert "a respawned rank was killed and the job recovered from it in-job" in res.stderr
 
 
+@pytest.mark.parametrize("partner", ["on", "0"])
+def test_survivors_restore_from_their_holders_copies(runs, clean, partner):
+    """Checkpoint 30 committed (sync), rank 2 dies at 38 (snapshots at 35):
+    every rank's state of 30 comes from the copy its holder staged, but rank
+    1's: its holder, rank 2, died with it (files). With ``--partner 0`` each
+    rank staged its own: survivors restore from their own memory, the
+    replacement from the files."""
+    require_ulfm()
+    res = runs(f"holders-{partner}", stencil("--recovery", "spares", "--spares", "1",
+                                             "--ckpt-mode", "sync", "--partner", partner,
+                                             *kills("kill:rank=2,step=38")))
+    ok(res, clean())
+    [rec] = res.summary["recoveries"]
+    assert rec["resumed_step"] == 30 and rec["replaced"] == {"2": 4}
+    how = how_restored(res)
+    if partner == "on":
+        assert how == {0: ["partner"], 1: ["file"], 3: ["partner"], 4: ["partner"]}
+    else:
+        assert how == {0: ["memory"], 1: ["memory"], 3: ["memory"], 4: ["file"]}
+
+
 # -- rank 0 dies ------------------------------------------------------------------
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -347,7 +373,7 @@ def test_kill_rank_0(runs, clean, policy):
     for r in survivors:
         [e] = [e for e in res.events("recovery") if e["rank"] == r]
         assert e["policy"] == policy and e["failed_ranks"] == [0]
-        assert e["resumed_step"] == RESUMED
+        assert e["resumed_step"] == (RESUMED if policy == "shrink" else STAGED)
         detected_in_segment(e, 30)
     how = how_restored(res)
     if policy == "shrink":
@@ -373,7 +399,7 @@ def test_summary_records_the_recovery_when_rank_0_is_replaced(runs, clean, polic
     assert s["failures"] == 1
     [rec] = s["recoveries"]
     assert rec["policy"] == policy and rec["failed_ranks"] == [0]
-    assert rec["resumed_step"] == RESUMED
+    assert rec["resumed_step"] == STAGED
     detected_in_segment(rec, 30)
 
 
@@ -424,9 +450,12 @@ def test_kill_during_checkpoint_write(runs, clean, mode, policy):
     assert injected(res) == [(2, 30, "checkpoint")]
     [rec] = s["recoveries"]
     assert rec["policy"] == policy and rec["failed_ranks"] == [2]
-    # The checkpoint of step 30 never committed: everyone went back to 20.
-    assert rec["resumed_step"] == RESUMED
-    assert {e["step"] for e in res.events("restore_after_repair")} == {RESUMED}
+    # The checkpoint of step 30 never committed. Staged in memory everywhere
+    # (async: rank 2 died after handing its copy to rank 3), the spares'
+    # repair resumes there; otherwise everyone goes back to 20.
+    back = STAGED if (mode, policy) == ("async", "spares") else RESUMED
+    assert rec["resumed_step"] == back
+    assert {e["step"] for e in res.events("restore_after_repair")} == {back}
     first_recovery = min(e["t"] for e in res.events("recovery"))
     assert not [e for e in res.events("checkpoint_committed")
                 if e["step"] == 30 and e["t"] < first_recovery]
@@ -588,7 +617,7 @@ def test_second_failure_after_first_recovery(runs, clean, policy):
     assert first["failed_ranks"] == [2] and second["failed_ranks"] == [1]
     detected_in_segment(first, 30)
     detected_in_segment(second, 45)
-    assert first["resumed_step"] == RESUMED
+    assert first["resumed_step"] == (RESUMED if policy == "shrink" else STAGED)
     assert second["resumed_step"] in (RESUMED, 30, 40)
     assert s["ranks"] == (2 if policy == "shrink" else 4)
     if policy == "spares":
@@ -706,7 +735,7 @@ def test_soft_and_hard_fault_in_one_run(runs, clean):
     # ... and the kill by the spare and the checkpoint.
     [rec] = s["recoveries"]
     assert rec["policy"] == "spares" and rec["failed_ranks"] == [2]
-    assert rec["resumed_step"] == RESUMED
+    assert rec["resumed_step"] == STAGED
     assert [e["kind"] for e in res.events("inject")] == ["bitflip", "kill"]
 
 

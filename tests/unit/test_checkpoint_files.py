@@ -132,7 +132,9 @@ def test_round_trip_bit_exact(tmp_path, mode):
         assert f["i64"].shape == (1, 4)
 
 
-def test_memory_copy_survives_next_staging(tmp_path):
+def test_memory_copy_is_the_committed_staging_buffer_until_the_next_save(tmp_path):
+    """One staging buffer per copy held (docs/internals.md, "Copies of the state"):
+    the committed copy stays in memory until the next save stages over it."""
     state = make_state()
     with CheckpointStore(COMM, tmp_path, mode="async") as store:
         assert store.memory_copy() is None
@@ -141,18 +143,43 @@ def test_memory_copy_survives_next_staging(tmp_path):
         store.save(1, state)
         assert store.memory_copy() is None  # staged, not yet committed
         store.drain()
-        fill(state, 2)
-        store.save(2, state)  # stages into the other buffer: step 1 stays in memory
         copy = store.memory_copy()
         assert copy.step == 1 and not copy.arrays["i64"].flags.writeable
-        store.drain()
-        assert store.memory_copy().step == 2 and store.memory_copy(1).step == 1
+        assert store.held() == {0: (1, copy_key(state))}
         scramble(state)
         restore_from_memory(state, store.memory_copy(1))
         assert_state(state, ref1)
+        fill(state, 2)
+        store.save(2, state)  # staged over the only buffer: step 1 is on disk only
+        assert store.memory_copy() is None and store.held() == {}
+        store.drain()
+        assert store.memory_copy().step == 2 and store.memory_copy(1) is None
         other = {"u": np.zeros(3)}
         with pytest.raises(RestoreError, match="holds"):
             restore_from_memory(other, store.memory_copy())
+
+
+def copy_key(state):
+    from ulfmpy._ckpt_async import layout_key
+    from ulfmpy.state import normalize_state
+
+    return layout_key(normalize_state(state))
+
+
+def test_a_save_stages_from_the_data_given_not_the_state(tmp_path):
+    """``save(..., data=...)``: the segment snapshot taken at the boundary is
+    what is written (the state's own arrays are not read again)."""
+    state = make_state()
+    fill(state, 5)
+    ref = snapshot(state)
+    data = {n: np.array(v.local if isinstance(v, Block) else v, copy=True)
+            for n, v in state.items()}
+    scramble(state)
+    with CheckpointStore(COMM, tmp_path, mode="sync") as store:
+        store.save(5, state, data=data)
+    scramble(state)
+    restore(COMM, tmp_path, state)
+    assert_state(state, ref)
 
 
 def test_keep_prunes_only_after_commit(tmp_path):
@@ -412,14 +439,19 @@ def test_reset_abandons_uncommitted_and_keeps_memory_copy(tmp_path):
         fill(state, 1)
         store.save(1, state)
         store.drain()
+        store.reset(OneRank())  # a repaired communicator, nothing in flight: the copy stays
+        assert store.memory_copy().step == 1
         fill(state, 2)
         store.save(2, state)
-        store.reset(OneRank())  # a repaired communicator: step 2 can no longer commit
-        assert store.pending_step is None and store.memory_copy().step == 1
+        store.reset(OneRank())  # step 2 can no longer commit; its buffer held step 1 before
+        assert store.pending_step is None and store.memory_copy() is None
+        assert store.held(staged=True) == {0: (2, copy_key(state))}  # staged, whole, uncommitted
         assert store.poll() is None and store.drain() is None
         fill(state, 3)
         store.save(3, state)
         assert store.drain().step == 3
+        store.reset(OneRank(), same_ranks=False)  # a shrink: ranks renumbered, copies dropped
+        assert store.held() == {}
     log.close()
     assert [e["step"] for e in read_events(tmp_path, "checkpoint_abandoned")] == [2]
     assert [(c.step, c.committed) for c in list_checkpoints(tmp_path)] == [(1, True), (3, True)]
@@ -463,19 +495,20 @@ def test_blocks_that_do_not_tile_are_refused(tmp_path):
     assert list_checkpoints(tmp_path) == []
 
 
-def test_rollback_save_keeps_the_older_memory_copy(tmp_path):
+def test_a_save_after_a_rollback_drops_the_abandoned_future(tmp_path):
     state = make_state()
     with CheckpointStore(COMM, tmp_path, mode="sync") as store:
         for step in (10, 20):
             fill(state, step)
             store.save(step, state)
+        assert store.memory_copy(20) is not None
         fill(state, 10)
         ref10 = snapshot(state)
         store.save(15, state)  # after a rollback to 10: 20 is an abandoned future
-        assert store.memory_copy(20) is None
-        assert store.memory_copy(10) is not None and store.memory_copy().step == 15
+        assert store.memory_copy(20) is None and store.memory_copy().step == 15
+        assert [c.step for c in list_checkpoints(tmp_path)] == [10, 15]
         scramble(state)
-        restore_from_memory(state, store.memory_copy(10))
+        restore(COMM, tmp_path / "ckpt" / "step-00000010.h5", state)
         assert_state(state, ref10)
 
 

@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 from ulfmpy.nodes import node_names, spare_ranks, virtual_node
 from ulfmpy.recovery import Member, plan_repair
-from ulfmpy.partner import holder_of
+from ulfmpy.partner import holders
 
 
 def test_blocks_fill_nodes_in_world_rank_order():
@@ -34,7 +34,7 @@ def test_bad_node_counts_are_refused():
 def test_partner_copies_go_to_another_virtual_node():
     hosts = [virtual_node(r, 4, 2) for r in range(4)]
     for r in range(4):
-        assert hosts[holder_of(r, hosts)] != hosts[r]
+        assert hosts[holders(hosts)[r]] != hosts[r]
 
 
 # -- spares per node ------------------------------------------------------------------
