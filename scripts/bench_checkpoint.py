@@ -134,6 +134,21 @@ def bench(comm, args, run_dir: Path) -> dict:
         out["sync_exposed_s"] = [r.exposed_s for r in store.records]
 
     kw = {} if args.duty is None else {"helper_duty": args.duty}
+    data = None
+
+    def snapshot() -> None:  # the segment's own snapshot, taken at any boundary: not timed
+        if data is not None:
+            np.copyto(data["u"], app.interior)
+
+    if args.partner and size > 1:
+        # The runtime saves from the segment snapshot taken at the boundary
+        # (contiguous), which it would take anyway.
+        data = {"u": np.empty(app.interior.shape)}
+        # Each rank's state staged in the next rank's memory and written by
+        # its node's writer from there, as the runtime does by default.
+        from ulfmpy.partner import holders
+
+        kw["holders"] = holders([platform.node()] * size)
     with CheckpointStore(comm, run_dir / "async", mode="async", keep=2, **kw) as store:
         store.prepare(state())
         out["helper_affinity"] = store._helper.info()["affinity"]  # also: started up
@@ -152,7 +167,8 @@ def bench(comm, args, run_dir: Path) -> dict:
                 (run_dir / f"{name}-{rank:05d}-{r - 2}.bin").unlink(missing_ok=True)
             settle()
             step += 1
-            save_call.append(timed(lambda s=step: store.save(s, state())))
+            snapshot()
+            save_call.append(timed(lambda s=step: store.save(s, state(), data=data)))
             store.drain()  # the rank waits: the helper writes at full speed
         del contiguous
         out.update(plain_s=plain, streamed_s=streamed, async_alone_save_call_s=save_call,
@@ -170,7 +186,8 @@ def bench(comm, args, run_dir: Path) -> dict:
             during.append([])
             step += 1
             comm.Barrier()  # the boundary's own agreement (not charged to the checkpoint)
-            save_call.append(timed(lambda s=step: store.save(s, state())))
+            snapshot()
+            save_call.append(timed(lambda s=step: store.save(s, state(), data=data)))
             while True:
                 during[-1].append(timed(app.step))
                 comm.Barrier()  # the boundary's own agreement (not charged to the checkpoint)
@@ -277,6 +294,9 @@ def main() -> int:
                         help="repeats of the bandwidth comparison (this VM's disk is bimodal)")
     parser.add_argument("--duty", type=float, default=None,
                         help="helper_duty of the store (default: the store's default)")
+    parser.add_argument("--partner", action="store_true",
+                        help="stage each rank's state in the next rank's memory (the runtime's "
+                             "default with several ranks); the exposed time is then that copy")
     parser.add_argument("--settle", type=float, default=0.3,
                         help="seconds of idle before each timed write (lets the device drain)")
     parser.add_argument("--out", default="results/checkpoint", help="directory for JSON and PNG")
@@ -302,7 +322,7 @@ def main() -> int:
     if comm.Get_rank() != 0:
         return 0
     s = summarize(per_rank, args)
-    duty = "" if args.duty is None else f" --duty {args.duty}"
+    duty = ("" if args.duty is None else f" --duty {args.duty}") + (" --partner" if args.partner else "")
     data = {"command": f"mpirun -n {comm.Get_size()} python -m mpi4py scripts/bench_checkpoint.py "
                        f"--mb {args.mb} --repeats {args.repeats} --bw-repeats {args.bw_repeats} "
                        f"--settle {args.settle}{duty}",

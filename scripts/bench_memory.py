@@ -97,22 +97,26 @@ def watched_run(args: list[str], run_dir: Path) -> dict[str, object]:
                             stderr=subprocess.PIPE, text=True)
     tag = f"ULFMPY_RUN_DIR={run_dir}".encode()
     seen: dict[str, tuple[str, int]] = {}
-    kinds: dict[str, str] = {}
+    ours: set[str] = set()
     node_kb = 0
     while proc.poll() is None:
         total = 0
         for d in Path("/proc").glob("[0-9]*"):
-            kind = kinds.get(d.name)
             try:
-                if kind is None:
+                if d.name not in ours:
                     if tag not in d.joinpath("environ").read_bytes().split(b"\0"):
                         continue
-                    kind = kinds[d.name] = _kind(d.joinpath("cmdline").read_bytes())
+                    ours.add(d.name)
+                # Asked each time: a process forked by a rank (the writer)
+                # shows the rank's command line until it execs.
+                kind = _kind(d.joinpath("cmdline").read_bytes())
             except OSError:
                 continue
             hwm = _hwm_kb(d.name)
             if hwm is not None:
-                seen[d.name] = (kind, max(hwm, seen.get(d.name, (kind, 0))[1]))
+                before = seen.get(d.name, (kind, 0))
+                # an exec starts a new peak: the fork's was its parent's
+                seen[d.name] = (kind, max(hwm, before[1]) if before[0] == kind else hwm)
             if kind in ("rank", "writer", "zygote"):
                 total += _pss_kb(d.name) or 0
         node_kb = max(node_kb, total)

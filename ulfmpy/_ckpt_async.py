@@ -415,6 +415,16 @@ class NodeWriter:
         if self._guard is not None:
             self._guard.close()
             self._guard = None
+        if self._conn is None and self.started is not None and not self._eof:
+            # This rank started a writer it never used (a run that saved
+            # nothing): it visits and leaves, so the writer does not wait
+            # for a first rank that will never come (it holds the job lock).
+            deadline = time.monotonic() + 5.0
+            while (sock := _connect(self.name)) is None and self.started.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if sock is not None:
+                self._adopt(sock)
         if self._conn is None:  # never connected: no writer to leave
             self._eof = True
             return

@@ -432,6 +432,20 @@ def test_helper_stops_at_close(tmp_path):
     store.close()  # idempotent
 
 
+def test_a_writer_started_at_open_and_never_used_leaves_with_the_store(tmp_path):
+    """``prepare`` starts the node's writer without waiting for it; a run that
+    never saves must not leave it waiting 30 s for a first rank (it holds
+    the job lock, so the launch would wait for it)."""
+    store = CheckpointStore(COMM, tmp_path, mode="async")
+    store.prepare(make_state())
+    started = store._helper.started
+    assert started is not None and store._helper._conn is None  # started, not waited for
+    t0 = time.monotonic()
+    store.close()
+    assert _gone_within(started.pid) and time.monotonic() - t0 < 10
+    started.wait(timeout=5)
+
+
 def test_reset_abandons_uncommitted_and_keeps_memory_copy(tmp_path):
     state = make_state()
     log = EventLog(tmp_path, 0)
