@@ -186,6 +186,13 @@ def _run_once(argv: list[str], env_add: dict[str, str], *, grace: float = 5.0,
               f"{code}", file=sys.stderr)
         return code
     status = status if status >= 0 else 128 - status
+    if status == 0 and run_dir and _nobody_finished(run_dir, started):
+        # mpirun under --with-ft ulfm does not treat a dead rank as the job's
+        # failure: when every rank died it exits 0 (a whole node, the whole job).
+        print("ulfmpy run: every rank of the job died before the run completed (no summary "
+              f"was written); exit status {EXIT_RELAUNCH}: relaunch to resume from the newest "
+              "committed checkpoint (--max-restarts K, --resume auto)", file=sys.stderr)
+        return EXIT_RELAUNCH
     if status > 128 and run_dir and _recovered_spawned_death(run_dir, started):
         print(f"ulfmpy run: mpirun exited with status {status} after the run completed: a "
               "respawned rank was killed and the job recovered from it in-job (Open MPI "
@@ -326,6 +333,27 @@ def _end_job(proc: subprocess.Popen, run_dir: str | None) -> None:
     _killpg(proc)
     if run_dir:
         jobctl.end_processes(jobctl.job_lock_holders(run_dir), grace=1.0)
+
+
+def _nobody_finished(run_dir: str, started: float) -> bool:
+    """Ranks of this launch ran under the runtime (their event logs), none of
+    them reached its end (a log's last event ``exit``), and no summary was
+    written: the job died whole, though mpirun may report 0."""
+    try:
+        summary = Path(run_dir) / "summary.json"
+        if summary.exists() and summary.stat().st_mtime >= started:
+            return False
+        logs = [p for p in (Path(run_dir) / "events").glob("rank-*.jsonl")
+                if p.stat().st_mtime >= started]
+        if not logs:
+            return False  # not a runtime program (a plain one, --no-resilience)
+        for path in logs:
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+            if lines and json.loads(lines[-1]).get("event") == "exit":
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _recovered_spawned_death(run_dir: str, started: float) -> bool:
