@@ -1,4 +1,4 @@
-# Run: ulfmpy run -n 4 apps/hydro.py --zones 64 --steps 400
+# Run: ulfmpy run -n 4 apps/hydro.py --zones 128 --steps 400
 """Lagrangian staggered-grid hydrodynamics on an unstructured quad mesh, in the spirit of Pennant.
 
 The mesh is generated (a quarter annulus cut into ``--zones`` rings of
@@ -68,7 +68,7 @@ _TAG_PT, _TAG_F, _TAG_U = 41, 42, 43
 class HydroSpec:
     """The global problem: the same on every rank and any rank count."""
 
-    zones: int = 64          # zones per side
+    zones: int = 128         # rings and sectors (zones per side)
     size: float = 1.2        # side of the square domain
     energy: float = 0.25     # deposited in the origin zone (a quarter of the blast)
     rho: float = 1.0
