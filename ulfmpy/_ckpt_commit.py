@@ -90,6 +90,7 @@ class _Committer:
     comm: Any
     ckpt_dir: Path
     keep: int
+    latency: int
     mode: str
     _pending: _Pending | None
     _copies: dict[int, Buffer]
@@ -215,7 +216,7 @@ class _Committer:
             p.commit = {"ok": False, "error": problem, "user_error": True}
             return
         job = {"ckpt_dir": str(self.ckpt_dir), "step": p.step, "infos": infos, "keep": self.keep,
-               "meta_json": self._meta_json,
+               "latency": self.latency, "meta_json": self._meta_json,
                "attrs": dict(p.stats, mode=self.mode, created=time.time())}
         if self._helper is not None:
             try:

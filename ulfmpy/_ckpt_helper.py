@@ -390,7 +390,7 @@ def _run_job(kind: str, job: dict[str, Any], client: _Client) -> dict[str, Any]:
         else:
             result = _load_writers().commit_checkpoint(
                 job["ckpt_dir"], job["step"], job["infos"], job["meta_json"], job["attrs"],
-                job["keep"])
+                job["keep"], job.get("latency", 0))
         result.update(id=job["id"], ok=True)
     except _Gone:
         raise

@@ -327,13 +327,16 @@ def remove_checkpoint(ckpt_dir: Path, step: int) -> None:
 
 
 def commit_checkpoint(ckpt_dir: str, step: int, infos: list[dict[str, Any]], meta_json: str,
-                      attrs: dict[str, Any], keep: int) -> dict[str, Any]:
+                      attrs: dict[str, Any], keep: int, latency: int = 0) -> dict[str, Any]:
     """Rank 0's second phase: write and rename the manifest, then prune.
 
     Called once every rank's file is durable. Keeps the newest ``keep``
     committed checkpoints, deleting older ones only now that a newer one
     committed, and removes uncommitted leftovers older than ``step`` and
-    temporary manifests of commits that were killed.
+    temporary manifests of commits that were killed. With a detection
+    ``latency`` (steps), the newest checkpoint at least that much older than
+    ``step`` and every newer one are kept too: an error found late may be
+    in every checkpoint after the one a rollback then needs.
 
     Returns:
         ``{"path", "pruned", "commit_s", "prune_error"}``.
@@ -346,6 +349,11 @@ def commit_checkpoint(ckpt_dir: str, step: int, infos: list[dict[str, Any]], met
     try:
         manifests, dirs = scan_steps(ckpt)
         old = sorted(manifests)[:-keep]
+        if latency > 0:
+            # A later diagnosis goes back to the newest checkpoint at least
+            # `latency` steps older than it: keep that one and every newer.
+            safe = [s for s in manifests if s <= step - latency]
+            old = [s for s in old if safe and s < max(safe)]
         torn = sorted(s for s in dirs - manifests if s < step)
         for s in old + torn:
             remove_checkpoint(ckpt, s)

@@ -19,6 +19,7 @@ that save.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -40,10 +41,15 @@ def make_planner(config: Any, steps: int, *, nodes: int, checkpoints: bool,
 
         interval = IntervalPolicy(mtbf=config.mtbf or None, node_mtbf=config.node_mtbf or None,
                                   nodes=nodes, model=config.interval_model,
-                                  recovery_estimate=config.recovery_estimate)
+                                  recovery_estimate=config.recovery_estimate,
+                                  latency_steps=max((d.latency_steps()
+                                                     for d in config.diagnostics()), default=0))
+    every = 0
+    for d in config.diagnostics():
+        every = math.gcd(every, d.every)
     return BoundaryPlanner(Schedule(
         steps=steps, segment_steps=config.segment_steps, segment_budget=config.segment_budget,
-        soft_mtbf=config.soft_mtbf, ckpt_every=config.ckpt_every,
+        soft_mtbf=config.soft_mtbf, ckpt_every=config.ckpt_every, diagnose_every=every,
         ckpt_seconds=config.ckpt_seconds, checkpoints=checkpoints, interval=interval,
         interval_model=config.interval_model, async_writes=config.ckpt_mode == "async",
         max_segment_s=max_segment_s, max_segment_stretch_s=max_segment_stretch_s))
@@ -88,6 +94,8 @@ class Boundaries:
         b = p.boundary(t.end, time.perf_counter())
         for name, fields in b.events:
             self.events.log(name, **fields)
+            if name == "interval_decision":
+                self.ckpts.keep_for_latency(int(fields["steps"]))
         return np.array((int(b.save), b.next_end, p.k, delta, unfinished, int(halt)))
 
     def apply(self, agreed: Any, me: Any, comm: Any, work: Any, hosts: list[str]) -> int:

@@ -142,6 +142,7 @@ class CheckpointStore(_Committer):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "ckpt"
         self.keep = int(keep)
+        self.latency = 0  # steps: the newest checkpoint this much older than a new one is kept
         self.mode = mode
         self._events = events
         self._copies: dict[int, _Buffer] = {}  # ward -> the staged copy of its state
@@ -276,6 +277,15 @@ class CheckpointStore(_Committer):
         """
         return {w: (int(b.step), b.key) for w, b in self._copies.items()
                 if b.step is not None and (b.committed or staged)}
+
+    def forget_after(self, step: int) -> None:
+        """Copies in memory of steps after ``step`` are no longer offered. Local."""
+        for b in self._copies.values():
+            if b.step is not None and b.step > step:
+                b.step, b.committed = None, False
+        for i, r in enumerate(self._records):
+            if r.step > step and r.committed:
+                self._records[i] = r.__class__(**{**r.__dict__, "committed": False})
 
     def copy_views(self, ward: int) -> list[np.ndarray]:
         """Read-only views of the copy held for ``ward``, in its layout's order. Local."""

@@ -9,6 +9,7 @@ one rank. Calls marked Collective are made by every compute rank together.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -41,6 +42,7 @@ class Checkpoints:
         self.store: Any = None
         self._hosts: tuple[str, ...] | None = None  # the layout the holders follow
         self.global_rollbacks: list[dict[str, Any]] = []
+        self.latent_rollbacks: list[dict[str, Any]] = []
         self.restored_from: dict[str, Any] | None = None
         self._delta_ns = 0  # the last save's exposed time, reported once
         self._reported: int | None = None  # the last commit reported to the planner
@@ -64,7 +66,31 @@ class Checkpoints:
         self.store = CheckpointStore(comm, self.run_dir, keep=cfg.ckpt_keep, mode=cfg.ckpt_mode,
                                      events=self.events, meta={"config": cfg.as_dict()},
                                      node=self.node, holders=self._holders(hosts, comm))
+        self.store.latency = self.latency
+        if cfg.ckpt_every:
+            self.keep_for_latency(cfg.ckpt_every)
         self.store.prepare(state)
+
+    @property
+    def latency(self) -> int:
+        """The longest declared detection latency (steps; 0: none)."""
+        return max((d.latency_steps() for d in self.config.diagnostics()), default=0)
+
+    def keep_for_latency(self, interval_steps: int) -> None:
+        """Keep ⌈D/T⌉ + 1 committed checkpoints (DESIGN §4) for a latency of D
+        steps and checkpoints every T: more than ``--ckpt-keep`` when the
+        latency needs it (logged). Local (rank 0's store prunes)."""
+        latency = self.latency
+        if self.store is None or not latency or interval_steps < 1:
+            return
+        from ulfmpy.interval import retained_checkpoints
+
+        need = retained_checkpoints(period=float(interval_steps), latency=float(latency))
+        if need > self.store.keep:
+            self.events.log("ckpt_keep_raised", old=self.store.keep, new=need, latency=latency,
+                            interval_steps=interval_steps,
+                            reason="a late diagnosis may need a checkpoint older than the latency")
+            self.store.keep = need
 
     def relayout(self, comm: Any, state: dict[str, Any], hosts: list[str]) -> None:
         """After a repair: partner roles for the repaired layout, buffers ready. Local."""
@@ -226,6 +252,49 @@ class Checkpoints:
                "seconds": time.perf_counter() - t0, "lost_steps": gr.first - step}
         self.global_rollbacks.append(rec)
         self.events.log("global_rollback", **rec)
+        return step
+
+    def latent_rollback(self, comm: Any, work: Any, err: Any) -> int | None:
+        """A diagnostic found an error up to ``err.latency`` steps old: restore
+        the newest committed checkpoint at or before ``err.detected_at -
+        err.latency`` on every rank, from its files. Collective.
+
+        Newer checkpoints may hold the error: they are removed (a relaunch
+        must not resume from one), the write in flight is abandoned, and
+        copies in memory of newer steps are dropped. Returns the step
+        restored, or None when no checkpoint is old enough (the caller goes
+        back to the loop's start).
+        """
+        from ulfmpy._ckpt_files import list_checkpoints
+        from ulfmpy.checkpoint import restore
+
+        t0 = time.perf_counter()
+        limit = err.detected_at - err.latency
+        store = self.store
+        if store is not None:
+            store.reset(comm)  # the write in flight may hold the error
+            store.forget_after(limit)
+        plan = None
+        if comm.Get_rank() == 0:
+            committed = [c.step for c in list_checkpoints(self.run_dir) if c.committed]
+            safe = [c for c in committed if c <= limit]
+            plan = (max(safe) if safe else None, sorted(c for c in committed if c > limit))
+            from ulfmpy import _ckpt_helper as writer
+
+            for c in plan[1]:
+                writer.remove_checkpoint(Path(self.run_dir) / "ckpt", c)
+        target, removed = comm.bcast(plan, root=0)
+        step = None
+        if target is not None:
+            restore(comm, os.path.join(self.run_dir, "ckpt", f"step-{target:08d}.h5"), work.state,
+                    events=self.events)
+            work.snap.fresh = None
+            step = target
+        rec = {"detected_at": err.detected_at, "latency": err.latency, "detector": err.detector,
+               "finding": err.finding, "step": step, "skipped": removed,
+               "seconds": time.perf_counter() - t0}
+        self.latent_rollbacks.append(rec)
+        self.events.log("latent_rollback", **rec)
         return step
 
     def _restore_copies(self, comm: Any, work: Any, step: int, *, need: bool,

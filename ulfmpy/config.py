@@ -123,6 +123,10 @@ class Config:
     rollback: str = field(default="local", metadata=_opt(
         str, "who re-executes a corrupted segment: local (contamination closure) or global (all ranks)",
         choices=("local", "global")))
+    diagnose: tuple[str, ...] = field(default=(), metadata=_opt(
+        str, "an expensive detector run every N steps, whose finding may be up to L steps old "
+        "(repeatable): NAME:every=N[,latency=L]; when it fires every rank goes back to a "
+        "checkpoint older than that", repeat=True))
     inject: tuple[str, ...] = field(default=(), metadata=_opt(
         str, "fault to inject (repeatable), e.g. bitflip:rank=1,step=57 or kill:rank=2,step=40",
         repeat=True))
@@ -189,6 +193,12 @@ class Config:
     progress_every: float = field(default=10.0, metadata=_opt(
         _duration, "seconds between two progress lines"))
 
+    def diagnostics(self) -> list[Any]:
+        """The ``diagnose`` settings parsed (:class:`ulfmpy.detect.Diagnostic`). Pure."""
+        from ulfmpy.detect import parse_diagnostic
+
+        return [parse_diagnostic(t) for t in self.diagnose]
+
     def bounds_map(self) -> dict[str, tuple[float, float]]:
         """``--bounds u=0:1,v=-1:1`` as {name: (lo, hi)}."""
         out = {}
@@ -217,6 +227,11 @@ class Config:
             self.bounds_map()  # the format, checked before any rank starts
             if "bounds" not in self.detect:
                 object.__setattr__(self, "detect", (*self.detect, "bounds"))
+        if self.diagnose:
+            from ulfmpy.detect import parse_diagnostic
+
+            for text in self.diagnose:
+                parse_diagnostic(text)
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.ckpt_keep < 2:
@@ -496,7 +511,7 @@ NO_RESILIENCE_HELP = ("run the plain loop, the baseline: no segments, detection,
                       "checkpoints or fault injection")
 
 
-_METAVARS = {"run_dir": "DIR", "inject": "FAULT", "resume": "FROM", "halt_signal": "SIGNALS",
+_METAVARS = {"run_dir": "DIR", "inject": "FAULT", "diagnose": "NAME:every=N", "resume": "FROM", "halt_signal": "SIGNALS",
              "segment_steps": "N|auto", "segment_budget": "FRACTION"}
 
 

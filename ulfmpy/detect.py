@@ -12,10 +12,17 @@ selects them by name. Built in:
 * ``checksum`` — ``app.checksum_ok()`` returns True, for apps that keep one.
 
 Apps add their own with :func:`register_detector`.
+
+A **diagnostic** (``--diagnose NAME:every=N[,latency=L]``) is a detector too
+expensive to run at every segment end, run at every N-th step instead. It
+may find an error up to L steps after it struck (default: N, or the
+detector's own ``latency`` attribute): the runtime then goes back to a
+checkpoint older than that (docs/architecture.md, "Detection latency").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -23,7 +30,8 @@ import numpy as np
 from ulfmpy.errors import ConfigError
 from ulfmpy.state import local_array
 
-__all__ = ["register_detector", "get_detector", "detectors", "run_detectors"]
+__all__ = ["register_detector", "get_detector", "detectors", "run_detectors", "Diagnostic",
+           "parse_diagnostic"]
 
 Detector = Callable[[Any, Mapping[str, Any]], "str | None"]
 _REGISTRY: dict[str, Detector] = {}
@@ -113,3 +121,50 @@ def run_detectors(names: tuple[str, ...] | list[str], app: Any,
         if found:
             return name, found
     return None
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A periodic detector: run at every ``every``-th step; what it finds may be
+    up to ``latency`` steps old (None: the detector's ``latency`` attribute,
+    else ``every``)."""
+
+    name: str
+    every: int
+    latency: int | None = None
+
+    def latency_steps(self) -> int:
+        """The latency in steps. Local (reads the registered detector)."""
+        if self.latency is not None:
+            return self.latency
+        declared = getattr(_REGISTRY.get(self.name), "latency", None)
+        return int(declared) if declared is not None else self.every
+
+
+def parse_diagnostic(text: str) -> Diagnostic:
+    """``NAME:every=N[,latency=L]`` as a :class:`Diagnostic`. Pure.
+
+    Raises:
+        ConfigError: naming the problem and the form to use.
+    """
+    form = "give NAME:every=N[,latency=L] (steps), e.g. --diagnose checksum:every=50"
+    name, _, rest = str(text).partition(":")
+    name = name.strip()
+    if not name or not rest:
+        raise ConfigError(f"diagnostic {text!r}: {form}")
+    keys: dict[str, int] = {}
+    for item in rest.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in ("every", "latency") or key in keys:
+            raise ConfigError(f"diagnostic {text!r}: unknown or repeated key {key!r}; {form}")
+        try:
+            keys[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"diagnostic {text!r}: {key} must be a whole number of steps; "
+                              f"{form}") from None
+    if keys.get("every", 0) < 1:
+        raise ConfigError(f"diagnostic {text!r}: every must be >= 1; {form}")
+    if keys.get("latency", 0) < 0:
+        raise ConfigError(f"diagnostic {text!r}: latency must be >= 0; {form}")
+    return Diagnostic(name, keys["every"], keys.get("latency"))

@@ -28,6 +28,7 @@ __all__ = [
     "RetriesExhausted",
     "RecoveryFailed",
     "FaultSignal",
+    "LatentError",
     "ProcessFailure",
     "CommRevoked",
     "RollbackSignal",
@@ -131,6 +132,24 @@ class GlobalRollback(FaultSignal):
     def __init__(self, first: int, reason: str) -> None:
         super().__init__(reason)
         self.first = first
+
+
+class LatentError(FaultSignal):
+    """A periodic diagnostic found an error that may be ``latency`` steps old:
+    every rank goes back to a checkpoint older than that.
+
+    Attributes:
+        detected_at: the step the diagnostic ran after (the segment's end).
+        latency: how many steps old the error may be.
+        detector: the diagnostic's name.
+        finding: what it found (on the first rank that found it).
+    """
+
+    def __init__(self, detected_at: int, latency: int, detector: str, finding: str) -> None:
+        super().__init__(f"diagnostic {detector!r} found an error at step {detected_at} that may "
+                         f"be {latency} steps old: {finding}")
+        self.detected_at, self.latency = detected_at, latency
+        self.detector, self.finding = detector, finding
 
 
 class StillSpare(FaultSignal):

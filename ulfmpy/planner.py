@@ -83,6 +83,8 @@ class Schedule:
         segment_budget: the overhead budget of the automatic length.
         soft_mtbf: mean time between soft errors (s), 0 = not used.
         ckpt_every: checkpoint at every multiple of this step, 0 = off.
+        diagnose_every: a boundary at every multiple of this step (the
+            periodic diagnostics run there), 0 = none.
         ckpt_seconds: checkpoint every this many seconds, 0 = off.
         checkpoints: whether checkpoints are on at all (a store is open).
         interval: the ``--mtbf`` policy (:class:`ulfmpy.policy.IntervalPolicy`)
@@ -102,6 +104,7 @@ class Schedule:
     soft_mtbf: float = 0.0
     ckpt_every: int = 0
     ckpt_seconds: float = 0.0
+    diagnose_every: int = 0
     checkpoints: bool = False
     interval: Any = None
     interval_model: str = "exact"
@@ -364,6 +367,9 @@ class BoundaryPlanner:
             save_at = nxt if nxt is not None and nxt > step else None
         if save_at is not None:
             end = min(end, save_at)
+        if s.diagnose_every:
+            # The periodic diagnostics run at a boundary: end there too.
+            end = min(end, (step // s.diagnose_every + 1) * s.diagnose_every)
         busy = self._pending or (self._awaiting_delta and s.interval is not None)
         if busy and not first:
             k_pending = self._pending_k()

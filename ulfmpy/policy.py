@@ -40,6 +40,9 @@ class Decision:
         steps: steps until the next checkpoint (>= 1): τ / step_time
             rounded, or 1 while the step time is unknown.
         time: the injected clock's reading when the decision was made.
+        latency: D used (s), the error-detection latency; with D > 0 the
+            period maximizes the paper's availability with latency (its
+            floor variant, :func:`ulfmpy.interval.saxena_latency`).
     """
 
     model: str
@@ -51,6 +54,7 @@ class Decision:
     period: float
     steps: int
     time: float
+    latency: float = 0.0
 
     def as_dict(self) -> dict[str, _Any]:
         """The decision as plain types, for an event log."""
@@ -95,6 +99,9 @@ class IntervalPolicy:
         smoothing: EWMA weight of a new sample, in (0, 1]; 1 keeps only the
             latest. Saves vary with file-system load, hence the smoothing.
         clock: returns seconds; stamps each decision (``time.monotonic``).
+        latency_steps: a declared error-detection latency (steps, from
+            ``--diagnose``); with it, checkpoint decisions use the
+            latency-aware optimum (D = latency_steps × step time).
 
     Raises:
         ConfigError: neither or both of ``mtbf`` and ``node_mtbf``, a bad
@@ -104,7 +111,7 @@ class IntervalPolicy:
     def __init__(self, *, mtbf: float | None = None, node_mtbf: float | None = None,
                  nodes: int = 1, model: str = "exact", save_estimate: float | None = None,
                  recovery_estimate: float = 0.0, smoothing: float = 0.3,
-                 clock: _Callable[[], float] = _time.monotonic) -> None:
+                 clock: _Callable[[], float] = _time.monotonic, latency_steps: int = 0) -> None:
         if (mtbf is None) == (node_mtbf is None):
             raise _ConfigError("give exactly one of mtbf (job) and node_mtbf (per node, with nodes)")
         if int(nodes) < 1:
@@ -120,6 +127,7 @@ class IntervalPolicy:
         if save_estimate is not None:
             save_estimate = _interval._positive("save_estimate", save_estimate)
         self.model = model
+        self.latency_steps = int(latency_steps)
         self._recovery_estimate = _interval._nonnegative("recovery_estimate", recovery_estimate)
         self._clock = clock
         self._save = _Ewma(float(smoothing), save_estimate)
@@ -172,9 +180,21 @@ class IntervalPolicy:
         """
         if self._save.value is None:
             raise ValueError("no save time yet: pass save_estimate= or call observe_save() first")
-        self.last = self._decision(mtbf=self.mtbf, save=max(self._save.value, _TINY),
-                                   recovery=self.recovery,
-                                   step_time=self._step.value if step_time is None else step_time)
+        step_time = self._step.value if step_time is None else step_time
+        save = max(self._save.value, _TINY)
+        if self.latency_steps and step_time is not None:
+            latency = self.latency_steps * step_time
+            period = _interval.saxena_latency(mtbf=self.mtbf, save=save, recovery=self.recovery,
+                                              latency=latency)
+            tau = max(period - save, _TINY)
+            self.last = Decision(model=self.model, mtbf=self.mtbf, save=save,
+                                 recovery=self.recovery, step_time=step_time, tau=tau,
+                                 period=tau + save,
+                                 steps=max(1, round(tau / max(step_time, _TINY))),
+                                 time=float(self._clock()), latency=latency)
+            return self.last
+        self.last = self._decision(mtbf=self.mtbf, save=save, recovery=self.recovery,
+                                   step_time=step_time)
         return self.last
 
     def segment_length(self, *, soft_mtbf: float, snapshot: float,

@@ -33,7 +33,8 @@ from ulfmpy._comm_handle import shim_mpi, unshim_mpi
 from ulfmpy.comm import PlainComm, Request, ResilientComm
 from ulfmpy.config import Config
 from ulfmpy.detect import get_detector
-from ulfmpy.errors import ConfigError, GlobalRollback, ProcessFailure, RecoveryFailed
+from ulfmpy.errors import (ConfigError, GlobalRollback, LatentError, ProcessFailure, RecoveryFailed,
+                           RetriesExhausted)
 from ulfmpy.events import EventLog
 from ulfmpy.faults import hooks_for
 from ulfmpy.identity import (Identity, Work, build_work, initial_identity, open_world,
@@ -351,6 +352,7 @@ class Runtime:
                         start=step)
         self._t_loop = time.perf_counter()
         global_rollbacks = 0
+        self._latent_targets: dict[int | None, int] = {}
         while step < steps:
             try:
                 agreed = yield from self.segments.run(self.me, self.work, step, end, self._slots)
@@ -363,6 +365,9 @@ class Runtime:
                 self._progress(step)
                 if agreed.halt and step < steps:
                     self._halt(step)
+            except LatentError as err:
+                step = self._latent_rollback(err)
+                end = self._restart(step)
             except GlobalRollback as gr:
                 global_rollbacks += 1
                 sync_state(self.work)
@@ -377,6 +382,33 @@ class Runtime:
                 # different ranks and the agreement meets a halo exchange.
                 end = self._restart(step)
         self._finish(steps)
+
+    def _latent_rollback(self, err: LatentError) -> int:
+        """A late diagnosis: every rank back to a checkpoint older than the
+        error may be, else to the loop's start. Collective."""
+        sync_state(self.work)
+        step = self.ckpts.latent_rollback(self.comm.mpi_comm, self.work, err)
+        self._latent_targets[step] = times = self._latent_targets.get(step, 0) + 1
+        if times > 1 + self.config.max_retries:
+            raise RetriesExhausted(
+                f"{err}; going back to step {step} did not cure it in {times - 1} tries: the "
+                "checkpoint holds it too (a latency longer than declared) or the fault persists")
+        if step is None:
+            if self.ckpts.restored_from is not None:
+                raise RetriesExhausted(
+                    f"{err}; no checkpoint of this run is older than the error may be, and the "
+                    "run resumed from one: raise --ckpt-keep or diagnose more often")
+            if self._inline and self._initial is None:
+                raise RetriesExhausted(f"{err}; the inline loop keeps no copy of its start and "
+                                       "no checkpoint is older than the error may be")
+            if self._inline:
+                self._initial.restore(self.work.state)
+            else:
+                self.work = self._build()
+            step = self._step0
+            self.events.log("latent_rollback_to_start", step=step)
+        self.segments.cured_since(step)
+        return step
 
     def range(self, start: int, stop: int | None = None, *,
               state: Callable[[], dict[str, Any]]) -> Iterator[int]:

@@ -98,6 +98,8 @@ class Report:
     # ulfmpy could log it: the buffer may have changed in between, so this
     # rank never replays from its log (docs/internals.md, "Requests").
     late_log: bool = False
+    # A periodic diagnostic's finding, which may be this many steps old (None: none).
+    latent: int | None = None
 
 
 def closure(S: Iterable[int], reports: Sequence[Report], size: int) -> frozenset[int]:

@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from ulfmpy.detect import run_detectors
 from ulfmpy.identity import sync_state
-from ulfmpy.errors import GlobalRollback
+from ulfmpy.errors import GlobalRollback, LatentError
 from ulfmpy.segment import Report, agree_reports, closure, trusted
 
 __all__ = ["SegmentRunner", "SegmentTiming", "Agreed", "PLAN_SLOTS"]
@@ -97,6 +97,8 @@ class SegmentRunner:
         self.cur_step = 0
         self._vec = np.zeros(1 + PLAN_SLOTS, dtype=np.int64)
         self._late_told = False
+        self._diagnostics = config.diagnostics()
+        self._escaped_at: list[int] = []  # steps of flips counted as escaped
 
     def _late_log(self, step: int) -> bool:
         """Whether this segment logged a receive late (see
@@ -128,6 +130,28 @@ class SegmentRunner:
         """The segment will not commit (global rollback): its flips count as cured."""
         self.counters["injected_faults"] += len(self.hooks.flips)
         self.hooks.flips.clear()
+
+    def cured_since(self, step: int) -> None:
+        """Every rank went back to checkpoint ``step`` (a late diagnosis): flips
+        that struck since, counted as escaped when their segments committed,
+        are undone."""
+        cured = [s for s in self._escaped_at if s >= step]
+        if cured:
+            self._escaped_at = [s for s in self._escaped_at if s < step]
+            self.counters["escaped_faults"] -= len(cured)
+            self.events.log("escape_cured", steps=cured, restored_step=step)
+
+    def _diagnose(self, work: Any, end: int) -> tuple[str, str, int] | None:
+        """The periodic diagnostics due at step ``end``: (name, finding, latency) of a hit."""
+        from ulfmpy.detect import get_detector
+
+        for d in self._diagnostics:
+            if end % d.every == 0:
+                sync_state(work)
+                found = get_detector(d.name)(work.view, work.state)
+                if found:
+                    return d.name, found, d.latency_steps()
+        return None
 
     # -- the segment ----------------------------------------------------------------
     def run(self, me: Any, work: Any, first: int, end: int,
@@ -202,11 +226,27 @@ class SegmentRunner:
                                 contaminated=report.contaminated,
                                 collective_mismatch=report.collective_mismatch,
                                 diverged=report.diverged, repaired_steps=report.repaired_steps)
+        if not report.detected and self._diagnostics:
+            late = self._diagnose(work, end)
+            if late:
+                self.events.log("detection", step=end - 1, detector=late[0], finding=late[1],
+                                when="diagnostic", latency=late[2])
+                report = replace(report, detected=True, detector=late[0], finding=late[1],
+                                 latent=late[2])
         if self._late_log(end - 1):
             report = replace(report, late_log=True)
         timing = SegmentTiming(first, end, t_start, t_steps_end, t_start - t,
                                clean=not report.detected and not report.repaired_steps)
         reports, agreed = self._agree(me, report, timing, plan)
+        latent = [rep for rep in reports if rep.latent is not None]
+        if latent:
+            # Re-executing this segment cannot cure an error that may be older:
+            # every rank goes back to a checkpoint before it (the runtime's part).
+            self.comm.end_segment()
+            self.abandon()
+            first_hit = latent[0]
+            raise LatentError(end, max(int(rep.latent or 0) for rep in latent),
+                              str(first_hit.detector), str(first_hit.finding))
         lone = [r for r, rep in enumerate(reports) if rep.repaired_steps]
         fetched: frozenset[int] = frozenset()  # ranks holding their originals (same everywhere)
         if lone and len(lone) < me.size:
@@ -368,6 +408,7 @@ class SegmentRunner:
             # A flip is cured when this rank re-executed the step it struck.
             if not in_S and step > repaired_through:
                 self.counters["escaped_faults"] += 1
+                self._escaped_at.append(step)
                 self.events.log("escaped", step=step)
         self.hooks.flips.clear()
         self.events.log("segment", step=first, end=end)

@@ -85,6 +85,8 @@ def tally(run_dir: str | os.PathLike[str], *, launch: str | None = None) -> Tall
                     fired.add(rec["spec"])
             elif ev == "escaped":
                 escaped += 1
+            elif ev == "escape_cured":  # a late diagnosis rolled back past it
+                escaped -= len(rec.get("steps", ()))
         _died(section, launch, dead)
     return Tally(flips, kills, escaped, len(launches), sum(dead.values()), len(dead),
                  frozenset(fired), stalls)

@@ -42,6 +42,7 @@ class History:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     reexecuted_rank_steps: int = 0
     global_rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    latent_rollbacks: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     restored_from: dict[str, Any] | None = None
@@ -84,7 +85,8 @@ class Summary:
                "segments": h.segments, "rollbacks": h.rollbacks,
                "reexecuted_rank_steps": h.reexecuted_rank_steps,
                "injected_faults": self.injected_faults, "escaped_faults": self.escaped_faults,
-               "global_rollbacks": h.global_rollbacks, "checkpoints": h.checkpoints,
+               "global_rollbacks": h.global_rollbacks, "latent_rollbacks": h.latent_rollbacks,
+               "checkpoints": h.checkpoints,
                "failures": len(h.recoveries) if self.failures is None else self.failures,
                "recoveries": h.recoveries, "launches": self.launches,
                "run_dir": self.run_dir}
@@ -312,7 +314,7 @@ def close_run(comm: MPI.Comm, me: Any, state: dict[str, Any], *, config: Any, st
     history = History(
         segments=segments.counters["segments"], rollbacks=segments.rollbacks,
         reexecuted_rank_steps=segments.counters["reexecuted_rank_steps"],
-        global_rollbacks=ckpts.global_rollbacks,
+        global_rollbacks=ckpts.global_rollbacks, latent_rollbacks=ckpts.latent_rollbacks,
         checkpoints=[r.as_dict() for r in store.records] if store is not None else [],
         recoveries=repairer.recoveries, restored_from=ckpts.restored_from)
     on = config.resilience

@@ -662,3 +662,15 @@ def test_staging_starts_no_resource_tracker(tmp_path):
         store.save(1, state)
         assert store.drain().step == 1
         assert getattr(resource_tracker._resource_tracker, "_pid", None) is None
+
+
+def test_pruning_keeps_the_newest_checkpoint_older_than_the_latency(tmp_path):
+    """keep=2 would leave 40 and 50; a 25-step latency also keeps 20, the newest
+    at least 25 steps older than 50, and 30 (a diagnosis at 55..64 needs 30)."""
+    state = make_state()
+    with CheckpointStore(COMM, tmp_path, mode="sync", keep=2) as store:
+        store.latency = 25
+        for step in (10, 20, 30, 40, 50):
+            fill(state, step)
+            store.save(step, state)
+    assert [c.step for c in list_checkpoints(tmp_path) if c.committed] == [20, 30, 40, 50]

@@ -55,3 +55,31 @@ def test_invariant():
     app = App(np.zeros((2, 2)))
     app.invariant = lambda: False
     assert run_detectors(("invariant",), app, app.state)[0] == "invariant"
+
+
+def test_diagnostics_parse_with_their_latency():
+    from ulfmpy.detect import Diagnostic, parse_diagnostic, register_detector
+
+    assert parse_diagnostic("checksum:every=50") == Diagnostic("checksum", 50, None)
+    assert parse_diagnostic("checksum:every=50").latency_steps() == 50  # default: the period
+    assert parse_diagnostic("checksum:every=50,latency=120").latency_steps() == 120
+
+    def slow(app, state):
+        return None
+
+    slow.latency = 7
+    register_detector("slow_with_latency", slow)
+    assert parse_diagnostic("slow_with_latency:every=3").latency_steps() == 7
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("checksum", "NAME:every=N"), ("checksum:every=0", "every must be >= 1"),
+    ("checksum:every=x", "whole number"), ("checksum:often=3", "unknown or repeated key"),
+    ("checksum:every=3,latency=-1", "latency must be >= 0"),
+    ("checksum:every=3,every=4", "unknown or repeated key")])
+def test_a_bad_diagnostic_is_refused_with_the_form(bad, match):
+    from ulfmpy.config import Config
+    from ulfmpy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        Config(diagnose=(bad,))

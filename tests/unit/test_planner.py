@@ -188,3 +188,16 @@ def test_a_commit_inside_the_next_save_leaves_that_save_pending():
     assert p._pending
     p.observe_write(0.02, step=100)
     assert not p._pending
+
+
+@given(every=st.integers(1, 90), steps=st.integers(1, 1200), start=st.integers(0, 200),
+       fixed=st.sampled_from([0, 1, 7, 50, 500]), seed=st.integers(0, 10**6))
+@settings(max_examples=150, deadline=None)
+def test_a_segment_ends_at_every_multiple_of_the_diagnostics_period(every, steps, start, fixed,
+                                                                    seed):
+    """``--diagnose NAME:every=N`` runs at a boundary: one falls on every multiple of N."""
+    start = min(start, steps)
+    p = BoundaryPlanner(Schedule(steps=steps, segment_steps=fixed, diagnose_every=every))
+    segs, _, _ = drive(p, start, seed=seed, jitter=0.5)
+    ends = {b for _, b in segs}
+    assert {s for s in range(start + 1, steps) if s % every == 0} <= ends

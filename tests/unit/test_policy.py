@@ -117,7 +117,7 @@ def test_decision_is_frozen_and_serializable():
         d.steps = 3  # type: ignore[misc]
     assert d.as_dict() == {"model": "exact", "mtbf": 3600.0, "save": 30.0, "recovery": 0.0,
                            "step_time": None, "tau": d.tau, "period": d.period, "steps": 1,
-                           "time": 7.0}
+                           "time": 7.0, "latency": 0.0}
     assert isinstance(d, Decision)
 
 
@@ -154,3 +154,19 @@ def test_bad_measurements(method):
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError):
             getattr(policy, method)(bad)
+
+
+def test_a_declared_latency_gives_the_latency_aware_optimum():
+    """With D above the latency-free optimum the floor variant's supremum is
+    just above T = D (DESIGN §4); below it, the latency changes nothing."""
+    pol = IntervalPolicy(mtbf=3600.0, model="saxena", save_estimate=30.0, latency_steps=100,
+                         recovery_estimate=60.0)
+    d = pol.decide(step_time=10.0)                      # D = 1000 s
+    base = interval.saxena(mtbf=3600.0, save=30.0, recovery=60.0)
+    assert base < 1000.0 and d.latency == 1000.0
+    assert d.period == interval.saxena_latency(mtbf=3600.0, save=30.0, recovery=60.0,
+                                               latency=1000.0)
+    assert 1000.0 < d.period < 1000.0 * (1 + 1e-9) and d.steps == round(d.tau / 10.0)
+    short = IntervalPolicy(mtbf=3600.0, model="saxena", save_estimate=30.0, latency_steps=1,
+                           recovery_estimate=60.0).decide(step_time=10.0)
+    assert short.period == pytest.approx(base)
