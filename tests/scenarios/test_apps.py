@@ -69,16 +69,19 @@ def test_flips_and_kills_end_exact(app, ranks, ulfmpy_run, tmp_path_factory):
         assert [x["policy"] for x in s["recoveries"]] == [policy]
 
 
+@pytest.mark.parametrize("ranks, then", [(4, 3), (6, 4)])
 @pytest.mark.parametrize("app", list(APPS_ARGS))
-def test_a_whole_job_killed_resumes_on_another_rank_count(app, ulfmpy_run, tmp_path_factory):
+def test_a_whole_job_killed_resumes_on_another_rank_count(app, ranks, then, ulfmpy_run,
+                                                          tmp_path_factory):
     """Every process of the job SIGKILLed at step 50 (one node holds them all):
-    the launch exits for a relaunch, which resumes on 3 ranks and ends exact."""
+    the launch exits for a relaunch, which resumes on another rank count and
+    ends exact."""
     require_ulfm()
     ref = reference_fingerprint(APPS_ARGS[app], tmp_path_factory)
-    r = ulfmpy_run(["-n", "4", "--virtual-nodes", "1", "--ckpt-every", "20",
-                    "--max-restarts", "1", "--relaunch-n", "3",
+    r = ulfmpy_run(["-n", str(ranks), "--virtual-nodes", "1", "--ckpt-every", "20",
+                    "--max-restarts", "1", "--relaunch-n", str(then),
                     "--inject", "kill:node=node0,step=50", *APPS_ARGS[app]], name="job-kill")
-    s = _exact(r, ref, ranks=3)
+    s = _exact(r, ref, ranks=then)
     assert "every rank of the job died" in r.stderr
     assert s["launches"] == 2 and s["restored_from"]["step"] in (20, 40)
-    assert s["restored_from"]["ckpt_ranks"] == 4
+    assert s["restored_from"]["ckpt_ranks"] == ranks
