@@ -232,6 +232,7 @@ class Hydro:
         self.bounds = {"ze": (0.0, 1e30)}  # internal energy stays positive
         self.energy0 = spec.energy  # the fluid starts at rest
         self.energy = spec.energy
+        self.local_energy = self._local_energy()
         self.dt = 0.0
         self.min_volume = float(area_all.min())
         self._buf_pt = {q: np.empty((len(i), 4)) for q, i in self.recv_pts.items()}
@@ -349,14 +350,20 @@ class Hydro:
         self.ze -= dt * work
         if self.t.size:
             self.t += dt
-        self._red[0] = self.ze.sum() + 0.5 * (self.pm * (u[:own] ** 2).sum(axis=1)).sum()
+        self._red[0] = self.local_energy = self._local_energy()
         self.comm.Allreduce(self._red, self._out, op=MPI.SUM)
         self.energy = float(self._out[0])
 
+    def _local_energy(self) -> float:
+        own = self.n_own
+        return float(self.ze.sum() + 0.5 * (self.pm * (self.u[:own] ** 2).sum(axis=1)).sum())
+
     def invariant(self) -> bool:
-        """Total energy conserved (to rounding), and every zone's volume positive."""
+        """Total energy conserved (to rounding), every zone's volume positive,
+        and this rank's energy what the last step left (a change since, say a
+        flipped bit, would reach the total only at the next step)."""
         return (abs(self.energy - self.energy0) <= ENERGY_TOL * abs(self.energy0)
-                and self.min_volume > 0.0)
+                and self.min_volume > 0.0 and self._local_energy() == self.local_energy)
 
     def density(self) -> np.ndarray:
         """Each of this rank's zones' density now."""
