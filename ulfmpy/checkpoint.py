@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ulfmpy import _ckpt_helper as _writer
+from ulfmpy import partner as _partner
 from ulfmpy._ckpt_async import Buffer as _Buffer
 from ulfmpy._ckpt_async import WRITER_DIED
 from ulfmpy._ckpt_async import NodeWriter as _NodeWriter
@@ -48,7 +49,6 @@ from ulfmpy._ckpt_files import (
 )
 from ulfmpy._ckpt_helper import write_rank_file as _write_rank_file
 from ulfmpy._ckpt_restore import MemoryCopy, RestoreRecord, restore, restore_from_memory
-from ulfmpy import partner as _partner
 from ulfmpy.errors import CheckpointError, ConfigError
 from ulfmpy.partner import wards_of
 from ulfmpy.state import local_array, normalize_state

@@ -9,13 +9,13 @@ one rank. Calls marked Collective are made by every compute rank together.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
-from ulfmpy.errors import GlobalRollback, RestoreError, RetriesExhausted, WriterLost
 from ulfmpy import partner as _partner
+from ulfmpy.errors import GlobalRollback, RestoreError, RetriesExhausted, WriterLost
 
 __all__ = ["Checkpoints", "RestoreContext", "RESTORE_SOURCES"]
 
