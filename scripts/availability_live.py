@@ -2,7 +2,7 @@
 """Measured availability of real runs under a stream of hard failures, against the models.
 
 For each app, ``--ranks`` ranks recover in-job (``--recovery respawn``) from
-an exponential stream of rank kills (``kill:mtbf=M,seed=N``), and take
+an exponential stream of rank kills (``kill:mtbf=M,stream=1,seed=N``), and take
 checkpoints
 
 (a) where the online policy puts them under each interval model
@@ -94,7 +94,8 @@ def point(tmp: Path, name: str, app: str, args: argparse.Namespace, settings: li
     avail, saves, recs, taus, failures = [], [], [], [], []
     for seed in range(args.seeds):
         s = run(tmp / f"{app}-{name}-{seed}", args.ranks,
-                ["--recovery", "respawn", "--inject", f"kill:mtbf={args.mtbf}s,seed={seed + 1}",
+                ["--recovery", "respawn", "--inject",
+                 f"kill:mtbf={args.mtbf}s,stream=1,seed={seed + 1}",
                  *settings], argv, timeout=20 * args.duration + 120)
         avail.append(s["steps"] * t_plain / s["wall_s"])
         saves += [c["exposed_s"] for c in s["checkpoints"] if c.get("exposed_s")]

@@ -14,8 +14,10 @@ For each app (the stencil, the circuit, the hydro), on ``--ranks`` ranks:
     beside the rank's state.
 (c) **one flip, local against global re-execution**: the same flip with
     ``--rollback local`` (at the segment's end, and with per-step
-    detection) and ``--rollback global``: re-executed rank-steps (a count
-    core sharing does not distort) and recovery seconds; every run exact.
+    detection) and ``--rollback global``, early in the third of segments of
+    ``--flip-k`` steps (pinned: the automatic length differs from run to
+    run): re-executed rank-steps (a count core sharing does not distort)
+    and recovery seconds; every run exact.
 (d) **throughput**: the plain 4-rank run's updates per second (stencil
     cells, circuit wire segments and nodes, hydro zones) against a
     numpy-only lower bound on the time: the same kernels on the whole
@@ -139,10 +141,12 @@ def one_flip(tmp: Path, app: str, args: argparse.Namespace) -> dict[str, Any]:
              "local, per-step detection": ["--rollback", "local", "--detect-every", "1"],
              "global": ["--rollback", "global"]}
     rows = []
+    k = args.flip_k  # pinned: the automatic length differs from run to run
+    step = 2 * k + k // 4                                  # early in the third segment
     for name, extra in modes.items():
         s = launch(tmp / f"{app}-c-{len(rows)}", args.ranks,
-                   ["--detect", detect, *extra, "--inject",
-                    f"bitflip:rank=1,step={args.flip_steps // 3},{where}"], argv)
+                   ["--detect", detect, "--segment-steps", str(k), *extra, "--inject",
+                    f"bitflip:rank=1,step={step},{where}"], argv)
         rb = s["rollbacks"][0] if s["rollbacks"] else {}
         rows.append({"mode": name, "exact": s["fingerprint"] == ref,
                      "reexecuted_ranks": rb.get("reexecuted_ranks"),
@@ -151,7 +155,7 @@ def one_flip(tmp: Path, app: str, args: argparse.Namespace) -> dict[str, Any]:
     glob = rows[-1]["reexecuted_rank_steps"] or 1
     for r in rows:
         r["rank_steps_vs_global"] = (r["reexecuted_rank_steps"] or 0) / glob
-    return {"flip_step": args.flip_steps // 3, "steps": args.flip_steps, "rows": rows}
+    return {"flip_step": step, "segment_steps": k, "steps": args.flip_steps, "rows": rows}
 
 
 # -- (d) -----------------------------------------------------------------------------
@@ -255,13 +259,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--flip-steps", type=int, default=150)
+    p.add_argument("--flip-k", type=int, default=20, help="segment length in (c), pinned")
     p.add_argument("--parts", default="a,b,c,d", help="which of (a)-(d) to run")
     p.add_argument("--quick", action="store_true", help="small and short: a smoke run")
     args = p.parse_args()
     if args.quick:
         SIZES.update(stencil={"n": 128}, circuit={"pieces": 8, "nodes": 50, "wires": 200},
                      hydro={"zones": 16})
-        args.jobs, args.rounds, args.steps, args.flip_steps = 1, 1, 60, 60
+        args.jobs, args.rounds, args.steps, args.flip_steps, args.flip_k = 1, 1, 60, 60, 10
     parts = set(args.parts.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@
   This machine has 2 cores: from 4 ranks on they share cores, so the
   points above 2 ranks measure the protection on an oversubscribed node.
 * ``multi``: several soft errors in one run (0 … 16 flips, at seeded
-  ranks and steps): the loop time over the fault-free protected run and the
-  rank-steps re-executed, with local rollback and with global rollback
+  ranks and steps, segments of ``--segment`` steps): the loop time over the
+  fault-free protected run and the rank-steps re-executed, with local rollback and with global rollback
   (every rank redoes the segment), against no protection with a restart
   from the last checkpoint (``--ckpt-every``), whose re-executed rank-steps
   are counted from the flips' steps: each error costs every rank the steps
@@ -129,10 +129,13 @@ def _flips(app: str, n: int, steps: int, ranks: int, seed: int) -> list[str]:
 def multi_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     counts = [0, 1, 2, 4, 8, 16]
     out: dict[str, Any] = {"flips": counts, "ranks": args.ranks, "steps": args.flip_run_steps,
-                           "ckpt_every": args.ckpt_every, "apps": {}}
+                           "ckpt_every": args.ckpt_every, "segment_steps": args.segment,
+                           "apps": {}}
     for app in args.apps:
         argv = app_argv(app, SEED_SIZES[app], args.flip_run_steps)
-        detect = ["--detect", FLIP[app][0]]
+        # Pinned: the automatic length differs from run to run, and the
+        # rank-steps of a rollback scale with it.
+        detect = ["--detect", FLIP[app][0], "--segment-steps", str(args.segment)]
         ref = launch(tmp / f"multi-{app}-ref", args.ranks, ["--no-resilience"], argv)
         base = launch(tmp / f"multi-{app}-base", args.ranks, detect, argv)
         rows = []

@@ -28,6 +28,10 @@ Specs (``--inject``, repeatable, or ``ULFMPY_INJECT`` separated by ``;``):
   it waits) once it has run that long.
 * ``kill:mtbf=DURATION[,seed=N]`` — exponential failures per job: one random
   rank is killed after an exponentially distributed run time.
+* ``kill:mtbf=DURATION,stream=1[,seed=N]`` — a stream of them (a Poisson
+  process): kill k strikes a random rank at the sum of k + 1 exponential
+  gaps of that mean after the launch's start, for as long as the run lasts
+  (each launch starts its own stream).
 * ``kill:...,stall=DURATION`` — instead of dying, the process stops
   responding for that long where the kill would strike (a hang: a process
   stuck in I/O or swapping), then goes on. ``phase=recovery`` stalls the
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -139,11 +144,13 @@ class Kill(Fault):
     node: str | None = None
     at: float = 0.0
     stall: float = 0.0
+    stream: bool = False
 
 
 @register_injector("kill")
 def _parse_kill(fields: dict[str, str], spec: str) -> Kill:
-    _check_keys(fields, {"rank", "step", "phase", "mtbf", "seed", "node", "at", "stall"}, spec)
+    _check_keys(fields, {"rank", "step", "phase", "mtbf", "seed", "node", "at", "stall", "stream"},
+                spec)
     phase = fields.get("phase", "compute")
     if phase not in KILL_PHASES:
         raise ConfigError(f"fault {spec!r}: phase must be one of {', '.join(KILL_PHASES)}")
@@ -169,9 +176,12 @@ def _parse_kill(fields: dict[str, str], spec: str) -> Kill:
         stall = parse_duration(fields["stall"])
         if stall <= 0:
             raise ConfigError(f"fault {spec!r}: stall must be a duration > 0")
+    stream = bool(_int(fields, "stream", spec, 0))
+    if stream and not mtbf:
+        raise ConfigError(f"fault {spec!r}: stream=1 needs mtbf= (the mean time between kills)")
     return Kill(spec=spec, rank=rank, step=step, phase=phase, mtbf=mtbf,
                 seed=_int(fields, "seed", spec, 0) or 0, node=fields.get("node"), at=at,
-                stall=stall)
+                stall=stall, stream=stream)
 
 
 def parse_fault(spec: str) -> Fault:
@@ -382,12 +392,56 @@ class FaultPlan:
     def mtbf_kill(self, size: int) -> tuple[Kill, int, float] | None:
         """(fault, victim rank, seconds after start) of the job's exponential failure."""
         for f in self.kills:
-            if f.mtbf and not self.fired(f):
+            if f.mtbf and not f.stream and not self.fired(f):
                 import numpy as np
 
                 rng = np.random.default_rng([f.seed or self.seed, 0xdead])
                 return f, int(rng.integers(size)), float(rng.exponential(f.mtbf))
         return None
+
+
+    def streams(self) -> list[Kill]:
+        """The ``kill:mtbf=M,stream=1`` faults of the plan."""
+        return [f for f in self.kills if f.mtbf and f.stream]
+
+    @staticmethod
+    def stream_kill(f: Kill, size: int, k: int) -> tuple[int, float]:
+        """The ``k``-th kill (from 0) of a stream: (victim rank, seconds after the
+        launch's start). Pure: a function of the seed; the gaps are exponential
+        with mean ``f.mtbf`` (a Poisson process)."""
+        import numpy as np
+
+        rng = np.random.default_rng([f.seed, 0x5eed])
+        gaps = rng.exponential(f.mtbf, k + 1)
+        victims = rng.integers(size, size=k + 1)
+        return int(victims[k]), float(gaps.sum())
+
+    def stream_origin(self, f: Kill, launch: str) -> float | None:
+        """This launch's start for the stream ``f`` (``time.time()``), shared by
+        every process of the launch through a marker (the first writes it)."""
+        if self.marker_dir is None:
+            return None
+        os.makedirs(self.marker_dir, exist_ok=True)
+        path = os.path.join(self.marker_dir, f"stream-{self.faults.index(f)}-{launch}-origin")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            for _ in range(100):  # written by another process a moment ago
+                try:
+                    with open(path, encoding="ascii") as fh:
+                        return float(fh.read())
+                except (OSError, ValueError):
+                    time.sleep(0.005)
+            return None
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            now = time.time()
+            fh.write(repr(now))
+        return now
+
+    def stream_marker(self, f: Kill, launch: str, k: int) -> str | None:
+        if self.marker_dir is None:
+            return None
+        return os.path.join(self.marker_dir, f"stream-{self.faults.index(f)}-{launch}-{k}.json")
 
 
 def cannot_fire(specs: tuple[str, ...], steps: int) -> str | None:

@@ -781,6 +781,28 @@ def test_mtbf_kills_one_rank_per_job(runs, clean):
     assert s["failures"] == 1 and s["ranks"] == 3
 
 
+def test_a_kill_stream_strikes_again_and_again_and_the_run_is_exact(runs, clean):
+    """``kill:mtbf=M,stream=1``: kill k strikes the schedule's victim once its
+    time has come (a Poisson process from the launch's start); a respawn
+    replaces each, and the run ends exact."""
+    from ulfmpy.inject import FaultPlan, parse_fault
+
+    require_ulfm()
+    spec = "kill:mtbf=0.4s,stream=1,seed=3"
+    steps = 1500
+    grid = ["--nx", str(NX), "--ny", str(NY), "--steps", str(steps), "--quiet"]
+    res = runs("stream", stencil("--recovery", "respawn", *kills(spec), grid=grid))
+    s = ok(res, clean(steps))
+    markers = sorted((json.loads(p.read_text()) for p in (res.run_dir / "injected").glob(
+        "stream-*-*.json")), key=lambda m: m["k"])
+    assert len(markers) >= 2 and s["failures"] == len(markers), (markers, s["recoveries"])
+    f = parse_fault(spec)
+    for m in markers:  # each kill k struck the schedule's victim, at or after its time
+        victim, at = FaultPlan.stream_kill(f, 4, m["k"])
+        assert m["rank"] == victim and m["at_s"] == at
+    assert [m["k"] for m in markers] == list(range(len(markers)))
+
+
 # -- Sendrecv with MPI_PROC_NULL on a revoked communicator ----------------------------
 
 def _line(words: int, *settings: str) -> list[str]:

@@ -93,3 +93,21 @@ def test_kill_due_fires_once_across_plans(tmp_path):
     plan.mark_fired(f, step=4)
     again = FaultPlan(specs, rank=2, marker_dir=str(tmp_path))  # e.g. after a relaunch
     assert again.kill_due(4, "agreement") is None
+
+
+def test_a_kill_stream_is_a_seeded_poisson_process():
+    from ulfmpy.inject import FaultPlan
+
+    f = parse_fault("kill:mtbf=2s,stream=1,seed=7")
+    assert f.stream and f.mtbf == 2.0
+    kills = [FaultPlan.stream_kill(f, 4, k) for k in range(400)]
+    times = [t for _, t in kills]
+    assert times == sorted(times) and all(0 <= v < 4 for v, _ in kills)
+    gaps = [b - a for a, b in zip([0.0, *times], times)]
+    assert 1.7 < sum(gaps) / len(gaps) < 2.3          # mean gap: the MTBF
+    assert FaultPlan.stream_kill(f, 4, 5) == kills[5]  # a function of the seed and k
+    other = parse_fault("kill:mtbf=2s,stream=1,seed=8")
+    assert FaultPlan.stream_kill(other, 4, 0) != kills[0]
+    assert FaultPlan(("kill:mtbf=2s,stream=1",), rank=0).mtbf_kill(4) is None  # not the single one
+    with pytest.raises(ConfigError, match="stream=1 needs mtbf"):
+        parse_fault("kill:rank=1,step=3,stream=1")
