@@ -297,6 +297,24 @@ class Checkpoints:
         self.events.log("latent_rollback", **rec)
         return step
 
+    def _drop_abandoned_future(self, comm: Any, step: int) -> None:
+        """The run goes on from ``step``: committed checkpoints after it on disk
+        belong to the timeline the repair abandoned (a commit the writer
+        finished as the rank died). Rank 0 removes them, or they would take
+        the place of a checkpoint the run still relies on when the next commit
+        prunes, and a relaunch would resume from them. Local (rank 0 acts)."""
+        if comm.Get_rank() != 0:
+            return
+        from ulfmpy._ckpt_files import list_checkpoints
+        from ulfmpy import _ckpt_helper as writer
+
+        newer = [c.step for c in list_checkpoints(self.run_dir) if c.step > step]
+        for c in newer:
+            writer.remove_checkpoint(Path(self.run_dir) / "ckpt", c)
+        if newer:
+            self.events.log("checkpoint_superseded", step=step, removed=newer,
+                            reason="written for the timeline the repair abandoned")
+
     def _restore_copies(self, comm: Any, work: Any, step: int, *, need: bool,
                         own_snapshot: bool = True, staged: int | None = None) -> tuple[int, str | None]:
         """This rank's state back to checkpoint ``step`` from memory, where some
@@ -363,6 +381,7 @@ class Checkpoints:
                 if source(ctx, comm, self):
                     how = name
                     break
+            self._drop_abandoned_future(comm, ctx.target)
         self.events.log("restore_source", step=ctx.target, how=how,
                         holder=self.store.holder if self.store is not None else None)
         return work, how

@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from ulfmpy.jobctl import own_process_group
 
@@ -217,12 +217,15 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
     mpi4py.rc.finalize = True
     t0 = time.perf_counter()
 
+    loader_tid: list[int] = []
+
     def load() -> None:
         # Scheduling policy is per thread on Linux: the imports run only
         # when the job's ranks leave a core idle (SCHED_IDLE; nice 10 still
         # took about 0.1 s from busy-polling ranks at the start of every
         # job), and the children, forked from the main thread, run at the
-        # job's own policy and priority.
+        # job's own policy and priority. A fork request lifts it (lift()).
+        loader_tid.append(threading.get_native_id())
         try:
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
         except (OSError, AttributeError):
@@ -257,6 +260,18 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
 
     loader = threading.Thread(target=load_and_log, name="ulfmpy-zygote-preload", daemon=True)
     loader.start()
+
+    def lift() -> None:
+        """A replacement waits for the preload: run it at the normal policy
+        now. Ranks busy-polling in the repair leave no core idle, and an
+        idle-priority preload held the first replacement of a run back for
+        3 s here (4 ranks on 2 cores)."""
+        if loader.is_alive() and loader_tid:
+            try:
+                os.sched_setscheduler(loader_tid[0], os.SCHED_OTHER, os.sched_param(0))
+            except (OSError, AttributeError):
+                pass
+            _log("preload lifted to the normal policy: a replacement waits for it")
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -273,7 +288,7 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
                     conn, _addr = listener.accept()
                 except OSError:
                     continue
-                got = _handle(conn, children, [listener, sel, wake_r, wake_w], loader)
+                got = _handle(conn, children, [listener, sel, wake_r, wake_w], loader, lift)
                 if isinstance(got, _Job):
                     return got
                 quitting = quitting or got == "quit"
@@ -294,7 +309,8 @@ def serve(name: str, watch: int, preload: tuple[str, ...] = PRELOAD) -> _Job | N
 
 
 def _handle(conn: socket.socket, children: dict[int, socket.socket],
-            closing: list[Any], loader: threading.Thread) -> _Job | str | None:
+            closing: list[Any], loader: threading.Thread,
+            lift: Callable[[], None] = lambda: None) -> _Job | str | None:
     fds: list[int] = []
     try:
         conn.settimeout(5.0)
@@ -312,6 +328,7 @@ def _handle(conn: socket.socket, children: dict[int, socket.socket],
         if len(fds) != 3:
             raise ValueError(f"expected 3 descriptors, got {len(fds)}")
         conn.settimeout(None)
+        lift()
         loader.join()
         got = _fork(conn, request, fds, closing + list(children.values()))
         if isinstance(got, _Job):

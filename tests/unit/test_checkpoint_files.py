@@ -674,3 +674,25 @@ def test_pruning_keeps_the_newest_checkpoint_older_than_the_latency(tmp_path):
             fill(state, step)
             store.save(step, state)
     assert [c.step for c in list_checkpoints(tmp_path) if c.committed] == [20, 30, 40, 50]
+
+
+def test_a_repair_drops_checkpoints_of_the_timeline_it_abandoned(tmp_path):
+    """A commit the writer finished as a rank died leaves a checkpoint newer
+    than the one the run goes on from: rank 0 removes it, or the next commit's
+    pruning would count it and delete the one the run relies on (seen: a
+    restore that found its manifest gone, exit 76)."""
+    from ulfmpy.checkpoints import Checkpoints
+    from ulfmpy.config import Config
+
+    state = make_state()
+    with CheckpointStore(COMM, tmp_path, mode="sync", keep=2) as store:
+        for step in (10, 20, 30):
+            fill(state, step)
+            store.save(step, state)
+    log = EventLog(tmp_path, 0)
+    ck = Checkpoints(Config(), str(tmp_path), log, None)
+    ck._drop_abandoned_future(COMM, 20)
+    log.close()
+    assert [c.step for c in list_checkpoints(tmp_path)] == [20]
+    [ev] = read_events(tmp_path, "checkpoint_superseded")
+    assert ev["removed"] == [30] and ev["step"] == 20
