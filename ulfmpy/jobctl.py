@@ -314,6 +314,30 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
             pass
 
 
+def loop_origin(run_dir: str) -> float | None:
+    """When this launch's loop started (``time.time()``), the same for every
+    process of the launch, replacements included: the first process to enter
+    the loop writes it to ``RUN_DIR/events/.loop-start-LAUNCH``, the others
+    read it. None when the run directory cannot hold it. Local."""
+    path = os.path.join(run_dir, "events", f".loop-start-{launch_id() or 'x'}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        for _ in range(200):  # another process is writing it
+            try:
+                with open(path, encoding="ascii") as fh:
+                    return float(fh.read())
+            except (OSError, ValueError):
+                time.sleep(0.005)
+        return None
+    except OSError:
+        return None
+    now = time.time()
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(repr(now))
+    return now
+
+
 # -- abort markers ---------------------------------------------------------------------
 def launch_id() -> str:
     return os.environ.get(LAUNCH_ID_ENV, "")

@@ -351,6 +351,7 @@ class Runtime:
                         and not self.config.soft_mtbf, state_bytes=state_nbytes(self.work.state),
                         start=step)
         self._t_loop = time.perf_counter()
+        self._loop_origin = _jobctl.loop_origin(self.run_dir)
         global_rollbacks = 0
         self._latent_targets: dict[int | None, int] = {}
         while step < steps:
@@ -625,8 +626,14 @@ class Runtime:
         self.ckpts.save_final(comm, self.work.state, steps)
         self.ckpts.drain()
         self._progress(steps, final=True)
-        # Loop time only, like the --no-resilience baseline (setup excluded).
+        # Loop time only, like the --no-resilience baseline (setup excluded),
+        # from when this launch's loop started, whichever process saw that
+        # (a replacement's own loop started later; with every first rank
+        # replaced the summary's time was a fraction of the run's).
         wall = time.perf_counter() - getattr(self, "_t_loop", self._t0)
+        origin = getattr(self, "_loop_origin", None)
+        if origin is not None:
+            wall = max(wall, time.time() - origin)
         self.summary, self._saw_failure = _td.close_run(
             comm, self.me, self.work.state, config=self.config, steps=steps, wall=wall,
             segments=self.segments, ckpts=self.ckpts, repairer=self.repairer, events=self.events,

@@ -801,6 +801,11 @@ def test_a_kill_stream_strikes_again_and_again_and_the_run_is_exact(runs, clean)
         victim, at = FaultPlan.stream_kill(f, 4, m["k"])
         assert m["rank"] == victim and m["at_s"] == at
     assert [m["k"] for m in markers] == list(range(len(markers)))
+    # The loop time covers the whole loop, whichever processes lived to the end
+    # (with every first rank replaced, each survivor's own loop began late).
+    segments = [e["t"] for e in res.events("segment")]
+    origin = float(next((res.run_dir / "events").glob(".loop-start-*")).read_text())
+    assert s["wall_s"] >= max(segments) - origin - 0.05 > 0
 
 
 # -- Sendrecv with MPI_PROC_NULL on a revoked communicator ----------------------------
