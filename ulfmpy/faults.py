@@ -30,46 +30,6 @@ class NoFaults:
                    logical: int | None) -> None:
         pass
 
-    def _stream_kill(self, step: int, logical: int) -> None:
-        """The next kill of each ``stream=1`` fault that is due: this process
-        fires it when it holds the victim's logical rank; kills another
-        process fired (their markers) are passed over."""
-        import json
-        import os
-
-        from ulfmpy.jobctl import launch_id
-
-        launch = launch_id() or "x"
-        for entry in self._streams:
-            f, origin, k = entry
-            if origin is None:
-                origin = entry[1] = self.plan.stream_origin(f, launch)
-                if origin is None:
-                    continue
-            elapsed = time.time() - origin
-            while True:
-                victim, at = self.plan.stream_kill(f, self.size, k)
-                if at > elapsed:
-                    break
-                marker = self.plan.stream_marker(f, launch, k)
-                if marker is not None and os.path.exists(marker):
-                    k += 1
-                    continue
-                if victim != logical:
-                    break  # due, but the victim's process fires it
-                entry[2] = k + 1
-                if marker is not None:
-                    with open(marker, "w", encoding="utf-8") as fh:
-                        json.dump({"spec": f.spec, "rank": logical, "k": k, "at_s": at,
-                                   "step": step, "uid": self.uid}, fh)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                self.events.log("inject", kind="kill", spec=f.spec, step=step, phase="mtbf",
-                                logical=logical, execution=1, stream_k=k, at_s=at)
-                self.events.close()
-                kill_self()
-            entry[2] = k
-
     def kill_point(self, phase: str, step: int) -> None:
         pass
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -421,22 +420,11 @@ class FaultPlan:
         every process of the launch through a marker (the first writes it)."""
         if self.marker_dir is None:
             return None
+        from ulfmpy.jobctl import shared_time
+
         os.makedirs(self.marker_dir, exist_ok=True)
-        path = os.path.join(self.marker_dir, f"stream-{self.faults.index(f)}-{launch}-origin")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            for _ in range(100):  # written by another process a moment ago
-                try:
-                    with open(path, encoding="ascii") as fh:
-                        return float(fh.read())
-                except (OSError, ValueError):
-                    time.sleep(0.005)
-            return None
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            now = time.time()
-            fh.write(repr(now))
-        return now
+        return shared_time(os.path.join(self.marker_dir,
+                                        f"stream-{self.faults.index(f)}-{launch}-origin"))
 
     def stream_marker(self, f: Kill, launch: str, k: int) -> str | None:
         if self.marker_dir is None:

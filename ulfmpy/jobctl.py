@@ -314,12 +314,10 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
             pass
 
 
-def loop_origin(run_dir: str) -> float | None:
-    """When this launch's loop started (``time.time()``), the same for every
-    process of the launch, replacements included: the first process to enter
-    the loop writes it to ``RUN_DIR/events/.loop-start-LAUNCH``, the others
-    read it. None when the run directory cannot hold it. Local."""
-    path = os.path.join(run_dir, "events", f".loop-start-{launch_id() or 'x'}")
+def shared_time(path: str) -> float | None:
+    """A moment every process of a launch agrees on, through a file: the first
+    to ask writes ``time.time()`` to ``path`` (O_EXCL), the others read it.
+    None when ``path`` cannot be written or read. Local."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -336,6 +334,13 @@ def loop_origin(run_dir: str) -> float | None:
     with os.fdopen(fd, "w", encoding="ascii") as fh:
         fh.write(repr(now))
     return now
+
+
+def loop_origin(run_dir: str) -> float | None:
+    """When this launch's loop started (``time.time()``), the same for every
+    process of the launch, replacements included (``RUN_DIR/events/.loop-start-LAUNCH``).
+    Local."""
+    return shared_time(os.path.join(run_dir, "events", f".loop-start-{launch_id() or 'x'}"))
 
 
 # -- abort markers ---------------------------------------------------------------------
