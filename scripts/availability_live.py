@@ -85,15 +85,16 @@ def run(run_dir: Path, ranks: int, settings: list[str], argv: list[str],
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     s = json.loads((run_dir / "summary.json").read_text())
     s["decisions"] = [e for e in read_events(run_dir, "interval_decision") if e["rank"] == 0]
-    s["step_s"] = clean_step_time(list(read_events(run_dir, "segment")))
+    saves = {e["step"] for e in read_events(run_dir, "checkpoint_saved")}
+    s["step_s"] = clean_step_time(list(read_events(run_dir, "segment")), saves)
     return s
 
 
-def clean_step_time(segments: list[dict[str, Any]]) -> float | None:
+def clean_step_time(segments: list[dict[str, Any]], saves: set[int] = frozenset()) -> float | None:
     """The run's own seconds per step: the median weighted by steps, over every
     process's pairs of consecutive segments (one commit to the next, no
-    failure or rollback between), of the time per step. Boundaries are
-    included, saves mostly not (a median), failures not. Pure."""
+    failure or rollback between, no save at the boundary between: ``saves``),
+    of the time per step. Plain boundaries are included. Pure."""
     by: dict[int, list[dict[str, Any]]] = {}
     for e in segments:
         by.setdefault(e["rank"], []).append(e)
@@ -102,7 +103,8 @@ def clean_step_time(segments: list[dict[str, Any]]) -> float | None:
         evs.sort(key=lambda e: e["t"])
         for a, b in zip(evs, evs[1:]):
             n = b["end"] - b["step"]
-            if b["step"] == a["end"] and n > 0:
+            # a save at the boundary between them is a checkpoint's cost, not the pace
+            if b["step"] == a["end"] and n > 0 and a["end"] not in saves:
                 rates.append(((b["t"] - a["t"]) / n, n))
     if not rates:
         return None
