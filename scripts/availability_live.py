@@ -87,7 +87,39 @@ def run(run_dir: Path, ranks: int, settings: list[str], argv: list[str],
     s["decisions"] = [e for e in read_events(run_dir, "interval_decision") if e["rank"] == 0]
     saves = {e["step"] for e in read_events(run_dir, "checkpoint_saved")}
     s["step_s"] = clean_step_time(list(read_events(run_dir, "segment")), saves)
+    if s["step_s"]:
+        s["loss"] = loss_breakdown(list(read_events(run_dir)), s, s["step_s"])
     return s
+
+
+def loss_breakdown(events: list[dict[str, Any]], summary: dict[str, Any],
+                   step_s: float) -> dict[str, Any]:
+    """Where a run's time beyond its fault-free time went. Pure.
+
+    ``loss = wall_s − steps × step_s`` is split into the checkpoints' exposed
+    time (rank 0's saves), each failure's time from the kill to the last
+    process resumed (the models' R counts from the detection, this from the
+    kill: the detection's own time is in it), and the re-executed steps
+    (each recovery's ``lost_steps`` at the run's pace); the rest is what none
+    of these names (slow steps after a restart, a respawned process warming up).
+    """
+    evs = sorted(events, key=lambda e: e["t"])
+    kills = [e["t"] for e in evs if e["event"] == "inject" and e.get("kind") == "kill"]
+    recs = [e for e in evs if e["event"] == "recovery"]
+    to_resume, reexec = [], []
+    for i, k in enumerate(kills):
+        nxt = kills[i + 1] if i + 1 < len(kills) else math.inf
+        mine = [r for r in recs if k < r["t"] < nxt]
+        if not mine:
+            continue  # a kill during a repair: one repair covers both
+        to_resume.append(max(r["t"] for r in mine) - k)
+        reexec.append(max(int(r.get("lost_steps") or 0) for r in mine))
+    exposed = sum(c.get("exposed_s") or 0.0 for c in summary["checkpoints"])
+    loss = summary["wall_s"] - summary["steps"] * step_s
+    named = exposed + sum(to_resume) + sum(reexec) * step_s
+    return {"loss_s": loss, "saves_exposed_s": exposed, "kill_to_resumed_s": to_resume,
+            "reexecuted_steps": reexec, "reexecuted_s": sum(reexec) * step_s,
+            "other_s": loss - named}
 
 
 def clean_step_time(segments: list[dict[str, Any]], saves: set[int] = frozenset()) -> float | None:
@@ -134,6 +166,9 @@ def point(tmp: Path, name: str, app: str, args: argparse.Namespace, settings: li
     argv = app_argv(app, SIZES[app], steps)
     avail, vs_plain, saves, recs, taus, failures = [], [], [], [], [], []
     lost_runs: list[dict[str, Any]] = []
+    to_resume: list[float] = []
+    parts = {"loss_s": 0.0, "saves_exposed_s": 0.0, "kill_to_resumed_s": 0.0,
+             "reexecuted_s": 0.0, "other_s": 0.0, "wall_s": 0.0}
     seed = 0
     while len(avail) < args.seeds and seed < 2 * args.seeds + 2:
         seed += 1
@@ -157,18 +192,35 @@ def point(tmp: Path, name: str, app: str, args: argparse.Namespace, settings: li
         # every process's failures (the summary's tally), not only those the
         # last logical rank 0 lived through (its own recoveries list)
         failures.append(int(s.get("failures") or len(s["recoveries"])))
+        if "loss" in s:
+            to_resume += s["loss"]["kill_to_resumed_s"]
+            parts["wall_s"] += s["wall_s"]
+            for key in ("loss_s", "saves_exposed_s", "reexecuted_s", "other_s"):
+                parts[key] += s["loss"][key]
+            parts["kill_to_resumed_s"] += sum(s["loss"]["kill_to_resumed_s"])
     m, lo, hi = mean_ci(avail)
     delta = statistics.median(saves) if saves else 0.0
     rec = statistics.median(recs) if recs else 0.0
     return {"name": name, "availability": m, "ci95": [lo, hi], "runs": avail,
             "availability_vs_plain": statistics.fmean(vs_plain) if vs_plain else None,
             "failures": failures, "runs_ended_for_relaunch": lost_runs, "save_s": delta, "recovery_s": rec,
-            "checkpoints": len(saves), "policy_tau_s": statistics.median(taus) if taus else None}
+            "checkpoints": len(saves), "policy_tau_s": statistics.median(taus) if taus else None,
+            # R counted from the kill (the detection's time in it), and where
+            # the lost time went, summed over the seeds' runs
+            "kill_to_resumed_s": statistics.median(to_resume) if to_resume else None,
+            "loss": parts}
 
 
 def predict(p: dict[str, Any], mtbf: float, tau: float) -> dict[str, float]:
     period = tau + p["save_s"]
+    from_kill = p.get("kill_to_resumed_s") or p["recovery_s"]
     return {"period_s": period,
+            "renewal_r_from_kill": float(interval.availability_renewal(
+                period=period, mtbf=mtbf, save=p["save_s"], recovery=from_kill)),
+            # δ as the fault-free run at this interval measured it, whole
+            "renewal_whole_costs": float(interval.availability_renewal(
+                period=tau + p.get("save_whole_s", p["save_s"]), mtbf=mtbf,
+                save=p.get("save_whole_s", p["save_s"]), recovery=from_kill)),
             "paper": float(interval.availability_paper(period=period, mtbf=mtbf, save=p["save_s"],
                                                        recovery=p["recovery_s"])),
             "renewal": float(interval.availability_renewal(period=period, mtbf=mtbf,
@@ -208,17 +260,36 @@ def app_experiment(tmp: Path, app: str, args: argparse.Namespace) -> dict[str, A
     out["tau_star_s"] = tau_star
     for f in args.factors:
         tau = f * tau_star
-        p = point(tmp, f"fixed-{f}", app, args, ["--ckpt-seconds", f"{tau:.4f}s"], steps, t_plain)
+        settings = ["--ckpt-seconds", f"{tau:.4f}s"]
+        p = point(tmp, f"fixed-{f}", app, args, settings, steps, t_plain)
+        # The same interval without failures: a save's whole cost to the
+        # loop, as the failure runs count it (their pace, every rank's wait),
+        # where rank 0's exposed time is one rank's part of it.
+        q = run(tmp / f"{app}-fixed-{f}-no-failures", args.ranks, settings,
+                app_argv(app, SIZES[app], steps), timeout=20 * args.duration + 120)
+        n_saves = len(q["checkpoints"])
+        if n_saves and q["step_s"]:
+            p["save_whole_s"] = (q["wall_s"] - q["steps"] * q["step_s"]) / n_saves
+            p["no_failures_availability"] = q["steps"] * q["step_s"] / q["wall_s"]
         p["model"] = predict(p, args.mtbf, tau)
         out["fixed"].append({"factor": f, "tau_s": tau, **p})
         print(f"{app} fixed {f} x tau* ({tau:.3f} s): A = {p['availability']:.3f} "
               f"[{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}], renewal {p['model']['renewal']:.3f}, "
-              f"paper {p['model']['paper']:.3f}", flush=True)
+              f"paper {p['model']['paper']:.3f}, renewal with R from the kill "
+              f"{p['model']['renewal_r_from_kill']:.3f}, whole costs {p['model']['renewal_whole_costs']:.3f} "
+              f"(save {p.get('save_whole_s', 0) * 1e3:.0f} ms whole, {p['save_s'] * 1e3:.0f} ms exposed); lost "
+              + ", ".join(f"{k} {v:.1f}" for k, v in p["loss"].items()), flush=True)
     best = max(out["fixed"], key=lambda p: p["availability"])
     out["targets"] = {
         "fixed_points_holding_the_renewal_prediction": sum(
             p["ci95"][0] <= p["model"]["renewal"] <= p["ci95"][1] for p in out["fixed"]),
         "fixed_points": len(out["fixed"]),
+        "fixed_points_holding_the_renewal_prediction_whole_costs": sum(
+            p["ci95"][0] <= p["model"]["renewal_whole_costs"] <= p["ci95"][1]
+            for p in out["fixed"]),
+        "fixed_points_holding_the_renewal_prediction_r_from_kill": sum(
+            p["ci95"][0] <= p["model"]["renewal_r_from_kill"] <= p["ci95"][1]
+            for p in out["fixed"]),
         "best_fixed_availability": best["availability"],
         "policy_gap_to_best_fixed_points": {
             p["interval_model"]: 100 * (best["availability"] - p["availability"])
@@ -247,6 +318,11 @@ def figure(result: dict[str, Any], path: Path) -> None:
                 label="renewal model")
         ax.plot(ts, interval.availability_paper(period=ts, mtbf=m, save=delta, recovery=rec),
                 linestyle="--", label="paper's model")
+        kill = [p["kill_to_resumed_s"] for p in pts if p.get("kill_to_resumed_s")]
+        if kill:
+            rk = statistics.median(kill)
+            ax.plot(ts, interval.availability_renewal(period=ts, mtbf=m, save=delta, recovery=rk),
+                    linestyle=":", label=f"renewal, R from the kill ({rk:.2f} s)")
         xs = [p["model"]["period_s"] for p in r["fixed"]]
         ys = [p["availability"] for p in r["fixed"]]
         err = [[p["availability"] - p["ci95"][0] for p in r["fixed"]],
@@ -300,7 +376,9 @@ def main() -> int:
     for app, r in result["apps"].items():
         t = r["targets"]
         print(f"{app}: {t['fixed_points_holding_the_renewal_prediction']}/{t['fixed_points']} fixed "
-              f"points hold the renewal prediction; policy below the best fixed point by "
+              f"points hold the renewal prediction ({t['fixed_points_holding_the_renewal_prediction_r_from_kill']} "
+              f"with R from the kill, {t['fixed_points_holding_the_renewal_prediction_whole_costs']} "
+              f"with the whole costs); policy below the best fixed point by "
               + ", ".join(f"{k} {v:+.1f}" for k, v in t["policy_gap_to_best_fixed_points"].items())
               + " points")
     return 0
