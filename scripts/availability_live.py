@@ -12,29 +12,35 @@ checkpoints
     measured.
 
 Availability measured = the fault-free loop time of the steps the run
-completed / the run's wall time: ``steps × t_step / wall_s``. ``wall_s`` is
-the run's loop time from its summary (from the launch's loop start, start-up
-excluded). ``t_step`` is the run's own fault-free pace: the median time per
-step between consecutive segment commits with no failure between
-(:func:`clean_step_time`), so the figure counts what the checkpoints, the
-failures, the recoveries and the re-executed work cost, as the models do,
-and not the protection's own per-step cost, which they do not model (it is
-measured apart: a fault-free protected run against ``--no-resilience``).
-This host's speed switches between two levels minutes apart (seen here: a
-1024² stencil step at 1.2 ms, then at 2.0 ms), so a step time taken in
-another run would move the figure by tens of points. Against the plain
-run's step time (``--plain-runs`` probes) it is kept too
-(``availability_vs_plain``).
+completed / the run's wall time: ``steps × t_ref / wall_s``. ``wall_s`` is the
+run's loop time from its summary (from the launch's loop start, start-up
+excluded). ``t_ref`` is the time per step of a reference run taken just
+before the point's runs: the same protected loop, same steps, with no
+checkpoints and no failures (``wall_s / steps``). This host's speed switches
+between two levels minutes apart (seen here: a 1024² stencil step at 1.2 ms,
+then at 2.0 ms), so the reference is taken beside each point, not once.
+Also kept: the figure against the run's own pace between commits
+(``availability_own_pace``; it hides the writer's share of the cores in the
+pace) and against the plain run (``availability_vs_plain``).
+
+A save costs the loop more than its exposed time: on this 2-core host the
+node's writer takes the cores the ranks compute on. Each point also runs its
+settings without failures; ``save_whole_s`` = (that run's wall − the
+reference's wall) / its saves. Each failure run's lost time
+(``wall − steps × t_ref``) is split into saves (``save_whole_s`` each), each
+failure's time from the kill to the last process resumed, the re-executed
+steps, and the rest (:func:`loss_breakdown`).
 
 Each point runs ``--seeds`` seeds (a different failure stream each); its
 availability is the mean with a 95 % t-interval over the seeds. The models'
-predictions use the δ (the checkpoints' median exposed time) and R (the
-recoveries' median seconds, detection to resumed) the point's runs
-measured, with the period T = τ + δ (τ: the fixed interval, or the
-policy's median decision): the paper's A(T) = (M − Mδ/T)/(M + T/2 + R) and
-the renewal model (:func:`ulfmpy.interval.availability_renewal`). The
-protection's own fault-free overhead is measured too and shown beside them
-(the models know nothing of it).
+predictions take the period T = τ + δ (τ: the fixed interval, or the
+policy's median decision) and are given twice: with what the runtime sees
+(δ the checkpoints' median exposed time, R the recoveries' median seconds
+from detection to resumed), under the paper's A(T) = (M − Mδ/T)/(M + T/2 + R)
+and the renewal model (:func:`ulfmpy.interval.availability_renewal`); and
+under the renewal model with the whole costs (δ = ``save_whole_s``, R from
+the kill). The protection's own fault-free overhead is measured too
+(``fault_free_protected_over_plain``; the models know nothing of it).
 
 Writes ``availability_live.json`` and ``availability_live.png`` to ``--out``.
 """
@@ -87,17 +93,22 @@ def run(run_dir: Path, ranks: int, settings: list[str], argv: list[str],
     s["decisions"] = [e for e in read_events(run_dir, "interval_decision") if e["rank"] == 0]
     saves = {e["step"] for e in read_events(run_dir, "checkpoint_saved")}
     s["step_s"] = clean_step_time(list(read_events(run_dir, "segment")), saves)
-    if s["step_s"]:
-        s["loss"] = loss_breakdown(list(read_events(run_dir)), s, s["step_s"])
     return s
 
 
+def read_run_events(run_dir: Path) -> list[dict[str, Any]]:
+    from ulfmpy.events import read_events
+
+    return list(read_events(run_dir))
+
+
 def loss_breakdown(events: list[dict[str, Any]], summary: dict[str, Any],
-                   step_s: float) -> dict[str, Any]:
+                   step_s: float, save_s: float | None = None) -> dict[str, Any]:
     """Where a run's time beyond its fault-free time went. Pure.
 
-    ``loss = wall_s − steps × step_s`` is split into the checkpoints' exposed
-    time (rank 0's saves), each failure's time from the kill to the last
+    ``loss = wall_s − steps × step_s`` is split into the checkpoints' cost
+    (``save_s`` each, a save's whole cost to the loop; else rank 0's exposed
+    times), each failure's time from the kill to the last
     process resumed (the models' R counts from the detection, this from the
     kill: the detection's own time is in it), and the re-executed steps
     (each recovery's ``lost_steps`` at the run's pace); the rest is what none
@@ -116,8 +127,9 @@ def loss_breakdown(events: list[dict[str, Any]], summary: dict[str, Any],
         reexec.append(max(int(r.get("lost_steps") or 0) for r in mine))
     exposed = sum(c.get("exposed_s") or 0.0 for c in summary["checkpoints"])
     loss = summary["wall_s"] - summary["steps"] * step_s
-    named = exposed + sum(to_resume) + sum(reexec) * step_s
-    return {"loss_s": loss, "saves_exposed_s": exposed, "kill_to_resumed_s": to_resume,
+    saves = len(summary["checkpoints"]) * save_s if save_s is not None else exposed
+    named = saves + sum(to_resume) + sum(reexec) * step_s
+    return {"loss_s": loss, "saves_exposed_s": exposed, "saves_s": saves, "kill_to_resumed_s": to_resume,
             "reexecuted_steps": reexec, "reexecuted_s": sum(reexec) * step_s,
             "other_s": loss - named}
 
@@ -164,10 +176,20 @@ def mean_ci(xs: list[float]) -> tuple[float, float, float]:
 def point(tmp: Path, name: str, app: str, args: argparse.Namespace, settings: list[str],
           steps: int, t_plain: float) -> dict[str, Any]:
     argv = app_argv(app, SIZES[app], steps)
-    avail, vs_plain, saves, recs, taus, failures = [], [], [], [], [], []
+    timeout = 20 * args.duration + 120
+    # Beside the point's runs, minutes apart at most (this host's speed
+    # switches): the protected loop without checkpoints or failures, whose
+    # time per step is the fault-free time; and the point's settings without
+    # failures, whose extra time over it is what the saves cost the loop.
+    ref = run(tmp / f"{app}-{name}-reference", args.ranks, [], argv, timeout=timeout)
+    t_ref = ref["wall_s"] / ref["steps"]
+    calm = run(tmp / f"{app}-{name}-no-failures", args.ranks, settings, argv, timeout=timeout)
+    n_saves = len(calm["checkpoints"])
+    save_whole = max(0.0, (calm["wall_s"] - ref["wall_s"]) / n_saves) if n_saves else 0.0
+    avail, own_pace, vs_plain, saves, recs, taus, failures = [], [], [], [], [], [], []
     lost_runs: list[dict[str, Any]] = []
     to_resume: list[float] = []
-    parts = {"loss_s": 0.0, "saves_exposed_s": 0.0, "kill_to_resumed_s": 0.0,
+    parts = {"loss_s": 0.0, "saves_s": 0.0, "saves_exposed_s": 0.0, "kill_to_resumed_s": 0.0,
              "reexecuted_s": 0.0, "other_s": 0.0, "wall_s": 0.0}
     seed = 0
     while len(avail) < args.seeds and seed < 2 * args.seeds + 2:
@@ -184,7 +206,8 @@ def point(tmp: Path, name: str, app: str, args: argparse.Namespace, settings: li
             # Counted, and the point takes the next seed.
             lost_runs.append({"seed": seed, "error": str(exc)[-600:]})
             continue
-        avail.append(s["steps"] * (s["step_s"] or t_plain) / s["wall_s"])
+        avail.append(s["steps"] * t_ref / s["wall_s"])
+        own_pace.append(s["steps"] * (s["step_s"] or t_plain) / s["wall_s"])
         vs_plain.append(s["steps"] * t_plain / s["wall_s"])
         saves += [c["exposed_s"] for c in s["checkpoints"] if c.get("exposed_s")]
         recs += [r["seconds"] for r in s["recoveries"] if r.get("seconds")]
@@ -192,16 +215,24 @@ def point(tmp: Path, name: str, app: str, args: argparse.Namespace, settings: li
         # every process's failures (the summary's tally), not only those the
         # last logical rank 0 lived through (its own recoveries list)
         failures.append(int(s.get("failures") or len(s["recoveries"])))
+        s["loss"] = loss_breakdown(list(read_run_events(tmp / f"{app}-{name}-{seed}")), s, t_ref,
+                                   save_whole)
         if "loss" in s:
             to_resume += s["loss"]["kill_to_resumed_s"]
             parts["wall_s"] += s["wall_s"]
-            for key in ("loss_s", "saves_exposed_s", "reexecuted_s", "other_s"):
+            for key in ("loss_s", "saves_s", "saves_exposed_s", "reexecuted_s", "other_s"):
                 parts[key] += s["loss"][key]
             parts["kill_to_resumed_s"] += sum(s["loss"]["kill_to_resumed_s"])
     m, lo, hi = mean_ci(avail)
     delta = statistics.median(saves) if saves else 0.0
     rec = statistics.median(recs) if recs else 0.0
     return {"name": name, "availability": m, "ci95": [lo, hi], "runs": avail,
+            "reference_step_s": t_ref, "availability_own_pace": statistics.fmean(own_pace)
+            if own_pace else None, "no_failures": {
+                "wall_s": calm["wall_s"], "reference_wall_s": ref["wall_s"], "saves": n_saves,
+                "availability": ref["wall_s"] / calm["wall_s"],
+                "step_s_between_saves": calm["step_s"], "reference_step_s_between": ref["step_s"]},
+            "save_whole_s": save_whole,
             "availability_vs_plain": statistics.fmean(vs_plain) if vs_plain else None,
             "failures": failures, "runs_ended_for_relaunch": lost_runs, "save_s": delta, "recovery_s": rec,
             "checkpoints": len(saves), "policy_tau_s": statistics.median(taus) if taus else None,
@@ -254,7 +285,9 @@ def app_experiment(tmp: Path, app: str, args: argparse.Namespace) -> dict[str, A
         out["policy"].append({"interval_model": model, **p})
         print(f"{app} policy {model}: A = {p['availability']:.3f} "
               f"[{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}], tau {p['policy_tau_s']}, "
-              f"failures {p['failures']}", flush=True)
+              f"failures {p['failures']}, save {p['save_whole_s'] * 1e3:.0f} ms whole / "
+              f"{p['save_s'] * 1e3:.0f} ms exposed; lost "
+              + ", ".join(f"{k} {v:.1f}" for k, v in p["loss"].items()), flush=True)
     exact = next((p for p in out["policy"] if p["interval_model"] == "exact"), out["policy"][0])
     tau_star = interval.exact(mtbf=args.mtbf, save=max(exact["save_s"], 1e-6))
     out["tau_star_s"] = tau_star
@@ -262,15 +295,6 @@ def app_experiment(tmp: Path, app: str, args: argparse.Namespace) -> dict[str, A
         tau = f * tau_star
         settings = ["--ckpt-seconds", f"{tau:.4f}s"]
         p = point(tmp, f"fixed-{f}", app, args, settings, steps, t_plain)
-        # The same interval without failures: a save's whole cost to the
-        # loop, as the failure runs count it (their pace, every rank's wait),
-        # where rank 0's exposed time is one rank's part of it.
-        q = run(tmp / f"{app}-fixed-{f}-no-failures", args.ranks, settings,
-                app_argv(app, SIZES[app], steps), timeout=20 * args.duration + 120)
-        n_saves = len(q["checkpoints"])
-        if n_saves and q["step_s"]:
-            p["save_whole_s"] = (q["wall_s"] - q["steps"] * q["step_s"]) / n_saves
-            p["no_failures_availability"] = q["steps"] * q["step_s"] / q["wall_s"]
         p["model"] = predict(p, args.mtbf, tau)
         out["fixed"].append({"factor": f, "tau_s": tau, **p})
         print(f"{app} fixed {f} x tau* ({tau:.3f} s): A = {p['availability']:.3f} "
@@ -319,10 +343,16 @@ def figure(result: dict[str, Any], path: Path) -> None:
         ax.plot(ts, interval.availability_paper(period=ts, mtbf=m, save=delta, recovery=rec),
                 linestyle="--", label="paper's model")
         kill = [p["kill_to_resumed_s"] for p in pts if p.get("kill_to_resumed_s")]
-        if kill:
-            rk = statistics.median(kill)
-            ax.plot(ts, interval.availability_renewal(period=ts, mtbf=m, save=delta, recovery=rk),
-                    linestyle=":", label=f"renewal, R from the kill ({rk:.2f} s)")
+        whole = [p["save_whole_s"] for p in pts if p.get("save_whole_s")]
+        if kill and whole:
+            rk, dw = statistics.median(kill), statistics.median(whole)
+            tw = ts[ts > dw * 1.05]
+            ax.plot(tw, interval.availability_renewal(period=tw, mtbf=m, save=dw, recovery=rk),
+                    linestyle=":", label=f"renewal, whole costs (δ {dw * 1e3:.0f} ms, R {rk:.2f} s)")
+            wp = [p for p in pts if "model" in p]
+            ax.plot([p["model"]["period_s"] for p in wp],
+                    [p["model"]["renewal_whole_costs"] for p in wp], "k+", markersize=9,
+                    label="renewal, each point's whole costs")
         xs = [p["model"]["period_s"] for p in r["fixed"]]
         ys = [p["availability"] for p in r["fixed"]]
         err = [[p["availability"] - p["ci95"][0] for p in r["fixed"]],
