@@ -139,6 +139,8 @@ class BoundaryPlanner:
     _next_ckpt: int | None = None       # held --mtbf decision (absolute step)
     _decided_step_time: float | None = None
     _awaiting_delta: bool = False        # a save happened; its δ not yet learned
+    _held: dict[str, Any] | None = None  # the last --mtbf decision (its interval in steps)
+    _provisional: bool = False           # _next_ckpt is the held interval, δ not yet in
     _halt_at: int | None = None
     decisions: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -172,6 +174,7 @@ class BoundaryPlanner:
         self._last_save_step, self._last_save_time = step, now
         self._pending = False
         self._next_ckpt = None
+        self._provisional = False
         self._decided_step_time = None
         return self._end(step, now, first=True)
 
@@ -268,6 +271,7 @@ class BoundaryPlanner:
         if save:
             self._last_save_step, self._last_save_time = step, now
             self._next_ckpt = None
+            self._provisional = False
             self._decided_step_time = None
             self._pending = self.schedule.async_writes
             self._pending_polls = 0
@@ -323,9 +327,22 @@ class BoundaryPlanner:
         pol = self.schedule.interval
         st = self.step_time
         if st is None or self._awaiting_delta:
+            if self._next_ckpt is None and self._held is not None:
+                # The last save's δ is learned one or two boundaries later
+                # (it rides in the next boundary's agreement); until then the
+                # last decision's interval holds, so a long segment cannot
+                # carry the next save past it (docs/architecture.md, "Who
+                # decides where a segment ends"). Revised once δ is in.
+                self._next_ckpt = max(self._last_save_step + int(self._held["steps"]), step)
+                self._provisional = True
+                rec = dict(self._held, at_step=step, next_step=self._next_ckpt,
+                           last_save_step=self._last_save_step, held=True)
+                self.decisions.append(rec)
+                events.append(("interval_decision", rec))
             return self._next_ckpt
-        stale = (self._decided_step_time is not None
-                 and abs(st - self._decided_step_time) > _REVISE * self._decided_step_time)
+        stale = self._provisional or (
+            self._decided_step_time is not None
+            and abs(st - self._decided_step_time) > _REVISE * self._decided_step_time)
         if self._next_ckpt is not None and not stale:
             return self._next_ckpt
         try:
@@ -334,6 +351,7 @@ class BoundaryPlanner:
             return None  # no save measured yet
         # The earliest boundary still ahead is this one: a late decision saves now.
         nxt = max(self._last_save_step + d.steps, step)
+        self._held, self._provisional = d.as_dict(), False
         revised = self._next_ckpt
         if revised == nxt:  # the new step time lands on the same step: nothing to say
             self._decided_step_time = st

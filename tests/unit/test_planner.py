@@ -14,7 +14,7 @@ from ulfmpy.policy import IntervalPolicy
 
 def drive(planner: BoundaryPlanner, start: int, *, seed: int = 0, step_time: float = 1e-3,
           boundary_s: float = 1e-3, write_boundaries: int = 2, delta: float = 0.01,
-          jitter: float = 0.0):
+          jitter: float = 0.0, write_s: float = 0.02):
     """Run the planner as rank 0's runtime does; returns (segments, saves, boundaries).
 
     A save's δ reaches the planner at the next boundary (the agreement's
@@ -43,7 +43,7 @@ def drive(planner: BoundaryPlanner, start: int, *, seed: int = 0, step_time: flo
         if commit_in is not None:
             commit_in -= 1
             if commit_in <= 0:
-                planner.observe_write(0.02)
+                planner.observe_write(write_s)
                 commit_in = None
         if b.save:
             saves.append(end)
@@ -108,6 +108,22 @@ def test_mtbf_checkpoints_land_on_each_decision(steps, mtbf, delta, step_time, j
             assert d["next_step"] in saves, (d, saves)
     # Every save after the first (which measures δ) is where a decision said.
     assert set(saves[1:]) <= {d["next_step"] for d in decisions}
+
+
+@pytest.mark.parametrize("fixed", [0, 500])
+def test_mtbf_saves_keep_their_interval_while_the_last_save_s_delta_is_unknown(fixed):
+    # τ ≈ 140 steps; a write takes 500 steps, so the segments after a save
+    # are long: the save's δ arrives late, and the held decision keeps the
+    # next save at its interval (before, it landed 500 steps on).
+    pol = IntervalPolicy(mtbf=2.0, recovery_estimate=0.1)
+    p = BoundaryPlanner(Schedule(steps=6000, segment_steps=fixed, checkpoints=True, interval=pol))
+    _, saves, bounds = drive(p, 0, step_time=1e-3, delta=0.005, write_s=0.5)
+    decisions = [f for b in bounds for n, f in b.events if n == "interval_decision"]
+    longest = max(d["steps"] for d in decisions)
+    assert 100 < longest < 200
+    gaps = [b - a for a, b in zip(saves[1:], saves[2:])]
+    assert len(gaps) > 20 and max(gaps) <= longest, gaps
+    assert any(d.get("held") for d in decisions)
 
 
 def test_mtbf_first_save_waits_for_a_measured_step_time():
