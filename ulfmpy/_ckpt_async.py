@@ -193,7 +193,17 @@ def _connect(name: str) -> socket.socket | None:
     except OSError:
         sock.close()
         return None
+    # A killed writer's listening socket can take connections for a moment
+    # after its process is gone: that is no writer.
+    if not _jobctl.alive(_peer_pid(sock)):
+        sock.close()
+        return None
     return sock
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[0])
 
 
 class NodeWriter:
@@ -282,9 +292,12 @@ class NodeWriter:
                 time.sleep(0.005)
                 sock = _connect(self.name)
                 if sock is None and self.started is not None and self.started.poll() is not None:
-                    # Ours lost the name to a writer started past the
-                    # guard (a rank that gave up waiting): use that one.
+                    # Ours lost the name: to a writer started past the guard
+                    # (a rank that gave up waiting; use that one), or to a
+                    # killed writer's socket not yet released (start again).
                     time.sleep(0.02)
+                    if guard is not None and (sock := _connect(self.name)) is None:
+                        self.started = self._start(self.name, self._run_dir, self._nice)
         if guard is not None:
             guard.close()
         if sock is None:
@@ -293,8 +306,7 @@ class NodeWriter:
         return self._adopt(sock)
 
     def _adopt(self, sock: socket.socket) -> Connection:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        self._pid = struct.unpack("3i", creds)[0]
+        self._pid = _peer_pid(sock)
         self._conn = Connection(sock.detach())
         return self._conn
 
@@ -338,7 +350,13 @@ class NodeWriter:
         """Queue a job (``write`` a rank file, or ``commit`` a checkpoint); returns its id."""
         self._next_id += 1
         job = dict(job, id=self._next_id)
-        self._send((kind, job))
+        try:
+            self._send((kind, job))
+        except OSError:
+            # The writer is gone though its pid still looked alive (a killed
+            # process tearing down): known gone from now on.
+            self._eof = self._conn is not None
+            raise
         return self._next_id
 
     def forget(self, shm_name: str) -> None:

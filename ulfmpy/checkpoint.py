@@ -403,7 +403,12 @@ class CheckpointStore(_Committer):
                 job = {"path": str(path), "shm": buf.shm.name, "size": buf.size,  # type: ignore[union-attr]
                        "attrs": attrs, "entries": buf.job_entries(specs), "duty": self._duty}
                 try:
-                    write.job = self._live_helper().submit(job)
+                    try:
+                        write.job = self._live_helper().submit(job)
+                    except OSError:
+                        # A writer found dead only now, by this send: once
+                        # more, to the writer that takes over.
+                        write.job = self._live_helper().submit(job)
                 except OSError as exc:  # agreed on at the next poll, so every rank raises together
                     write.result = {"ok": False,
                                     "error": f"{WRITER_DIED} before the write reached it ({exc})"}

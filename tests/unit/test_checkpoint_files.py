@@ -446,6 +446,43 @@ def test_a_writer_started_at_open_and_never_used_leaves_with_the_store(tmp_path)
     started.wait(timeout=5)
 
 
+def test_a_writer_found_dead_by_the_send_is_replaced_and_the_save_goes_on(tmp_path, monkeypatch):
+    """A killed writer can look alive for a moment (its pid is there while
+    the kernel tears it down); the save's send then fails with a broken
+    pipe. The save reaches the writer that takes over instead of losing its
+    checkpoint (seen in the MPI tier: a rank's step-3 save after the kill)."""
+    from ulfmpy import _ckpt_async
+
+    store = CheckpointStore(COMM, tmp_path, mode="async")
+    state = make_state()
+    store.save(1, state)
+    assert store.drain().step == 1
+    old = store.helper_pid
+    os.kill(old, signal.SIGKILL)
+    assert _gone_within(old)
+    # As the race leaves it: the pid looks alive once more (the save's check),
+    # the send finds the pipe broken.
+    real_alive, looked = _ckpt_async._jobctl.alive, []
+
+    def alive(pid):
+        if pid == old and not looked:
+            looked.append(pid)
+            return True
+        return real_alive(pid)
+
+    monkeypatch.setattr(_ckpt_async._jobctl, "alive", alive)
+
+    def broken(*_a, **_k):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(store._helper._conn, "send", broken)
+    fill(state, 2)
+    store.save(2, state)
+    assert store.drain().step == 2
+    assert store.helper_pid != old
+    store.close()
+
+
 def test_reset_abandons_uncommitted_and_keeps_memory_copy(tmp_path):
     state = make_state()
     log = EventLog(tmp_path, 0)
