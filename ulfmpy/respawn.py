@@ -29,6 +29,40 @@ _WARM = False
 _ZYGOTE: dict[str, Any] = {"job": None, "name": None, "proc": None, "atexit": False}
 
 
+def _spawn_one(comm: MPI.Comm, command: str, args: list[str], k: int, n: int) -> tuple[MPI.Comm, float, float]:
+    """Spawn one process and merge it in as ``comm``'s last rank, telling it
+    it is the ``k``-th of ``n``. Collective over ``comm`` (``command`` and
+    ``args`` count at rank 0 only). Returns the merged communicator and the
+    spawn and merge times; ``comm`` is left to the caller."""
+    t0 = time.perf_counter()
+    inter = comm.Spawn(command, args=args, maxprocs=1, root=0)
+    inter.Set_errhandler(MPI.ERRORS_RETURN)
+    t1 = time.perf_counter()
+    merged = inter.Merge(high=False)
+    merged.Set_errhandler(MPI.ERRORS_RETURN)
+    t2 = time.perf_counter()
+    merged.bcast({"k": k, "n": n, "command": command, "args": args}
+                 if merged.Get_rank() == 0 else None, root=0)
+    inter.Disconnect()
+    return merged, t1 - t0, t2 - t1
+
+
+def _spawn_rest(comm: MPI.Comm, command: str, args: list[str], first: int,
+                n: int) -> tuple[MPI.Comm, float, float]:
+    """Spawn replacements ``first``..``n-1`` one at a time, each merged into
+    the communicator the previous ones grew. Collective over ``comm``, which
+    is left to the caller; the intermediate communicators are freed."""
+    spawn_s = merge_s = 0.0
+    cur = comm
+    for k in range(first, n):
+        nxt, s, m = _spawn_one(cur, command, args, k, n)
+        spawn_s, merge_s = spawn_s + s, merge_s + m
+        if cur is not comm:
+            cur.Free()
+        cur = nxt
+    return cur, spawn_s, merge_s
+
+
 def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respawns: int,
                        zygote_name: str | None, run_dir: str,
                        config: Any, virtual: bool = False,
@@ -40,18 +74,19 @@ def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respaw
     world, the plan completed with the replacements' uids, and the spawn
     and merge times. The old ``world`` is freed. ``setup_log`` tells the
     replacements to fast-forward through the inline loop's set-up code.
+
+    Each replacement is a job of its own, spawned by the communicator the
+    ones before it joined (docs/internals.md, "Open MPI traps"): Open MPI
+    5.0's next spawn fails in the child's ``MPI_Init`` (``dpm.c``, "Not
+    supported") and leaves the parents waiting for ever once one process of
+    a multi-process spawned job has died while another lives on.
     """
     from ulfmpy import zygote
 
     n = len(plan.failed)
     command, args = zygote.spawn_command(zygote_name, ["-m", "mpi4py", *sys.argv])
-    t0 = time.perf_counter()
-    inter = world.Spawn(command, args=args, maxprocs=n, root=0)
-    inter.Set_errhandler(MPI.ERRORS_RETURN)
-    t1 = time.perf_counter()
-    merged = inter.Merge(high=False)
-    merged.Set_errhandler(MPI.ERRORS_RETURN)
-    times = {"spawn_s": t1 - t0, "merge_s": time.perf_counter() - t1}
+    merged, spawn_s, merge_s = _spawn_rest(world, command, args, 0, n)
+    times = {"spawn_s": spawn_s, "merge_s": merge_s, "spawns": n}
     new_uids = [UID_STRIDE * respawns + k for k in range(n)]
     assign = dict(plan.assign)
     replaced = {}
@@ -63,7 +98,6 @@ def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respaw
             "zygote": zygote_name, "layout": list(plan.layout), "virtual": virtual,
             "halt": list(halt_times), "setup": setup_log}
     merged.bcast(info if merged.Get_rank() == 0 else None, root=0)
-    inter.Disconnect()
     try:
         world.Free()
     except MPI.Exception:
@@ -75,17 +109,24 @@ def join_job(parent: MPI.Comm) -> tuple[MPI.Comm, dict[str, Any], dict[str, Any]
     """A spawned replacement joins the job. Collective with the parents' repair.
 
     Returns the merged world, what the parents sent (uids, assignment,
-    size, target step, run dir, config) and the join's timestamps.
+    size, target step, run dir, config, and ``spawn_index``: which of the
+    replacements this one is) and the join's timestamps. A replacement
+    spawned before the last one takes part in spawning the rest.
     """
     t_merge = time.time()
     merged = parent.Merge(high=True)
     merged.Set_errhandler(MPI.ERRORS_RETURN)
-    info = merged.bcast(None, root=0)
-    joined = {"imported_at": _IMPORTED_AT, "warm": _WARM, "merge_called_at": t_merge,
-              "merged_at": time.time()}
+    chain = merged.bcast(None, root=0)
     # Keeping the intercommunicator open was seen to crash Open MPI's finalize.
     parent.Disconnect()
-    return merged, info, joined
+    joined = {"imported_at": _IMPORTED_AT, "warm": _WARM, "merge_called_at": t_merge,
+              "merged_at": time.time()}
+    world, _, _ = _spawn_rest(merged, chain["command"], chain["args"], chain["k"] + 1,
+                              chain["n"])
+    if world is not merged:
+        merged.Free()
+    info = world.bcast(None, root=0)
+    return world, dict(info, spawn_index=chain["k"]), joined
 
 
 def start_zygote(world: MPI.Comm, *, run_dir: str, events: Any, wanted: bool,
@@ -142,7 +183,7 @@ def stop_zygote() -> None:
         pass
 
 
-def joined_identity(parent: MPI.Comm, spawn_rank: int) -> tuple[Any, dict[str, Any]]:
+def joined_identity(parent: MPI.Comm) -> tuple[Any, dict[str, Any]]:
     """A spawned replacement joins the job: its identity and what it was told.
 
     Collective with the parents' repair (:func:`spawn_replacements`): the
@@ -152,7 +193,7 @@ def joined_identity(parent: MPI.Comm, spawn_rank: int) -> tuple[Any, dict[str, A
     from ulfmpy.recovery import Role
 
     world, info, joined = join_job(parent)
-    uid = info["new_uids"][spawn_rank]
+    uid = info["new_uids"][info["spawn_index"]]
     logical = info["assign"][uid]
     compute = world.Split(0, logical)
     compute.Set_errhandler(MPI.ERRORS_RETURN)

@@ -187,7 +187,7 @@ class Runtime:
 
     def _enter_respawned(self) -> "Runtime":
         """A process spawned to replace a dead rank joins the job (respawn policy)."""
-        me, self._join = _respawn.joined_identity(self._parent, self.uid)
+        me, self._join = _respawn.joined_identity(self._parent)
         self._parent = None
         self.config = Config(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in self._join["config"].items()})

@@ -82,3 +82,27 @@ def test_a_node_kill_with_respawn_uses_a_zygote_per_node_and_strikes_once(tmp_pa
 def test_bad_virtual_node_settings_are_refused_before_mpirun(tmp_path, args, says):
     res = run_ulfmpy(["-n", "4", *args, *STENCIL], tmp_path / "run", timeout=60)
     assert res.returncode == 2 and says in res.stderr, res
+
+
+def test_a_replacement_of_a_pair_dies_and_the_next_respawn_still_joins(tmp_path, reference):
+    """A node kill takes two ranks at once and a respawn replaces both; then one
+    of the pair dies, and then another rank. Open MPI 5.0 cannot spawn again
+    once one process of a multi-process spawned job died while another lives
+    (docs/internals.md, "Open MPI traps"): each replacement is spawned alone,
+    so the third repair is in-job like the first two."""
+    res = run_ulfmpy(["-n", "4", "--virtual-nodes", "2", "--recovery", "respawn",
+                      "--ckpt-every", "20", "--inject", "kill:node=node1,step=50",
+                      "--inject", "kill:rank=2,step=70", "--inject", "kill:rank=0,step=90",
+                      *STENCIL], tmp_path / "run")
+    assert res.returncode == 0, res
+    s = res.summary
+    assert s["fingerprint"] == reference
+    recs = s["recoveries"]
+    assert [r["policy"] for r in recs] == ["respawn"] * 3, recs
+    assert [sorted(r["failed_ranks"]) for r in recs] == [[2, 3], [2], [0]], recs
+    # The pair was one repair; the rank-2 kill struck one of its two replacements.
+    pair = set(recs[0]["replaced"].values())
+    assert len(pair) == 2
+    killed = [e["rank"] for e in res.events("inject") if e.get("kind") == "kill"]
+    assert pair & set(killed) and len(pair - set(killed)) == 1, (pair, killed)
+    assert not res.events("repair_stuck")
