@@ -278,6 +278,20 @@ class CheckpointStore(_Committer):
         return {w: (int(b.step), b.key) for w, b in self._copies.items()
                 if b.step is not None and (b.committed or staged)}
 
+    def adopt_committed(self, step: int, path: str | None = None) -> None:
+        """Checkpoint ``step``, whose write :meth:`reset` abandoned, committed
+        after all: its manifest was renamed as the failure struck, and the
+        repair restored it. Its record and its copies count as committed. Local."""
+        for i, r in enumerate(self._records):
+            if r.step == step and not r.committed:
+                self._records[i] = r.__class__(**{**r.__dict__, "committed": True,
+                                                  "path": path})
+        for b in self._copies.values():
+            if b.step == step:
+                b.committed = True
+        self._log("checkpoint_adopted", step=step, path=path,
+                  reason="its manifest was renamed before the repair: committed")
+
     def forget_after(self, step: int) -> None:
         """Copies in memory of steps after ``step`` are no longer offered. Local."""
         for b in self._copies.values():

@@ -316,14 +316,16 @@ class Checkpoints:
                             reason="written for the timeline the repair abandoned")
 
     def _restore_copies(self, comm: Any, work: Any, step: int, *, need: bool,
-                        own_snapshot: bool = True, staged: int | None = None) -> tuple[int, str | None]:
+                        own_snapshot: bool = True, staged: int | None = None,
+                        staged_on_disk: bool = False) -> tuple[int, str | None]:
         """This rank's state back to checkpoint ``step`` from memory, where some
         rank holds it: its own snapshot, its own copy, or its holder's.
         Collective over ``comm`` (every rank serves the copies it holds).
 
         ``staged``: this rank's newer checkpoint that was staged but had not
         committed when a rank died; taken instead when memory holds every
-        rank's state of it (:func:`ulfmpy.partner.choose_restore`).
+        rank's state of it, or when its manifest is on disk
+        (``staged_on_disk``; :func:`ulfmpy.partner.choose_restore`).
 
         Returns the step restored (the same on every rank), and "memory"
         (this rank's own memory), "partner" (another rank's) or None (read
@@ -337,13 +339,23 @@ class Checkpoints:
             store.held(staged=staged is not None) if store is not None else {},
             store.copy_views if store is not None else None,
             snap.buffers if need else None,
-            snap=snap.step if own_snapshot else None, staged=staged)
+            snap=snap.step if own_snapshot else None, staged=staged,
+            staged_on_disk=staged_on_disk)
         if src is None:
             return step, None
         snap.filled(step)
         return step, "memory" if src == comm.Get_rank() else "partner"
 
     # -- after a repair ----------------------------------------------------------------
+    def _manifest_of(self, step: int | None) -> str | None:
+        """Where checkpoint ``step``'s manifest is once committed (None: no step)."""
+        if step is None:
+            return None
+        from ulfmpy._ckpt_files import ckpt_dir_of
+        from ulfmpy._ckpt_writers import manifest_name
+
+        return str(ckpt_dir_of(self.run_dir) / manifest_name(step))
+
     def last_committed_step(self) -> int | None:
         last = self.store.last_committed if self.store is not None else None
         return last.step if last is not None else None
@@ -367,6 +379,11 @@ class Checkpoints:
         if self.store is not None:
             staged = self.store.pending_step
             self.store.reset(comm, same_ranks=same_ranks)
+        # The write in flight may have committed as the rank died (rank 0's
+        # writer renamed its manifest, the rename is the commit point): the
+        # run then goes on from it, not from the checkpoint before it.
+        manifest = self._manifest_of(staged)
+        on_disk = manifest is not None and os.path.exists(manifest)
         if work is None or not ctx.same_layout or ctx.target is None:
             work = build()
         ctx.state = work.state
@@ -376,7 +393,19 @@ class Checkpoints:
             if same_ranks:
                 ctx.target, ctx.from_memory = self._restore_copies(
                     comm, work, ctx.target, need=ctx.same_layout or ctx.replacement,
-                    own_snapshot=ctx.same_layout, staged=staged)
+                    own_snapshot=ctx.same_layout, staged=staged, staged_on_disk=on_disk)
+                # Taken for its manifest, or from memory: committed if the
+                # manifest is there now (once any rank saw it, every rank does).
+                if ctx.target == staged and self.store is not None \
+                        and manifest is not None and os.path.exists(manifest):
+                    self.store.adopt_committed(staged, manifest)
+            else:
+                # A shrink restores from the files: the newest committed.
+                newer = max(comm.allgather(staged if on_disk else -1))
+                if newer > ctx.target:
+                    ctx.target = newer
+                    if self.store is not None and staged == newer:
+                        self.store.adopt_committed(newer, self._manifest_of(newer))
             for name, source in RESTORE_SOURCES:
                 if source(ctx, comm, self):
                     how = name

@@ -89,19 +89,23 @@ def plan_restore(table: Sequence[Offer], step: int) -> dict[int, int]:
 
 
 def choose_restore(table: Sequence[Offer], committed: int,
-                   staged: int | None = None) -> tuple[int, dict[int, int]]:
+                   staged: int | None = None, *,
+                   staged_on_disk: bool = False) -> tuple[int, dict[int, int]]:
     """The step to restore and who gives whom, after a failure. Pure.
 
-    ``staged`` is a newer checkpoint that every rank staged but that had not
-    committed (its files incomplete): it is taken when memory holds every
-    rank's state of it (a snapshot or a live holder's copy), so a failure
-    during a write neither loses the steps since it nor reads the files.
-    Otherwise the committed step, with the ranks memory cannot serve
-    reading their files.
+    ``staged`` is a newer checkpoint that every rank staged but whose commit
+    no rank had heard of. It is taken when its manifest is on disk
+    (``staged_on_disk``: rank 0's writer renamed it before the failure was
+    seen, so it is committed; the ranks memory cannot serve read its
+    files), or when memory holds every rank's state of it (a snapshot or a
+    live holder's copy), so a failure during a write neither loses the
+    steps since it nor reads the files. Otherwise the committed step, with
+    the ranks memory cannot serve reading their files.
     """
     if staged is not None and staged > committed:
         plan = plan_restore(table, staged)
-        if all(r in plan for r, offer in enumerate(table) if offer[0] is not None):
+        if staged_on_disk or all(r in plan for r, offer in enumerate(table)
+                                 if offer[0] is not None):
             return staged, plan
     return committed, plan_restore(table, committed)
 
@@ -139,7 +143,8 @@ def transfer(comm: Any, sends: Mapping[int, Sequence[np.ndarray]],
 def restore_from_copies(comm: Any, step: int, need: Any, held: Mapping[int, tuple[int, Any]],
                         views: Callable[[int], Sequence[np.ndarray]] | None,
                         into: Sequence[np.ndarray] | None, *, snap: int | None = None,
-                        staged: int | None = None) -> tuple[int, int | None]:
+                        staged: int | None = None,
+                        staged_on_disk: bool = False) -> tuple[int, int | None]:
     """Every rank that needs its state of checkpoint ``step`` (or of the newer
     ``staged`` one, see :func:`choose_restore`) gets it from memory. Collective.
 
@@ -151,6 +156,8 @@ def restore_from_copies(comm: Any, step: int, need: Any, held: Mapping[int, tupl
             needs it), in the layout's order.
         snap: the step this rank's own snapshot holds (it serves itself).
         staged: this rank's uncommitted, fully staged newer checkpoint.
+        staged_on_disk: this rank found ``staged``'s manifest on disk (it
+            committed as the failure struck); one such rank is enough.
 
     Returns:
         the step chosen (the same on every rank), and the rank this rank's
@@ -159,10 +166,11 @@ def restore_from_copies(comm: Any, step: int, need: Any, held: Mapping[int, tupl
         ``into``), or None (nobody has it: read the files).
     """
     me = comm.Get_rank()
-    table = comm.allgather((need, dict(held), snap, staged))
+    table = comm.allgather((need, dict(held), snap, staged, staged_on_disk))
     stageds = {t[3] for t in table if t[1] or t[2] is not None}
     newer = stageds.pop() if len(stageds) == 1 else None
-    step, plan = choose_restore([t[:3] for t in table], step, newer)
+    step, plan = choose_restore([t[:3] for t in table], step, newer,
+                                staged_on_disk=any(t[4] and t[3] == newer for t in table))
     src = plan.get(me)
     if src == me and snap != step:
         assert into is not None and views is not None

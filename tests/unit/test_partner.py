@@ -85,3 +85,14 @@ def test_a_staged_checkpoint_is_taken_only_when_memory_holds_all_of_it():
     offers[1] = (L, {0: (30, L)}, 35)
     assert choose_restore(offers, 20, 30) == (20, {})
     assert choose_restore(offers, 20, None) == (20, {})
+
+
+def test_a_staged_checkpoint_whose_manifest_is_on_disk_is_taken_and_files_fill_the_gaps():
+    # Rank 1 had moved past 30 and rank 2 died with its copy: memory cannot
+    # rebuild 30, but its manifest was renamed before the failure was seen,
+    # so 30 is committed; rank 1 reads its file, the others come from memory.
+    offers = [(L, {3: (30, L)}, 35), (L, {0: (30, L)}, 35), (L, {}, None), (L, {2: (30, L)}, 35)]
+    assert choose_restore(offers, 20, 30) == (20, {})
+    assert choose_restore(offers, 20, 30, staged_on_disk=True) == (30, {0: 1, 2: 3, 3: 0})
+    # never backwards: an older "staged" step does not replace the committed one
+    assert choose_restore(offers, 40, 30, staged_on_disk=True)[0] == 40
