@@ -103,17 +103,25 @@ def test_kill_resumes_from_the_checkpoint_that_landed(ulfmpy_run, policy, pinned
     assert r.returncode == 0, str(r)
     [rec] = r.summary["recoveries"]
     assert rec["policy"] == policy
-    # 120 committed, or staged in memory everywhere with its write in flight
-    # at 130 (spares, respawn: taken); else back to the committed 80.
+    # 120 committed (heard of, or its manifest renamed as rank 2 died), or
+    # staged in memory everywhere with its write in flight at 130 (spares,
+    # respawn: taken); else back to the committed 80.
     assert rec["resumed_step"] in (80, 120) and rec["failed_ranks"] == [2]
     t_fail = min(x["t"] for x in r.events("recovery"))
     before = [e["step"] for e in r.events("checkpoint_committed")
               if e["rank"] == 0 and e["t"] < t_fail]
     staged = [e["step"] for e in r.events("checkpoint_saved") if e["rank"] == 0 and e["t"] < t_fail]
+    adopted = {e["step"] for e in r.events("checkpoint_adopted")}
     if policy == "shrink":
-        assert rec["resumed_step"] == max(before)
+        # a shrink reads the files: the newest committed checkpoint
+        assert rec["resumed_step"] == max(before + sorted(adopted))
     else:
         assert rec["resumed_step"] in (max(before), max(staged))
+    if rec["resumed_step"] not in before:
+        assert rec["resumed_step"] == max(staged)
+        # taken from memory, or committed on disk and adopted by every survivor
+        if policy == "shrink":
+            assert adopted == {rec["resumed_step"]}
     assert set(committed_steps(r)) >= {160, 200}
     assert r.summary["fingerprint"] == fingerprint_of(ulfmpy_run, "plain", app)
 
