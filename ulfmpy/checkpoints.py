@@ -347,15 +347,6 @@ class Checkpoints:
         return step, "memory" if src == comm.Get_rank() else "partner"
 
     # -- after a repair ----------------------------------------------------------------
-    def _manifest_of(self, step: int | None) -> str | None:
-        """Where checkpoint ``step``'s manifest is once committed (None: no step)."""
-        if step is None:
-            return None
-        from ulfmpy._ckpt_files import ckpt_dir_of
-        from ulfmpy._ckpt_writers import manifest_name
-
-        return str(ckpt_dir_of(self.run_dir) / manifest_name(step))
-
     def last_committed_step(self) -> int | None:
         last = self.store.last_committed if self.store is not None else None
         return last.step if last is not None else None
@@ -375,14 +366,17 @@ class Checkpoints:
         the repaired layout is known.
         """
         same_ranks = ctx.policy in (None, "spares", "respawn")
-        staged = None
+        staged = manifest = None
         if self.store is not None:
             staged = self.store.pending_step
             self.store.reset(comm, same_ranks=same_ranks)
-        # The write in flight may have committed as the rank died (rank 0's
-        # writer renamed its manifest, the rename is the commit point): the
-        # run then goes on from it, not from the checkpoint before it.
-        manifest = self._manifest_of(staged)
+        if staged is not None:
+            from ulfmpy._ckpt_writers import manifest_name
+
+            # The write in flight may have committed as the rank died (rank
+            # 0's writer renamed its manifest, the rename is the commit
+            # point): the run then goes on from it, not from the one before.
+            manifest = str(self.store.ckpt_dir / manifest_name(staged))
         on_disk = manifest is not None and os.path.exists(manifest)
         if work is None or not ctx.same_layout or ctx.target is None:
             work = build()
@@ -394,18 +388,13 @@ class Checkpoints:
                 ctx.target, ctx.from_memory = self._restore_copies(
                     comm, work, ctx.target, need=ctx.same_layout or ctx.replacement,
                     own_snapshot=ctx.same_layout, staged=staged, staged_on_disk=on_disk)
-                # Taken for its manifest, or from memory: committed if the
-                # manifest is there now (once any rank saw it, every rank does).
-                if ctx.target == staged and self.store is not None \
-                        and manifest is not None and os.path.exists(manifest):
-                    self.store.adopt_committed(staged, manifest)
             else:
                 # A shrink restores from the files: the newest committed.
-                newer = max(comm.allgather(staged if on_disk else -1))
-                if newer > ctx.target:
-                    ctx.target = newer
-                    if self.store is not None and staged == newer:
-                        self.store.adopt_committed(newer, self._manifest_of(newer))
+                ctx.target = max(ctx.target, *comm.allgather(staged if on_disk else -1))
+            # Taken for its manifest, or from memory: committed if the
+            # manifest is there now (once any rank saw it, every rank does).
+            if manifest is not None and ctx.target == staged and os.path.exists(manifest):
+                self.store.adopt_committed(staged, manifest)
             for name, source in RESTORE_SOURCES:
                 if source(ctx, comm, self):
                     how = name
