@@ -186,6 +186,7 @@ class _Client(threading.Thread):
         self.pid = pid
         self.maps = _Mappings()
         self.gone = False
+        self.hung_up = False  # the connection ended without a word: the rank died or is dying
         self._work: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._done = done
         self._hurry_upto = 0
@@ -221,6 +222,7 @@ class _Client(threading.Thread):
             try:
                 data = self.conn.recv_bytes()
             except (EOFError, OSError):  # the rank closed the connection or died
+                self.hung_up = True
                 msg: tuple[Any, ...] = ("bye",)
             else:
                 if _preload is not None:
@@ -413,6 +415,7 @@ class _Server:
     """
 
     FIRST_CLIENT_S = 30.0
+    EXIT_GRACE_S = 3.0
 
     def __init__(self, listener: socket.socket, watch: int) -> None:
         self.listener, self.watch = listener, watch
@@ -453,6 +456,12 @@ class _Server:
     def _client_done(self, client: _Client) -> None:
         """A rank left (its worker's last act): the writer leaves with the last one."""
         client.close()
+        if client.hung_up:
+            # A killed process's sockets close before it turns into a zombie:
+            # give its exit a moment to finish before deciding it lives on.
+            deadline = time.monotonic() + self.EXIT_GRACE_S
+            while _alive(client.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
         if not _alive(client.pid):
             _unlink_segments_of(client.pid)
         with self.lock:

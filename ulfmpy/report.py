@@ -112,6 +112,14 @@ def _lanes(sections: list[dict[str, Any]], t0: float) -> dict[str, Any]:
         if lane is not None:
             lanes.setdefault(int(lane), []).append(item)
 
+    # One process's watchdog ends the job (exit 75) and the others die before
+    # theirs fire: each of their failed repairs is unfinished up to that time.
+    stuck_at: dict[str, float] = {}
+    for sec in sections:
+        for e in sec["events"]:
+            if e["event"] == "repair_stuck":
+                stuck_at[sec["launch"]] = min(e["t"], stuck_at.get(sec["launch"], e["t"]))
+
     for sec in sections:
         logical = sec["start"].get("logical")
         seg: dict[str, Any] | None = None
@@ -159,8 +167,10 @@ def _lanes(sections: list[dict[str, Any]], t0: float) -> dict[str, Any]:
                 elif ev == "repair_stuck" and failed_at is not None:
                     put(logical, kind="phase", phase="unfinished repair", t0=failed_at - t0,
                         t1=t - t0)
+                    failed_at = None
             elif ev == "recovery":
                 close(t)
+                failed_at = None
                 new = e.get("logical", logical)
                 start = t - float(e.get("seconds") or 0.0)
                 phases = e.get("phases") or {}
@@ -176,6 +186,10 @@ def _lanes(sections: list[dict[str, Any]], t0: float) -> dict[str, Any]:
                               "next_step": e.get("next_step"), "model": e.get("model")})
         if seg is not None and sec["events"]:
             close(sec["events"][-1]["t"])
+        stuck = stuck_at.get(sec["launch"])
+        if failed_at is not None and stuck is not None:
+            put(logical, kind="phase", phase="unfinished repair", t0=failed_at - t0,
+                t1=max(stuck, sec["events"][-1]["t"]) - t0)
     return {"lanes": {str(k): v for k, v in sorted(lanes.items())}, "marks": marks}
 
 

@@ -394,6 +394,43 @@ def test_one_writer_serves_the_node_outlives_a_dead_rank_and_leaves_with_the_las
     assert _gone_within(pid), f"writer {pid} outlived its last rank"
 
 
+def test_a_rank_that_hangs_up_and_dies_a_moment_later_leaves_no_segment(tmp_path):
+    """A killed rank's socket closes before the kernel has finished its exit
+    (under load, a while before): the writer gives the exit time to finish
+    instead of taking the still-listed process for a live one. The rank here
+    hangs up, lives 0.5 s more and dies without cleaning up."""
+    from ulfmpy._ckpt_async import _shm_prefix
+
+    store = CheckpointStore(COMM, tmp_path, mode="async")
+    try:
+        store._helper.info()
+        script = textwrap.dedent(f"""
+            import os, sys, time
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            import numpy as np
+            from test_checkpoint_files import COMM
+            from ulfmpy.checkpoint import CheckpointStore
+            store = CheckpointStore(COMM, {str(tmp_path)!r}, mode="async")
+            store.save(1, {{"u": np.arange(1000.0)}})
+            store.drain()
+            print(store.helper_pid, flush=True)
+            store._helper._conn.close()  # the connection ends, the process not yet
+            time.sleep(0.5)
+            os._exit(0)  # no clean-up of its own
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert int(proc.stdout.readline()) == store.helper_pid
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while (f"{_shm_prefix()}{proc.pid}-" in " ".join(os.listdir("/dev/shm"))
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+        assert f"{_shm_prefix()}{proc.pid}-" not in " ".join(os.listdir("/dev/shm")), \
+            "the segment of a rank that died after hanging up must be unlinked"
+    finally:
+        store.close()
+
+
 def test_a_stopped_writer_ends_with_the_job(tmp_path):
     """A stopped writer cannot notice its ranks leaving: it holds the run
     directory's job lock, so the launcher's end of the job (SIGKILL after
