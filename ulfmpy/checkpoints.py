@@ -378,6 +378,13 @@ class Checkpoints:
             # point): the run then goes on from it, not from the one before.
             manifest = str(self.store.ckpt_dir / manifest_name(staged))
         on_disk = manifest is not None and os.path.exists(manifest)
+        if ctx.target is None or not same_ranks:
+            # Files serve a shrink, and the first checkpoint may be the one
+            # that committed: the newest manifest any rank found (ctx.target
+            # is agreed, so every rank or none takes this collective).
+            found = max(comm.allgather(staged if on_disk else -1))
+            if found >= 0 and (ctx.target is None or found > ctx.target):
+                ctx.target = found
         if work is None or not ctx.same_layout or ctx.target is None:
             work = build()
         ctx.state = work.state
@@ -388,9 +395,6 @@ class Checkpoints:
                 ctx.target, ctx.from_memory = self._restore_copies(
                     comm, work, ctx.target, need=ctx.same_layout or ctx.replacement,
                     own_snapshot=ctx.same_layout, staged=staged, staged_on_disk=on_disk)
-            else:
-                # A shrink restores from the files: the newest committed.
-                ctx.target = max(ctx.target, *comm.allgather(staged if on_disk else -1))
             # Taken for its manifest, or from memory: committed if the
             # manifest is there now (once any rank saw it, every rank does).
             if manifest is not None and ctx.target == staged and os.path.exists(manifest):

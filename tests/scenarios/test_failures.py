@@ -879,3 +879,24 @@ def test_a_checkpoint_committed_as_the_rank_died_is_where_the_run_goes_on(runs, 
     # every save is committed in the summary, 20 once
     assert [c["step"] for c in s["checkpoints"] if c["committed"]] == [10, 20, 30, 40, 50]
     assert all(c["committed"] for c in s["checkpoints"]), s["checkpoints"]
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_the_first_checkpoint_committed_as_the_rank_died_is_where_the_run_goes_on(
+        runs, clean, policy):
+    """The same with no checkpoint committed before: checkpoint 10 commits on
+    disk by boundary 15 and rank 2 dies at step 17. The run goes on from 10,
+    not from the start (as it did before)."""
+    require_ulfm()
+    res = runs(f"first-committed-on-disk-{policy}",
+               stencil("--recovery", policy, *POLICIES[policy],
+                       *kills("kill:rank=0,step=13,stall=0.3s", "kill:rank=0,step=16,stall=1s",
+                              "kill:rank=2,step=17")))
+    s = ok(res, clean())
+    [rec] = s["recoveries"]
+    assert rec["policy"] == policy and rec["failed_ranks"] == [2]
+    assert rec["resumed_step"] == 10, rec
+    assert {e["step"] for e in res.events("restore_after_repair")} == {10}
+    assert {e["step"] for e in res.events("checkpoint_adopted")} == {10}
+    assert [c["step"] for c in s["checkpoints"] if c["committed"]] == [10, 20, 30, 40, 50]
+    assert all(c["committed"] for c in s["checkpoints"]), s["checkpoints"]
