@@ -859,44 +859,28 @@ def test_sendrecv_to_proc_null_on_a_revoked_communicator(runs, line_clean):
 # -- a rank dies after the checkpoint in flight committed on disk ------------------
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_a_checkpoint_committed_as_the_rank_died_is_where_the_run_goes_on(runs, clean, policy):
-    """Checkpoint 20's files are written by boundary 25 (rank 0 stalls after
-    step 23), rank 0's writer renames its manifest there (the commit point),
-    and rank 2 dies at step 27, before any rank heard of the commit (that
-    news rides the next boundary's agreement). The repair goes on from 20,
-    committed, not from 10; before, it restored 10 and deleted 20."""
+@pytest.mark.parametrize("staged", [20, 10], ids=["later", "first"])
+def test_a_checkpoint_committed_as_the_rank_died_is_where_the_run_goes_on(
+        runs, clean, policy, staged):
+    """Checkpoint ``staged``'s files are written by the boundary 5 steps
+    later (rank 0 stalls 2 steps before it), rank 0's writer renames its
+    manifest there (the commit point), and rank 2 dies 7 steps after the
+    checkpoint, before any rank heard of the commit (that news rides the
+    next boundary's agreement). The repair goes on from ``staged``,
+    committed; before, it restored the one before (10, or the start for
+    the first) and deleted ``staged``."""
     require_ulfm()
-    res = runs(f"committed-on-disk-{policy}",
+    res = runs(f"committed-on-disk-{staged}-{policy}",
                stencil("--recovery", policy, *POLICIES[policy],
-                       *kills("kill:rank=0,step=23,stall=0.3s", "kill:rank=0,step=26,stall=1s",
-                              "kill:rank=2,step=27")))
+                       *kills(f"kill:rank=0,step={staged + 3},stall=0.3s",
+                              f"kill:rank=0,step={staged + 6},stall=1s",
+                              f"kill:rank=2,step={staged + 7}")))
     s = ok(res, clean())
     [rec] = s["recoveries"]
     assert rec["policy"] == policy and rec["failed_ranks"] == [2]
-    assert rec["resumed_step"] == 20, rec
-    assert {e["step"] for e in res.events("restore_after_repair")} == {20}
-    assert {e["step"] for e in res.events("checkpoint_adopted")} == {20}
-    # every save is committed in the summary, 20 once
-    assert [c["step"] for c in s["checkpoints"] if c["committed"]] == [10, 20, 30, 40, 50]
-    assert all(c["committed"] for c in s["checkpoints"]), s["checkpoints"]
-
-
-@pytest.mark.parametrize("policy", list(POLICIES))
-def test_the_first_checkpoint_committed_as_the_rank_died_is_where_the_run_goes_on(
-        runs, clean, policy):
-    """The same with no checkpoint committed before: checkpoint 10 commits on
-    disk by boundary 15 and rank 2 dies at step 17. The run goes on from 10,
-    not from the start (as it did before)."""
-    require_ulfm()
-    res = runs(f"first-committed-on-disk-{policy}",
-               stencil("--recovery", policy, *POLICIES[policy],
-                       *kills("kill:rank=0,step=13,stall=0.3s", "kill:rank=0,step=16,stall=1s",
-                              "kill:rank=2,step=17")))
-    s = ok(res, clean())
-    [rec] = s["recoveries"]
-    assert rec["policy"] == policy and rec["failed_ranks"] == [2]
-    assert rec["resumed_step"] == 10, rec
-    assert {e["step"] for e in res.events("restore_after_repair")} == {10}
-    assert {e["step"] for e in res.events("checkpoint_adopted")} == {10}
+    assert rec["resumed_step"] == staged, rec
+    assert {e["step"] for e in res.events("restore_after_repair")} == {staged}
+    assert {e["step"] for e in res.events("checkpoint_adopted")} == {staged}
+    # every save is committed in the summary, the adopted one once
     assert [c["step"] for c in s["checkpoints"] if c["committed"]] == [10, 20, 30, 40, 50]
     assert all(c["committed"] for c in s["checkpoints"]), s["checkpoints"]

@@ -365,6 +365,17 @@ def _gone_within(pid, seconds=10.0):
     return _proc_state(pid) in ("gone", "Z")
 
 
+def _segments_gone_within(pid, seconds=10.0):
+    """Whether the staging segments ``pid`` created leave /dev/shm in time."""
+    from ulfmpy._ckpt_async import _shm_prefix
+
+    deadline = time.monotonic() + seconds
+    while (f"{_shm_prefix()}{pid}-" in " ".join(os.listdir("/dev/shm"))
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
+    return f"{_shm_prefix()}{pid}-" not in " ".join(os.listdir("/dev/shm"))
+
+
 def test_one_writer_serves_the_node_outlives_a_dead_rank_and_leaves_with_the_last(tmp_path):
     """Two ranks of a node share one writer; the death of the rank that
     started it (SIGKILL) takes it down neither for the other rank nor with a
@@ -379,12 +390,7 @@ def test_one_writer_serves_the_node_outlives_a_dead_rank_and_leaves_with_the_las
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 10
-    while (f"{_shm_prefix()}{proc.pid}-" in " ".join(os.listdir("/dev/shm"))
-           and time.monotonic() < deadline):
-        time.sleep(0.02)
-    assert f"{_shm_prefix()}{proc.pid}-" not in " ".join(os.listdir("/dev/shm")), \
-        "the dead rank's staging segment must be unlinked"
+    assert _segments_gone_within(proc.pid), "the dead rank's staging segment must be unlinked"
     assert _proc_state(pid) not in ("gone", "Z"), "the writer must outlive the rank that started it"
     state = make_state()
     fill(state, 2)
@@ -399,8 +405,6 @@ def test_a_rank_that_hangs_up_and_dies_a_moment_later_leaves_no_segment(tmp_path
     (under load, a while before): the writer gives the exit time to finish
     instead of taking the still-listed process for a live one. The rank here
     hangs up, lives 0.5 s more and dies without cleaning up."""
-    from ulfmpy._ckpt_async import _shm_prefix
-
     store = CheckpointStore(COMM, tmp_path, mode="async")
     try:
         store._helper.info()
@@ -421,11 +425,7 @@ def test_a_rank_that_hangs_up_and_dies_a_moment_later_leaves_no_segment(tmp_path
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         assert int(proc.stdout.readline()) == store.helper_pid
         proc.wait(timeout=60)
-        deadline = time.monotonic() + 10
-        while (f"{_shm_prefix()}{proc.pid}-" in " ".join(os.listdir("/dev/shm"))
-               and time.monotonic() < deadline):
-            time.sleep(0.02)
-        assert f"{_shm_prefix()}{proc.pid}-" not in " ".join(os.listdir("/dev/shm")), \
+        assert _segments_gone_within(proc.pid), \
             "the segment of a rank that died after hanging up must be unlinked"
     finally:
         store.close()
