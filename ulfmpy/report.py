@@ -113,7 +113,9 @@ def _lanes(sections: list[dict[str, Any]], t0: float) -> dict[str, Any]:
             lanes.setdefault(int(lane), []).append(item)
 
     # One process's watchdog ends the job (exit 75) and the others die before
-    # theirs fire: each of their failed repairs is unfinished up to that time.
+    # theirs fire: a failure with no recovery after it, in a launch that
+    # ended stuck, is a repair left unfinished (up to the process's own
+    # repair_stuck, or the first one's when it logged none).
     stuck_at: dict[str, float] = {}
     for sec in sections:
         for e in sec["events"]:
@@ -164,10 +166,6 @@ def _lanes(sections: list[dict[str, Any]], t0: float) -> dict[str, Any]:
                 if ev == "failure":
                     failed_at = t
                     put(logical, kind="failure", t=t - t0, step=e.get("step"))
-                elif ev == "repair_stuck" and failed_at is not None:
-                    put(logical, kind="phase", phase="unfinished repair", t0=failed_at - t0,
-                        t1=t - t0)
-                    failed_at = None
             elif ev == "recovery":
                 close(t)
                 failed_at = None

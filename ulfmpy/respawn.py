@@ -77,10 +77,10 @@ def spawn_replacements(world: MPI.Comm, plan: Any, *, target: int | None, respaw
 
     Each replacement is a job of its own, spawned by the communicator the
     ones before it joined (docs/internals.md, "Open MPI behaviour worked
-    around"): Open MPI
-    5.0's next spawn fails in the child's ``MPI_Init`` (``dpm.c``, "Not
-    supported") and leaves the parents waiting for ever once one process of
-    a multi-process spawned job has died while another lives on.
+    around"): Open MPI 5.0's next spawn fails in the child's ``MPI_Init``
+    (``dpm.c``, "Not supported") and leaves the parents waiting for ever
+    once one process of a multi-process spawned job has died while another
+    lives on.
     """
     from ulfmpy import zygote
 
